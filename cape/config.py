@@ -1,0 +1,95 @@
+"""TrainConfig: the one definition of a training run's parameters, shared by the CLI, the API and the worker.
+
+Deliberately torch-free: the API process validates job requests with it and must start without loading torch.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Mode = Literal["single_image", "category", "full"]
+Preset = Literal["small", "base"]
+
+
+class ModelConfig(BaseModel):
+    """Architecture of the CAPE model. Presets fill it; a run can still override single fields."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    backbone: Literal["resnet18", "resnet34", "resnet50"] = "resnet18"
+    backbone_weights: str | None = Field(
+        default=None, description="local file with torchvision backbone weights; random initialisation when unset"
+    )
+    input_size: int = Field(default=128, ge=32, le=1024, multiple_of=32)
+    d_model: int = Field(default=128, ge=16, le=1024)
+    num_heads: int = Field(default=4, ge=1, le=32)
+    encoder_layers: int = Field(default=2, ge=0, le=12)
+    decoder_layers: int = Field(default=3, ge=1, le=12)
+    graph_layers: int = Field(default=2, ge=0, le=6)
+    num_bins: int = Field(default=64, ge=4, le=1024)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> ModelConfig:
+        if self.d_model % self.num_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be a multiple of num_heads ({self.num_heads})")
+        return self
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # Sized for the 2-core CPU: memorises one image in well under a minute.
+    "small": ModelConfig(),
+    # The CUDA default: ResNet-50 at 256 px.
+    "base": ModelConfig(
+        backbone="resnet50", input_size=256, d_model=256, num_heads=8, encoder_layers=3, decoder_layers=4, num_bins=128
+    ),
+}
+
+
+class TrainConfig(BaseModel):
+    """Everything a run depends on. ``model`` defaults to the preset's architecture."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Mode = "full"
+    category_id: int | None = Field(default=None, description="required for single_image and category modes")
+    image_index: int = Field(default=0, ge=0, description="single_image: position among the category's train instances")
+
+    dataset_root: str = "data/synthetic"
+    split: int = Field(default=1, ge=1, le=5)
+    category_split_file: str | None = None
+
+    preset: Preset = "small"
+    model: ModelConfig | None = None
+
+    epochs: int = Field(default=20, ge=1, le=1000)
+    episodes_per_epoch: int = Field(default=100, ge=1, le=100_000)
+    batch_size: int = Field(default=4, ge=1, le=256)
+    num_shots: int = Field(default=1, ge=1, le=5)
+    num_queries_per_episode: int = Field(default=2, ge=1, le=64)
+    lr: float = Field(default=5e-4, gt=0, le=1.0)
+    weight_decay: float = Field(default=1e-4, ge=0, le=1.0)
+    warmup_epochs: float = Field(default=1.0, ge=0, le=100)
+    clip_max_norm: float = Field(default=1.0, ge=0, le=1000, description="0 disables gradient clipping")
+    use_amp: bool = Field(default=True, description="bf16 autocast; only takes effect on CUDA")
+    augment: bool = Field(default=True, description="keypoint-aware augmentation of training episodes (never in single_image)")
+    val_episodes_per_category: int = Field(default=2, ge=1, le=1000)
+    val_queries_per_episode: int = Field(default=5, ge=1, le=64)
+    test_episodes_per_category: int = Field(default=10, ge=0, le=1000)
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
+    num_workers: int = Field(default=0, ge=0, le=64)
+
+    @model_validator(mode="after")
+    def _mode_needs_category(self) -> TrainConfig:
+        if self.mode in ("single_image", "category") and self.category_id is None:
+            raise ValueError(f"mode {self.mode!r} needs a category_id")
+        if self.mode == "full" and self.category_id is not None:
+            raise ValueError("mode 'full' trains on all train categories of the split: leave category_id unset")
+        return self
+
+    @property
+    def resolved_model(self) -> ModelConfig:
+        return self.model if self.model is not None else PRESETS[self.preset]

@@ -1,0 +1,46 @@
+"""Training losses, on the query keypoints that are visible (labelled, inside the crop, not padding) only.
+
+loss_ce: cross-entropy of the x and y bins. loss_coords: L1 of the refined coordinate, in crop units, times
+``coords_weight``. Both are means over the visible keypoints of the batch; ``loss = loss_ce + loss_coords``.
+A batch with no visible keypoint gives zero losses that still backpropagate (the all-masked guard), not NaN.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from cape.model import ModelOutput
+from cape.model.heads import CoordinateHeads
+
+COORDS_WEIGHT = 5.0
+
+
+@dataclass
+class Losses:
+    loss: torch.Tensor
+    loss_ce: torch.Tensor
+    loss_coords: torch.Tensor
+
+
+def keypoint_losses(
+    output: ModelOutput,
+    targets: torch.Tensor,  # [N, K, 2] in [0, 1]
+    visible: torch.Tensor,  # [N, K] bool
+    heads: CoordinateHeads,
+    coords_weight: float = COORDS_WEIGHT,
+) -> Losses:
+    mask = visible.reshape(-1)
+    count = mask.sum().clamp(min=1)
+    logits = output.logits.float().reshape(-1, 2, heads.num_bins)
+    bins = heads.target_bins(targets).reshape(-1, 2)
+    ce = F.cross_entropy(logits.transpose(1, 2), bins, reduction="none").mean(-1)  # [N*K], mean of x and y
+    # The refinement is trained at the TRUE bin, so it learns the position within a bin independently of the
+    # classifier's current mistakes.
+    refined = heads.coordinates(bins, output.offsets.float().reshape(-1, 2))
+    l1 = (refined - targets.reshape(-1, 2).float()).abs().mean(-1)
+    loss_ce = (ce * mask).sum() / count
+    loss_coords = coords_weight * (l1 * mask).sum() / count
+    return Losses(loss=loss_ce + loss_coords, loss_ce=loss_ce, loss_coords=loss_coords)

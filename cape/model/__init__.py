@@ -1,0 +1,3 @@
+from cape.model.cape_model import CapeModel, ModelOutput
+
+__all__ = ["CapeModel", "ModelOutput"]

@@ -1,0 +1,114 @@
+"""The CAPE model: shapes and masks for mixed K, causality, the KV cache, and that decoding never sees targets."""
+
+import pytest
+import torch
+
+from cape.config import ModelConfig
+from cape.data.batch import EpisodeDataset, collate_episodes
+from cape.data.catalog import MP100Catalog
+from cape.data.episodes import fixed_episodes
+from cape.data.instances import InstanceLoader
+from cape.losses import keypoint_losses
+from cape.model import CapeModel
+from cape.model.decoder import KeypointDecoder
+
+TINY = ModelConfig(input_size=64, d_model=32, num_heads=2, encoder_layers=1, decoder_layers=2, graph_layers=1, num_bins=16)
+
+
+@pytest.fixture(scope="module")
+def mixed_batch(synthetic_root):
+    """Two episodes of categories with different K (the smallest and the largest of split 1's train set)."""
+    catalog = MP100Catalog(synthetic_root)
+    by_k = {catalog.category(c).num_keypoints: c for c in catalog.category_ids("train")}
+    cats = [by_k[min(by_k)], by_k[max(by_k)]]
+    episodes = [fixed_episodes(catalog, [c], "train", 2, 3, 1, seed=0)[0] for c in cats]
+    dataset = EpisodeDataset(catalog, episodes, InstanceLoader(catalog, TINY.input_size))
+    return collate_episodes([dataset[0], dataset[1]]), (min(by_k), max(by_k))
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return CapeModel(TINY).eval()
+
+
+def test_shapes_and_padding_for_mixed_k(model, mixed_batch):
+    batch, (k_small, k_large) = mixed_batch
+    out = model(batch)
+    assert out.logits.shape == (2 * 3, k_large, 2, TINY.num_bins)
+    assert out.offsets.shape == out.coords.shape == (6, k_large, 2)
+    assert ((out.coords >= 0) & (out.coords <= 1)).all()
+    targets, visible = batch.query_keypoints.flatten(0, 1), batch.query_visible.flatten(0, 1)
+    loss = keypoint_losses(out, targets, visible, model.heads).loss
+    # what stands in the padding never changes the loss
+    noisy = targets.clone()
+    noisy[:3, k_small:] = torch.rand_like(noisy[:3, k_small:])
+    assert torch.equal(keypoint_losses(out, noisy, visible, model.heads).loss, loss)
+    # nor what the model predicts for real keypoints of the padded episode
+    padded = batch.support_keypoints.clone()
+    padded[0, :, k_small:] = torch.rand_like(padded[0, :, k_small:])
+    batch2 = type(batch)(**{**batch.__dict__, "support_keypoints": padded})
+    assert torch.allclose(model.predict(batch2).coords[:3, :k_small], model.predict(batch).coords[:3, :k_small], atol=1e-5)
+
+
+def test_all_masked_batch_gives_zero_loss_not_nan(model, mixed_batch):
+    batch, _ = mixed_batch
+    out = model(batch)
+    visible = torch.zeros_like(batch.query_visible.flatten(0, 1))
+    losses = keypoint_losses(out, batch.query_keypoints.flatten(0, 1), visible, model.heads)
+    assert losses.loss.item() == 0.0
+    losses.loss.backward()  # still a graph: a step on such a batch is a no-op, not a crash
+
+
+def test_decoder_is_causal():
+    torch.manual_seed(0)
+    decoder = KeypointDecoder(d_model=32, num_heads=2, num_layers=2, dropout=0.0).eval()
+    memory, pos = torch.randn(3, 10, 32), torch.randn(10, 32)
+    x = torch.randn(3, 7, 32)
+    base = decoder(x, decoder.start(memory, pos))
+    for j in range(7):
+        changed = x.clone()
+        changed[:, j] += torch.randn(3, 32)
+        out = decoder(changed, decoder.start(memory, pos))
+        assert torch.allclose(out[:, :j], base[:, :j], atol=1e-6), f"step {j} leaked into earlier steps"
+        assert not torch.allclose(out[:, j:], base[:, j:], atol=1e-4)
+
+
+def test_cached_and_uncached_decoding_agree(model, mixed_batch):
+    batch, _ = mixed_batch
+    cached, uncached = model.predict(batch, use_cache=True), model.predict(batch, use_cache=False)
+    assert torch.allclose(cached.logits, uncached.logits, atol=1e-4)
+    assert torch.equal(cached.coords.argmax(-1), uncached.coords.argmax(-1))
+
+
+def test_autoregressive_decoding_never_reads_the_targets(model, mixed_batch):
+    batch, _ = mixed_batch
+    poisoned = type(batch)(
+        **{
+            **batch.__dict__,
+            "query_keypoints": torch.full_like(batch.query_keypoints, float("nan")),
+            "query_visible": ~batch.query_visible,
+            "query_keypoints_px": torch.full_like(batch.query_keypoints_px, float("nan")),
+        }
+    )
+    assert torch.equal(model.predict(poisoned).coords, model.predict(batch).coords)
+    # whereas teacher forcing does read them: the two paths really differ
+    assert not torch.allclose(model(batch).coords, model.predict(batch).coords)
+
+
+def test_missing_backbone_weights_is_a_clear_error(tmp_path):
+    from cape.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="backbone weights file not found: .*nope.pth .*never downloaded"):
+        CapeModel(TINY.model_copy(update={"backbone_weights": str(tmp_path / "nope.pth")}))
+
+
+def test_backbone_weights_load_from_a_local_file(tmp_path):
+    import torchvision
+
+    torch.manual_seed(1)
+    resnet = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "r18.pth"
+    torch.save(resnet.state_dict(), path)
+    model = CapeModel(TINY.model_copy(update={"backbone_weights": str(path)}))
+    assert torch.equal(model.backbone.body[0].weight, resnet.conv1.weight)
