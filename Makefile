@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DATA_ROOT ?= data/synthetic
 SPLIT ?= 1
 
-.PHONY: run test data bench clean
+.PHONY: run catalog test data bench bench-generalisation clean
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 is required"'
@@ -19,7 +19,10 @@ $(DATA_ROOT)/annotations: | $(VENV)/.installed
 
 data: $(VENV)/.installed $(DATA_ROOT)/annotations
 
-run: data
+run: data  # the embedded default: SQLite, a local Redis, one worker, the API on http://127.0.0.1:8000
+	$(PY) -m service.embedded
+
+catalog: data
 	$(PY) -m cape.data.catalog --dataset_root $(DATA_ROOT) --split $(SPLIT)
 
 test: $(VENV)/.installed
@@ -27,6 +30,10 @@ test: $(VENV)/.installed
 
 bench: data
 	$(PY) benchmarks/synthetic_generation.py
+	$(PY) benchmarks/single_image.py --dataset_root $(DATA_ROOT)
+
+bench-generalisation: data  # about 15 minutes on 2 cores
+	$(PY) benchmarks/generalisation.py --dataset_root $(DATA_ROOT)
 
 clean:
 	rm -rf $(VENV) data *.egg-info

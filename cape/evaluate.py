@@ -126,14 +126,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(format_table(summary, names))
-    result = summary_dict(summary)
-    print(json.dumps({k: v for k, v in result.items() if k != "per_category"}, default=_nan_to_none))
+    result = json_safe(summary_dict(summary))
+    print(json.dumps({k: v for k, v in result.items() if k != "per_category"}))
     if args.json_path:
-        Path(args.json_path).write_text(json.dumps(result, indent=2, default=_nan_to_none))
+        Path(args.json_path).write_text(json.dumps(result, indent=2))
     return 0
 
 
-def _nan_to_none(x):
+def json_safe(x):
+    """JSON has no NaN: a PCK that does not exist (nothing counted) is written as null."""
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
     return None if isinstance(x, float) and math.isnan(x) else x
 
 

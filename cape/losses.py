@@ -1,6 +1,7 @@
 """Training losses, on the query keypoints that are visible (labelled, inside the crop, not padding) only.
 
-loss_ce: cross-entropy of the x and y bins. loss_coords: L1 of the refined coordinate, in crop units, times
+loss_ce: cross-entropy of the x and y bins, plus ``match_weight`` times the cross-entropy of the appearance
+matcher's map over query cells (the cell holding the keypoint). loss_coords: L1 of the refined coordinate, in crop units, times
 ``coords_weight``. Both are means over the visible keypoints of the batch; ``loss = loss_ce + loss_coords``.
 A batch with no visible keypoint gives zero losses that still backpropagate (the all-masked guard), not NaN.
 """
@@ -14,8 +15,10 @@ import torch.nn.functional as F
 
 from cape.model import ModelOutput
 from cape.model.heads import CoordinateHeads
+from cape.model.matching import cell_index
 
 COORDS_WEIGHT = 5.0
+MATCH_WEIGHT = 0.5
 
 
 @dataclass
@@ -31,6 +34,7 @@ def keypoint_losses(
     visible: torch.Tensor,  # [N, K] bool
     heads: CoordinateHeads,
     coords_weight: float = COORDS_WEIGHT,
+    match_weight: float = MATCH_WEIGHT,
 ) -> Losses:
     mask = visible.reshape(-1)
     count = mask.sum().clamp(min=1)
@@ -41,6 +45,9 @@ def keypoint_losses(
     # classifier's current mistakes.
     refined = heads.coordinates(bins, output.offsets.float().reshape(-1, 2))
     l1 = (refined - targets.reshape(-1, 2).float()).abs().mean(-1)
-    loss_ce = (ce * mask).sum() / count
+    h, w = output.grid
+    cells = cell_index(targets, h, w).reshape(-1)
+    match = F.cross_entropy(output.match_logits.float().reshape(cells.shape[0], -1), cells, reduction="none")
+    loss_ce = ((ce + match_weight * match) * mask).sum() / count
     loss_coords = coords_weight * (l1 * mask).sum() / count
     return Losses(loss=loss_ce + loss_coords, loss_ce=loss_ce, loss_coords=loss_coords)

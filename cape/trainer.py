@@ -31,7 +31,7 @@ from cape.data.episodes import Episode, EpisodeSampler, fixed_episodes, single_i
 from cape.data.instances import InstanceLoader
 from cape.data.transforms import train_augmentation
 from cape.errors import CapeError, CheckpointError
-from cape.evaluate import copy_support, evaluate, model_predictor
+from cape.evaluate import copy_support, evaluate, json_safe, model_predictor
 from cape.losses import keypoint_losses
 from cape.metrics import PCKSummary
 from cape.model import CapeModel
@@ -388,7 +388,7 @@ class Trainer:
             f"mPCK {100 * model.category_mean_mpck:.2f}% | copy-the-support baseline PCK@0.2 {100 * baseline.category_mean_pck:.2f}%"
         )
         if self.output_dir:
-            (self.output_dir / "test_metrics.json").write_text(json.dumps(result, indent=2))
+            (self.output_dir / "test_metrics.json").write_text(json.dumps(json_safe(result), indent=2))
         return result
 
     # --- run files ---------------------------------------------------------------------------------------------
@@ -402,13 +402,13 @@ class Trainer:
         path = self.output_dir / "metrics.jsonl"
         rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
         kept = [EpochMetrics(**r) for r in rows if r["epoch"] <= completed]
-        path.write_text("".join(json.dumps(asdict(m)) + "\n" for m in kept))
+        path.write_text("".join(json.dumps(json_safe(asdict(m))) + "\n" for m in kept))
         return kept
 
     def _append_metrics(self, metrics: EpochMetrics) -> None:
         if self.output_dir is not None:
             with open(self.output_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(asdict(metrics)) + "\n")
+                f.write(json.dumps(json_safe(asdict(metrics))) + "\n")
 
 
 def evaluate_checkpoint(

@@ -57,7 +57,7 @@ def test_validation_reports_autoregressive_pck_not_teacher_forced(synthetic_root
     # A teacher-forced path that cheats perfectly: if validation used it, PCK would be 100 %.
     def teacher_forced_cheat(batch):
         q = batch.query_keypoints.flatten(0, 1)
-        return ModelOutput(logits=None, offsets=None, coords=q)
+        return ModelOutput(logits=None, offsets=None, coords=q, match_logits=None, grid=None)
 
     model.forward = teacher_forced_cheat
     reported = trainer.validate()

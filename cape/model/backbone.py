@@ -1,7 +1,7 @@
-"""The image backbone: a torchvision ResNet cut after layer3 (stride 16).
+"""The image backbone: a torchvision ResNet cut after layer2 (stride 8) or layer3 (stride 16).
 
-Stride 16 keeps a 128 px crop at an 8 x 8 map and a 256 px crop at 16 x 16: fine enough to localise keypoints,
-coarse enough for the CPU. Weights are random or loaded from a local file: nothing is ever downloaded.
+Either cut gives a 16 x 16 map for the presets (128 px at stride 8, 256 px at stride 16): fine enough to localise
+keypoints, small enough for attention over it. Weights are random or loaded from a local file: never downloaded.
 """
 
 from __future__ import annotations
@@ -15,24 +15,28 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from cape.errors import CheckpointError
 
-_CHANNELS = {"resnet18": 256, "resnet34": 256, "resnet50": 1024}
+_CHANNELS = {
+    ("resnet18", "layer2"): 128, ("resnet34", "layer2"): 128, ("resnet50", "layer2"): 512,
+    ("resnet18", "layer3"): 256, ("resnet34", "layer3"): 256, ("resnet50", "layer3"): 1024,
+}
 
 
 class Backbone(nn.Module):
-    def __init__(self, name: str, weights_path: str | None = None):
+    def __init__(self, name: str, layer: str, weights_path: str | None = None):
         super().__init__()
         # Pretrained weights come with batch statistics worth keeping (DETR freezes them); random ones must learn them.
         norm = FrozenBatchNorm2d if weights_path else nn.BatchNorm2d
         resnet = getattr(models, name)(weights=None, norm_layer=norm)
         if weights_path:
             _load_weights(resnet, weights_path)
-        self.body = nn.Sequential(
-            resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool, resnet.layer1, resnet.layer2, resnet.layer3
-        )
-        self.out_channels = _CHANNELS[name]
+        stages = [resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool, resnet.layer1, resnet.layer2]
+        if layer == "layer3":
+            stages.append(resnet.layer3)
+        self.body = nn.Sequential(*stages)
+        self.out_channels = _CHANNELS[name, layer]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """[N, 3, H, W] -> [N, C, H / 16, W / 16]."""
+        """[N, 3, H, W] -> [N, C, H / stride, W / stride]."""
         return self.body(images)
 
 

@@ -2,8 +2,10 @@
 
 query image -> ResNet -> transformer encoder -> memory
 support     -> ResNet features sampled at its keypoints + coordinates + skeleton graph -> one embedding per keypoint
-decoder     -> step i: support embedding i + the embedding of keypoint i-1 (ground truth when teacher forcing,
-               the model's own prediction when decoding) -> bins + refinement for keypoint i. Exactly K steps.
+matcher     -> similarity of each support keypoint's appearance with every query cell -> a proposed location
+decoder     -> step i: support embedding i + its proposal + the embedding of keypoint i-1 (ground truth when
+               teacher forcing, the model's own prediction when decoding) -> bins + refinement for keypoint i.
+               Exactly K steps.
 
 Shapes: B episodes, S supports, Q queries per episode, N = B * Q decoded sequences, K keypoints (padded),
 h x w feature map, d model width.
@@ -21,6 +23,7 @@ from cape.model.backbone import Backbone
 from cape.model.decoder import KeypointDecoder
 from cape.model.embeddings import CoordinateEmbedding, sine_position_encoding
 from cape.model.heads import CoordinateHeads
+from cape.model.matching import AppearanceMatcher, cell_centres
 from cape.model.support import SupportEncoder
 
 
@@ -29,13 +32,17 @@ class ModelOutput:
     logits: torch.Tensor  # [N, K, 2, bins]
     offsets: torch.Tensor  # [N, K, 2]
     coords: torch.Tensor  # [N, K, 2] decoded prediction in [0, 1]
+    match_logits: torch.Tensor  # [N, K, h*w] appearance similarity of each keypoint with each query cell
+    grid: tuple[int, int]  # (h, w) of the query feature map
 
 
 @dataclass
 class Encoded:
-    support: torch.Tensor  # [N, K, d]: support embeddings, repeated for each query of the episode
+    support: torch.Tensor  # [N, K, d]: support embeddings + proposals, repeated for each query of the episode
     memory: torch.Tensor  # [N, h*w, d]
     memory_pos: torch.Tensor  # [h*w, d]
+    match_logits: torch.Tensor  # [N, K, h*w]
+    grid: tuple[int, int]
 
 
 class CapeModel(nn.Module):
@@ -43,9 +50,11 @@ class CapeModel(nn.Module):
         super().__init__()
         self.config = config
         d = config.d_model
-        self.backbone = Backbone(config.backbone, config.backbone_weights)
+        self.backbone = Backbone(config.backbone, config.feature_layer, config.backbone_weights)
         self.input_proj = nn.Conv2d(self.backbone.out_channels, d, kernel_size=1)
         self.support_encoder = SupportEncoder(d, config.graph_layers)
+        self.matcher = AppearanceMatcher(d)
+        self.proposal = CoordinateEmbedding(d)
         layer = nn.TransformerEncoderLayer(
             d, config.num_heads, 4 * d, config.dropout, activation="gelu", batch_first=True, norm_first=True
         )
@@ -66,12 +75,16 @@ class CapeModel(nn.Module):
         features = self.input_proj(self.backbone(images))  # [B*S + B*Q, d, h, w]
         support_features, query_features = features.split([b * s, b * q])
         h, w = features.shape[-2:]
-        support = self.support_encoder(
+        support, appearance = self.support_encoder(
             support_features.unflatten(0, (b, s)), support_keypoints, support_visible, adjacency
-        )  # [B, K, d]
+        )  # [B, K, d] each
+        cells = query_features.flatten(2).transpose(1, 2)  # [B*Q, h*w, d]
+        # Matching compares raw features of support and query (one space); the encoder then adds context.
+        match_logits, proposals = self.matcher(appearance.repeat_interleave(q, dim=0), cells, cell_centres(h, w, cells.device))
+        support = support.repeat_interleave(q, dim=0) + self.proposal(proposals).to(support.dtype)
         pos = sine_position_encoding(h, w, self.config.d_model, features.device, features.dtype)
-        memory = self.encoder(query_features.flatten(2).transpose(1, 2) + pos)  # [B*Q, h*w, d]
-        return Encoded(support=support.repeat_interleave(q, dim=0), memory=memory, memory_pos=pos)
+        memory = self.encoder(cells + pos)  # [B*Q, h*w, d]
+        return Encoded(support=support, memory=memory, memory_pos=pos, match_logits=match_logits, grid=(h, w))
 
     def _step_inputs(self, support: torch.Tensor, previous: torch.Tensor, previous_known: torch.Tensor):
         """Decoder inputs: support embedding i + embedding of keypoint i-1 ([N, K, d])."""
@@ -91,7 +104,10 @@ class CapeModel(nn.Module):
         x = self._step_inputs(enc.support, targets, known)
         h = self.decoder(x, self.decoder.start(enc.memory, enc.memory_pos))
         logits, offsets = self.heads(h)
-        return ModelOutput(logits=logits, offsets=offsets, coords=self.heads.decode(logits, offsets))
+        return ModelOutput(
+            logits=logits, offsets=offsets, coords=self.heads.decode(logits, offsets),
+            match_logits=enc.match_logits, grid=enc.grid,
+        )
 
     # --- autoregressive decoding (validation, evaluation, inference) ---------------------------------------------
 
@@ -119,4 +135,7 @@ class CapeModel(nn.Module):
             if i + 1 < k:
                 step_input = (enc.support[:, i + 1] + self.previous(step_coords).to(enc.support.dtype)).unsqueeze(1)
                 inputs.append(step_input)
-        return ModelOutput(logits=torch.stack(logits, 1), offsets=torch.stack(offsets, 1), coords=torch.stack(coords, 1))
+        return ModelOutput(
+            logits=torch.stack(logits, 1), offsets=torch.stack(offsets, 1), coords=torch.stack(coords, 1),
+            match_logits=enc.match_logits, grid=enc.grid,
+        )

@@ -51,7 +51,8 @@ class DecoderLayer(nn.Module):
 
     def memory_kv(self, memory: torch.Tensor, memory_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         a = self.cross_attn
-        return a.heads(a.k(memory + memory_pos)), a.heads(a.v(memory))
+        # Position in the values too: what a step attends to then carries where it is, which the heads decode.
+        return a.heads(a.k(memory + memory_pos)), a.heads(a.v(memory + memory_pos))
 
     def forward(self, x: torch.Tensor, cache: LayerCache, incremental: bool) -> torch.Tensor:
         """x [N, T, d]. Full sequence (causal mask) or, when ``incremental``, the next step only (T = 1)."""

@@ -14,10 +14,9 @@ def sine_position_encoding(h: int, w: int, dim: int, device=None, dtype=None) ->
     Built from the same Fourier features as keypoint coordinates, so memory positions and keypoint positions
     live in one space and cross-attention can match them.
     """
-    ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h
-    xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w
-    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1).reshape(h * w, 2)  # (x, y) per cell
-    return fourier_features(grid, dim).to(dtype or torch.float32)
+    from cape.model.matching import cell_centres
+
+    return fourier_features(cell_centres(h, w, device), dim).to(dtype or torch.float32)
 
 
 def fourier_features(xy: torch.Tensor, dim: int, max_frequency: float = 64.0) -> torch.Tensor:

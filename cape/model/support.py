@@ -45,7 +45,8 @@ class SupportEncoder(nn.Module):
         keypoints: torch.Tensor,  # [B, S, K, 2] in [0, 1]
         visible: torch.Tensor,  # [B, S, K] bool
         adjacency: torch.Tensor,  # [B, K, K] bool
-    ) -> torch.Tensor:  # [B, K, d]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (keypoint embeddings [B, K, d], the sampled appearance alone [B, K, d], for matching)."""
         b, s, d, h, w = features.shape
         k = keypoints.shape[2]
         grid = (keypoints * 2 - 1).reshape(b * s, k, 1, 2).to(features.dtype)  # grid_sample wants [-1, 1]
@@ -55,8 +56,9 @@ class SupportEncoder(nn.Module):
 
         weight = visible.unsqueeze(-1).to(tokens.dtype)
         shots = weight.sum(1)  # [B, K, 1]
+        appearance = (sampled * weight).sum(1) / shots.clamp(min=1)
         mean = (tokens * weight).sum(1) / shots.clamp(min=1)
         tokens = torch.where(shots > 0, mean, self.unlabelled.to(mean.dtype))  # [B, K, d]
         for layer in self.graph:
             tokens = layer(tokens, adjacency)
-        return self.norm(tokens)
+        return self.norm(tokens), appearance
