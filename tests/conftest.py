@@ -19,3 +19,57 @@ def synthetic_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synthetic")
     generate(root, seed=0)
     return root
+
+
+def reset_service_caches() -> None:
+    """The service caches its settings, engine, broker producer and catalogs per process: tests change them."""
+    from service.catalogs import _load
+    from service.db import get_engine
+    from service.dispatch import producer
+    from service.settings import get_settings
+
+    for cached in (get_settings, get_engine, producer, _load):
+        cached.cache_clear()
+
+
+@pytest.fixture
+def service_env(tmp_path, synthetic_root, monkeypatch):
+    """Environment of a service on a fresh migrated SQLite file and the synthetic dataset."""
+    from service.migrate import upgrade
+
+    env = {
+        "CAPE_DATABASE_URL": f"sqlite:///{tmp_path / 'cape.sqlite3'}",
+        "CAPE_BROKER_URL": "redis://127.0.0.1:1/0",  # nothing listens there: unit tests use a fake dispatcher
+        "CAPE_DATASETS": f'{{"synthetic": "{synthetic_root}"}}',
+        "CAPE_DEFAULT_DATASET": "synthetic",
+        "CAPE_ARTIFACTS_DIR": str(tmp_path / "artifacts"),
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    reset_service_caches()
+    upgrade()
+    yield env
+    reset_service_caches()
+
+
+@pytest.fixture
+def dispatched():
+    return []
+
+
+@pytest.fixture
+def client(service_env, dispatched):
+    from fastapi.testclient import TestClient
+
+    from service.dispatch import get_dispatcher
+    from service.main import create_app
+
+    app = create_app()
+
+    def record(job_id):
+        dispatched.append(job_id)
+        return True
+
+    app.dependency_overrides[get_dispatcher] = lambda: record
+    with TestClient(app) as test_client:
+        yield test_client

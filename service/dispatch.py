@@ -1,0 +1,53 @@
+"""Telling the workers there is work: a ``run_job(job_id)`` message on the ``gpu`` queue.
+
+The database is the source of truth; the message only says "look at job X". The API sends it by task name, so it
+never imports the worker (nor torch).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from functools import lru_cache
+from typing import Annotated, Protocol
+
+from celery import Celery
+from fastapi import Depends
+from kombu.exceptions import OperationalError
+
+from service.settings import get_settings
+
+RUN_JOB_TASK = "cape.run_job"
+GPU_QUEUE = "gpu"
+log = logging.getLogger(__name__)
+
+
+class Dispatcher(Protocol):
+    def __call__(self, job_id: uuid.UUID) -> bool: ...
+
+
+@lru_cache
+def producer() -> Celery:
+    app = Celery("cape-api", broker=get_settings().broker_url)
+    app.conf.broker_connection_timeout = 2
+    return app
+
+
+def dispatch(job_id: uuid.UUID) -> bool:
+    """Send the job's message. False when the broker cannot be reached: the job stays queued in the database."""
+    try:
+        producer().send_task(
+            RUN_JOB_TASK, args=[str(job_id)], queue=GPU_QUEUE,
+            retry=True, retry_policy={"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2},
+        )
+    except OperationalError as exc:
+        log.error("job %s stored as queued but not dispatched: broker unreachable (%s)", job_id, exc)
+        return False
+    return True
+
+
+def get_dispatcher() -> Dispatcher:
+    return dispatch
+
+
+DispatchDep = Annotated[Dispatcher, Depends(get_dispatcher)]

@@ -1,0 +1,85 @@
+"""The job state machine, shared by the API and the workers. Each transition is one conditional UPDATE, so two
+processes racing for the same job cannot both win (a job is never claimed twice, a terminal job never changes)."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import asdict, is_dataclass
+
+from sqlalchemy import case, func, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlmodel import Session
+
+from service.models import EpochMetric, Job, JobStatus, utcnow
+
+ACTIVE = (JobStatus.running, JobStatus.cancelling)
+
+
+def _transition(session: Session, job_id: uuid.UUID, allowed: tuple[JobStatus, ...], **values) -> bool:
+    result = session.execute(update(Job).where(Job.id == job_id, Job.status.in_(allowed)).values(**values))
+    session.commit()
+    return result.rowcount == 1
+
+
+def claim(session: Session, job_id: uuid.UUID, worker: str) -> bool:
+    """queued -> running for this worker. False when the job is gone, already claimed, cancelled or finished."""
+    now = utcnow()
+    return _transition(
+        session, job_id, (JobStatus.queued,),
+        status=JobStatus.running, worker=worker, attempts=Job.attempts + 1, heartbeat_at=now,
+        started_at=func.coalesce(Job.started_at, now),
+    )
+
+
+def request_cancel(session: Session, job_id: uuid.UUID) -> bool:
+    """queued -> cancelled at once (no worker will train it); running -> cancelling (its worker stops it).
+
+    False when the job is already terminal. Cancelling a job that is already cancelling changes nothing.
+    """
+    now = utcnow()
+    if _transition(session, job_id, (JobStatus.queued,), status=JobStatus.cancelled, cancel_requested=True, finished_at=now):
+        return True
+    return _transition(
+        session, job_id, (JobStatus.running, JobStatus.cancelling), status=JobStatus.cancelling, cancel_requested=True
+    )
+
+
+def finish(session: Session, job_id: uuid.UUID, status: JobStatus, error: str | None = None) -> bool:
+    """running | cancelling -> a terminal state."""
+    values = dict(status=status, finished_at=utcnow(), heartbeat_at=utcnow())
+    if error is not None:
+        values["error"] = error
+    return _transition(session, job_id, ACTIVE, **values)
+
+
+def cancel_requested(session: Session, job_id: uuid.UUID) -> bool:
+    return bool(session.execute(select(Job.cancel_requested).where(Job.id == job_id)).scalar_one_or_none())
+
+
+def heartbeat(session: Session, job_id: uuid.UUID) -> None:
+    session.execute(update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE)).values(heartbeat_at=utcnow()))
+    session.commit()
+
+
+def record_epoch(session: Session, job_id: uuid.UUID, metrics) -> bool:
+    """Insert the epoch's row (once: a repeated epoch is ignored) and move the job's progress. True if new."""
+    row = asdict(metrics) if is_dataclass(metrics) else dict(metrics)
+    values = {k: row[k] for k in ("epoch", "loss", "loss_ce", "loss_coords", "pck", "mpck", "lr", "seconds")}
+    for key in ("pck", "mpck"):
+        if values[key] is not None and values[key] != values[key]:  # NaN: nothing was countable
+            values[key] = None
+    insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    statement = (
+        insert(EpochMetric)
+        .values(job_id=job_id, created_at=utcnow(), **values)
+        .on_conflict_do_nothing(index_elements=["job_id", "epoch"])
+    )
+    inserted = session.execute(statement).rowcount == 1
+    pck = values["pck"]
+    progress = dict(current_epoch=values["epoch"], latest_loss=values["loss"], latest_pck=pck, heartbeat_at=utcnow())
+    if pck is not None:
+        progress["best_pck"] = case((Job.best_pck.is_(None) | (Job.best_pck < pck), pck), else_=Job.best_pck)
+    session.execute(update(Job).where(Job.id == job_id).values(**progress))
+    session.commit()
+    return inserted

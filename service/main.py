@@ -1,0 +1,22 @@
+"""The FastAPI application. ``uvicorn service.main:app`` (or ``create_app()`` in tests)."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from service.routes import categories, health, jobs
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(
+        title="CAPE training jobs",
+        description="Submit category-agnostic pose estimation training runs on MP-100 and follow their loss and PCK.",
+        version="0.1.0",
+    )
+    app.include_router(jobs.router)
+    app.include_router(categories.router)
+    app.include_router(health.router)
+    return app
+
+
+app = create_app()

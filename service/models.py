@@ -1,0 +1,204 @@
+"""Tables and API schemas (SQLModel: XBase / XCreate / XPublic). Alembic owns the schema: see migrations/.
+
+Job states: queued -> running -> succeeded | failed | cancelled, running -> cancelling -> cancelled, and
+queued -> cancelled. Terminal states never change; every transition is one conditional UPDATE (see jobs.py).
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import ConfigDict, create_model
+from pydantic import Field as PydanticField
+from sqlalchemy import JSON, BigInteger, Column, DateTime, ForeignKey, Text, TypeDecorator, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+from cape.config import TrainConfig
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class JobStatus(StrEnum):
+    queued = "queued"
+    running = "running"
+    cancelling = "cancelling"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+TERMINAL = (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
+
+
+class UTCDateTime(TypeDecorator):
+    """Timezone-aware UTC on every backend: SQLite stores datetimes naive, so the zone is put back on read."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        return value.astimezone(timezone.utc) if value is not None and value.tzinfo else value
+
+    def process_result_value(self, value, dialect):
+        return value.replace(tzinfo=timezone.utc) if value is not None and value.tzinfo is None else value
+
+
+def _optional_timestamp() -> Any:
+    return Field(default=None, sa_column=Column(UTCDateTime, nullable=True))
+
+
+class Job(SQLModel, table=True):
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    status: str = Field(default=JobStatus.queued, index=True, max_length=16)
+    mode: str = Field(max_length=16)
+    dataset: str = Field(max_length=128)
+    split: int
+    category_id: int | None = None
+    # single_image: the instance the job trains on, resolved when the job was accepted
+    image_index: int | None = None
+    image_file: str | None = Field(default=None, max_length=512)
+    image_annotation_id: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))  # MP-100 ids exceed 2**31
+    config: dict = Field(sa_column=Column(JSON, nullable=False))
+    current_epoch: int = 0
+    total_epochs: int
+    best_pck: float | None = None
+    latest_pck: float | None = None
+    latest_loss: float | None = None
+    error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    attempts: int = 0
+    worker: str | None = Field(default=None, max_length=255)
+    cancel_requested: bool = False
+    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False, index=True))
+    started_at: datetime | None = _optional_timestamp()
+    finished_at: datetime | None = _optional_timestamp()
+    heartbeat_at: datetime | None = _optional_timestamp()
+
+
+class EpochMetric(SQLModel, table=True):
+    __tablename__ = "epoch_metric"
+    # One row per job and epoch: a repeated epoch (a redelivered message, a resumed run) cannot make a second row.
+    __table_args__ = (UniqueConstraint("job_id", "epoch", name="uq_epoch_metric_job_epoch"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    # No index of its own: the unique (job_id, epoch) index serves "rows of job X after epoch N" already.
+    job_id: uuid.UUID = Field(sa_column=Column(ForeignKey("job.id", ondelete="CASCADE"), nullable=False))
+    epoch: int
+    loss: float
+    loss_ce: float
+    loss_coords: float
+    pck: float | None = None  # None when no keypoint could be counted
+    mpck: float | None = None
+    lr: float
+    seconds: float
+    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False))
+
+
+# --- API schemas ----------------------------------------------------------------------------------------------
+
+# What a client may set is TrainConfig minus what only the server decides: file paths (datasets are chosen by
+# name), the device and the model's internals. Bounds and defaults come from TrainConfig, defined once.
+SERVER_SIDE_FIELDS = {"dataset_root", "category_split_file", "device", "num_workers", "model"}
+
+JobCreate = create_model(
+    "JobCreate",
+    __config__=ConfigDict(extra="forbid"),
+    dataset=(str | None, PydanticField(default=None, description="dataset name; the server's default when unset")),
+    **{
+        name: (field.annotation, field)
+        for name, field in TrainConfig.model_fields.items()
+        if name not in SERVER_SIDE_FIELDS
+    },
+)
+JobCreate.__doc__ = "A training job: its mode, category and image, and the TrainConfig fields a client may set."
+
+
+class ImagePublic(SQLModel):
+    index: int
+    file_name: str
+    annotation_id: int
+
+
+class JobPublic(SQLModel):
+    id: uuid.UUID
+    status: JobStatus
+    mode: str
+    dataset: str
+    split: int
+    category_id: int | None
+    image: ImagePublic | None
+    current_epoch: int
+    total_epochs: int
+    progress: float
+    latest_pck: float | None
+    best_pck: float | None
+    latest_loss: float | None
+    attempts: int
+    worker: str | None
+    cancel_requested: bool
+    error: str | None
+    config: dict
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    heartbeat_at: datetime | None
+
+    @classmethod
+    def of(cls, job: Job) -> JobPublic:
+        image = None
+        if job.image_file is not None:
+            image = ImagePublic(index=job.image_index, file_name=job.image_file, annotation_id=job.image_annotation_id)
+        data = job.model_dump()
+        data["image"] = image
+        data["progress"] = job.current_epoch / job.total_epochs if job.total_epochs else 0.0
+        return cls.model_validate(data)
+
+
+class JobList(SQLModel):
+    items: list[JobPublic]
+    total: int
+    limit: int
+    offset: int
+
+
+class EpochMetricPublic(SQLModel):
+    epoch: int
+    loss: float
+    loss_ce: float
+    loss_coords: float
+    pck: float | None
+    mpck: float | None
+    lr: float
+    seconds: float
+    created_at: datetime
+
+
+class MetricList(SQLModel):
+    job_id: uuid.UUID
+    status: JobStatus
+    items: list[EpochMetricPublic]
+    next_after_epoch: int
+
+
+class InstanceCounts(SQLModel):
+    train: int
+    val: int
+    test: int
+
+
+class CategoryPublic(SQLModel):
+    id: int
+    name: str
+    num_keypoints: int
+    subset: Literal["train", "val", "test"]
+    instances: InstanceCounts
+
+
+class CategoryList(SQLModel):
+    dataset: str
+    split: int
+    items: list[CategoryPublic]

@@ -1,0 +1,146 @@
+"""Training jobs: submit, list, inspect, poll metrics, cancel."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query, Response
+from pydantic import ValidationError
+from sqlmodel import Session, func, select
+
+from cape.config import TrainConfig
+from cape.data.catalog import MP100Catalog
+from cape.data.episodes import EpisodeSampler
+from cape.errors import DatasetError
+from service import jobs
+from service.catalogs import get_catalog
+from service.db import SessionDep
+from service.dispatch import DispatchDep
+from service.errors import not_found, unprocessable
+from service.models import (
+    SERVER_SIDE_FIELDS,
+    EpochMetric,
+    EpochMetricPublic,
+    Job,
+    JobCreate,
+    JobList,
+    JobPublic,
+    JobStatus,
+    MetricList,
+)
+from service.settings import get_settings
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+
+def _train_config(body: JobCreate, root: str) -> TrainConfig:
+    try:
+        return TrainConfig(**body.model_dump(exclude={"dataset"}), dataset_root=root)
+    except ValidationError as exc:
+        detail = [
+            {"loc": ["body", *err["loc"]], "msg": err["msg"].removeprefix("Value error, "), "type": err["type"]}
+            for err in exc.errors()
+        ]
+        raise HTTPException(status_code=422, detail=detail) from None
+
+
+def _check_against_dataset(config: TrainConfig, catalog: MP100Catalog) -> dict:
+    """The job's choices must exist in the dataset; returns the resolved image of a single_image job."""
+    try:
+        if config.mode == "single_image":
+            instance = catalog.instance(config.category_id, config.image_index, "train")
+            return dict(image_index=config.image_index, image_file=instance.file_name, image_annotation_id=instance.id)
+        categories = [config.category_id] if config.mode == "category" else catalog.category_ids("train")
+        EpisodeSampler(catalog, categories, "train", config.num_shots, config.num_queries_per_episode, config.seed)
+    except DatasetError as exc:
+        message = str(exc)
+        field = "image_index" if "index must be" in message else "category_id"
+        if "distinct instances" in message:
+            field = "num_queries_per_episode"
+        raise unprocessable(("body", field), message) from None
+    return {}
+
+
+@router.post("", status_code=201, response_model=JobPublic)
+def create_job(body: JobCreate, session: SessionDep, dispatch: DispatchDep, response: Response) -> JobPublic:
+    dataset = body.dataset or get_settings().default_dataset
+    catalog = get_catalog(dataset, body.split, loc=("body", "dataset"))
+    config = _train_config(body, str(catalog.root))
+    image = _check_against_dataset(config, catalog)
+    job = Job(
+        mode=config.mode,
+        dataset=dataset,
+        split=config.split,
+        category_id=config.category_id,
+        config=config.model_dump(mode="json", exclude=SERVER_SIDE_FIELDS),
+        total_epochs=config.epochs,
+        **image,
+    )
+    session.add(job)
+    session.commit()  # stored before it is announced: a worker never gets a message for a job it cannot read
+    session.refresh(job)
+    dispatch(job.id)
+    response.headers["Location"] = f"/jobs/{job.id}"
+    return JobPublic.of(job)
+
+
+@router.get("", response_model=JobList)
+def list_jobs(
+    session: SessionDep,
+    status: JobStatus | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> JobList:
+    """Newest first."""
+    query = select(Job)
+    count = select(func.count()).select_from(Job)
+    if status is not None:
+        query, count = query.where(Job.status == status), count.where(Job.status == status)
+    rows = session.exec(query.order_by(Job.created_at.desc(), Job.id.desc()).offset(offset).limit(limit)).all()
+    return JobList(items=[JobPublic.of(j) for j in rows], total=session.exec(count).one(), limit=limit, offset=offset)
+
+
+def _job(session: Session, job_id: uuid.UUID) -> Job:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise not_found(f"job {job_id}")
+    return job
+
+
+@router.get("/{job_id}", response_model=JobPublic)
+def get_job(job_id: uuid.UUID, session: SessionDep) -> JobPublic:
+    return JobPublic.of(_job(session, job_id))
+
+
+@router.get("/{job_id}/metrics", response_model=MetricList)
+def get_metrics(
+    job_id: uuid.UUID,
+    session: SessionDep,
+    after_epoch: Annotated[int, Query(ge=0, description="only epochs after this one (epochs count from 1)")] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> MetricList:
+    """Epoch rows newer than ``after_epoch``. Poll with ``after_epoch=next_after_epoch`` until the status is terminal.
+
+    The status is read before the rows: a worker writes an epoch's row before it ends the job, so once a poller sees
+    a terminal status it has every row.
+    """
+    status = _job(session, job_id).status
+    rows = session.exec(
+        select(EpochMetric)
+        .where(EpochMetric.job_id == job_id, EpochMetric.epoch > after_epoch)
+        .order_by(EpochMetric.epoch)
+        .limit(limit)
+    ).all()
+    items = [EpochMetricPublic.model_validate(r, from_attributes=True) for r in rows]
+    return MetricList(job_id=job_id, status=status, items=items, next_after_epoch=items[-1].epoch if items else after_epoch)
+
+
+@router.post("/{job_id}/cancel", response_model=JobPublic)
+def cancel_job(job_id: uuid.UUID, session: SessionDep) -> JobPublic:
+    """A queued job is cancelled at once; a running one becomes ``cancelling`` until its worker stops it."""
+    job = _job(session, job_id)
+    if not jobs.request_cancel(session, job_id):
+        raise HTTPException(status_code=409, detail=f"job {job_id} is already {job.status}: a finished job cannot be cancelled")
+    session.refresh(job)
+    return JobPublic.of(job)

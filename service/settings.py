@@ -1,0 +1,41 @@
+"""Service configuration, from the environment with the ``CAPE_`` prefix (pydantic-settings).
+
+    CAPE_DATABASE_URL   sqlite:///data/cape.sqlite3 (embedded) or postgresql+psycopg://user:pw@host/db
+    CAPE_BROKER_URL     redis://127.0.0.1:6379/0
+    CAPE_DATASETS       JSON object, dataset name -> root folder on the workers, e.g. {"synthetic": "data/synthetic"}
+    CAPE_DEFAULT_DATASET  the dataset a job gets when it names none
+    CAPE_ARTIFACTS_DIR  checkpoints and run files, one folder per job
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CAPE_", extra="ignore")
+
+    database_url: str = "sqlite:///data/cape.sqlite3"
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    datasets: dict[str, str] = Field(default_factory=lambda: {"synthetic": "data/synthetic"})
+    default_dataset: str = "synthetic"
+    artifacts_dir: Path = Path("artifacts")
+    # A job runs for hours: the broker must not hand its message to a second worker while the first still trains.
+    visibility_timeout_s: int = 7 * 24 * 3600
+    heartbeat_interval_s: float = 10.0
+    device: str = "auto"  # the workers' training device: auto, cpu, cuda, cuda:N
+
+    @model_validator(mode="after")
+    def _default_dataset_exists(self) -> Settings:
+        if self.default_dataset not in self.datasets:
+            raise ValueError(f"CAPE_DEFAULT_DATASET {self.default_dataset!r} is not one of CAPE_DATASETS {sorted(self.datasets)}")
+        return self
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,30 @@
+"""The Celery application of the GPU workers.
+
+    celery -A worker.celery_app worker -Q gpu -c 1 --loglevel INFO      (one per GPU, CUDA_VISIBLE_DEVICES=N)
+
+Delivery guarantees come from Celery's own settings: a message is acknowledged only after its task returns
+(late acks), a worker holds one message at a time (prefetch 1), a task whose worker process died is redelivered
+(reject on worker lost), and Redis waits longer than any job before handing an unacknowledged message to someone
+else (visibility timeout). The database decides whether a delivered message still means work (see tasks.claim).
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from service.dispatch import GPU_QUEUE, RUN_JOB_TASK
+from service.settings import get_settings
+
+settings = get_settings()
+app = Celery("cape", broker=settings.broker_url, include=["worker.tasks"])
+app.conf.update(
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=1,
+    task_default_queue=GPU_QUEUE,
+    task_routes={RUN_JOB_TASK: {"queue": GPU_QUEUE}},
+    task_ignore_result=True,
+    broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+    broker_connection_retry_on_startup=True,
+    worker_hijack_root_logger=False,
+)
