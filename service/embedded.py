@@ -79,7 +79,14 @@ def stop(process: subprocess.Popen | None, name: str, timeout: float = 30.0) -> 
         process.wait()
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main() -> int:
+    # Ctrl-C and `kill` (SIGTERM) both mean "stop it all cleanly", even where SIGINT was inherited as ignored.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     parser = argparse.ArgumentParser(prog="python -m service.embedded", description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
