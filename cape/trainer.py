@@ -357,7 +357,8 @@ class Trainer:
             improved = self.best_pck is None or metrics.pck > self.best_pck
             if improved:
                 self.best_pck = metrics.pck
-            self.save(epoch, best=improved)
+            # Report first, checkpoint last: a crash in between makes a resumed run repeat this epoch (and report
+            # it again, which consumers ignore), never skip its report.
             self._append_metrics(metrics)
             history.append(metrics)
             self.log(
@@ -367,6 +368,7 @@ class Trainer:
             )
             for cb in self.callbacks:
                 cb.on_epoch_end(metrics)
+            self.save(epoch, best=improved)
 
         test = self.test() if self.data.test_episodes else None
         return RunResult("completed", self.config.epochs, self.best_pck, history, test)

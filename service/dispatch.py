@@ -29,7 +29,8 @@ class Dispatcher(Protocol):
 @lru_cache
 def producer() -> Celery:
     app = Celery("cape-api", broker=get_settings().broker_url)
-    app.conf.broker_connection_timeout = 2
+    # With the broker down, POST /jobs must still answer promptly: the job is stored and the reaper resends it.
+    app.conf.broker_connection_timeout = 1
     return app
 
 
@@ -38,7 +39,7 @@ def dispatch(job_id: uuid.UUID) -> bool:
     try:
         producer().send_task(
             RUN_JOB_TASK, args=[str(job_id)], queue=GPU_QUEUE,
-            retry=True, retry_policy={"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2},
+            retry=True, retry_policy={"max_retries": 1, "interval_start": 0.1},
         )
     except OperationalError as exc:
         log.error("job %s stored as queued but not dispatched: broker unreachable (%s)", job_id, exc)

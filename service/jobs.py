@@ -28,7 +28,33 @@ def claim(session: Session, job_id: uuid.UUID, worker: str) -> bool:
     return _transition(
         session, job_id, (JobStatus.queued,),
         status=JobStatus.running, worker=worker, attempts=Job.attempts + 1, heartbeat_at=now,
-        started_at=func.coalesce(Job.started_at, now),
+        started_at=func.coalesce(Job.started_at, now), handoff_requested=False,
+    )
+
+
+def dispatch_job(session: Session, job_id: uuid.UUID, dispatcher) -> bool:
+    """Send the job's message and remember when it reached the broker (the reaper resends the ones that did not)."""
+    if not dispatcher(job_id):
+        return False
+    session.execute(update(Job).where(Job.id == job_id).values(dispatched_at=utcnow()))
+    session.commit()
+    return True
+
+
+def request_handoff(session: Session, worker: str) -> int:
+    """A worker is shutting down: ask its running jobs to stop at the next step and go back to the queue."""
+    result = session.execute(
+        update(Job).where(Job.worker == worker, Job.status == JobStatus.running).values(handoff_requested=True)
+    )
+    session.commit()
+    return result.rowcount
+
+
+def requeue_after_handoff(session: Session, job_id: uuid.UUID) -> bool:
+    """running -> queued after a graceful stop; the try is given back, since nothing was lost."""
+    return _transition(
+        session, job_id, (JobStatus.running,),
+        status=JobStatus.queued, worker=None, handoff_requested=False, attempts=Job.attempts - 1,
     )
 
 
@@ -55,6 +81,12 @@ def finish(session: Session, job_id: uuid.UUID, status: JobStatus, error: str | 
 
 def cancel_requested(session: Session, job_id: uuid.UUID) -> bool:
     return bool(session.execute(select(Job.cancel_requested).where(Job.id == job_id)).scalar_one_or_none())
+
+
+def stop_requests(session: Session, job_id: uuid.UUID) -> tuple[bool, bool]:
+    """(cancel requested, hand-off requested), in one read: asked before every training step."""
+    row = session.execute(select(Job.cancel_requested, Job.handoff_requested).where(Job.id == job_id)).one_or_none()
+    return (bool(row[0]), bool(row[1])) if row else (True, False)
 
 
 def heartbeat(session: Session, job_id: uuid.UUID) -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
+from service.limits import BodySizeLimit
 from service.routes import categories, health, jobs
+from service.settings import get_settings
 
 
 def create_app() -> FastAPI:
@@ -16,6 +18,7 @@ def create_app() -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(categories.router)
     app.include_router(health.router)
+    app.add_middleware(BodySizeLimit, max_bytes=get_settings().max_body_bytes)
     return app
 
 

@@ -53,6 +53,9 @@ def _optional_timestamp() -> Any:
 
 
 class Job(SQLModel, table=True):
+    # A client's Idempotency-Key is unique per owner: concurrent duplicates collide here, not in a check-then-insert.
+    __table_args__ = (UniqueConstraint("owner", "idempotency_key", name="uq_job_owner_idempotency_key"),)
+
     id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
     status: str = Field(default=JobStatus.queued, index=True, max_length=16)
     mode: str = Field(max_length=16)
@@ -70,9 +73,15 @@ class Job(SQLModel, table=True):
     latest_pck: float | None = None
     latest_loss: float | None = None
     error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
-    attempts: int = 0
+    attempts: int = 0  # tries that ended without a result (a lost worker); a graceful hand-off gives its try back
     worker: str | None = Field(default=None, max_length=255)
     cancel_requested: bool = False
+    handoff_requested: bool = False  # the worker is shutting down: stop, checkpoint, and put the job back in the queue
+    # Who submitted it: the API key's id ("" when the API is open). Never the key itself.
+    owner: str = Field(default="", max_length=64)  # indexed by the (owner, idempotency_key) constraint
+    idempotency_key: str | None = Field(default=None, max_length=255)
+    request_hash: str | None = Field(default=None, max_length=64)  # of the body sent with the idempotency key
+    dispatched_at: datetime | None = _optional_timestamp()  # last time its message reached the broker
     created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False, index=True))
     started_at: datetime | None = _optional_timestamp()
     finished_at: datetime | None = _optional_timestamp()

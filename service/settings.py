@@ -5,6 +5,8 @@
     CAPE_DATASETS       JSON object, dataset name -> root folder on the workers, e.g. {"synthetic": "data/synthetic"}
     CAPE_DEFAULT_DATASET  the dataset a job gets when it names none
     CAPE_ARTIFACTS_DIR  checkpoints and run files, one folder per job
+    CAPE_API_KEYS       comma-separated keys; when set, every endpoint but /healthz, /readyz and the docs needs one
+    CAPE_MAX_ATTEMPTS, CAPE_HEARTBEAT_TIMEOUT_S, CAPE_REDISPATCH_AFTER_S, CAPE_REAPER_INTERVAL_S: see the reaper
 """
 
 from __future__ import annotations
@@ -27,7 +29,20 @@ class Settings(BaseSettings):
     # A job runs for hours: the broker must not hand its message to a second worker while the first still trains.
     visibility_timeout_s: int = 7 * 24 * 3600
     heartbeat_interval_s: float = 10.0
+    # The reaper (run by every worker): a running job whose heartbeat is older than heartbeat_timeout_s lost its
+    # worker and goes back to the queue, until max_attempts tries have been lost; a queued job whose message did
+    # not reach the broker, or was sent longer than redispatch_after_s ago, is sent again.
+    max_attempts: int = Field(default=3, ge=1)
+    heartbeat_timeout_s: float = Field(default=120.0, gt=0)
+    redispatch_after_s: float = Field(default=900.0, gt=0)
+    reaper_interval_s: float = Field(default=30.0, gt=0)
+    api_keys: str = ""
+    max_body_bytes: int = 64 * 1024
     device: str = "auto"  # the workers' training device: auto, cpu, cuda, cuda:N
+
+    @property
+    def api_key_list(self) -> list[str]:
+        return [key.strip() for key in self.api_keys.split(",") if key.strip()]
 
     @model_validator(mode="after")
     def _default_dataset_exists(self) -> Settings:

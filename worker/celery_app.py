@@ -16,7 +16,7 @@ from service.dispatch import GPU_QUEUE, RUN_JOB_TASK
 from service.settings import get_settings
 
 settings = get_settings()
-app = Celery("cape", broker=settings.broker_url, include=["worker.tasks"])
+app = Celery("cape", broker=settings.broker_url, include=["worker.tasks", "worker.lifecycle"])
 app.conf.update(
     task_acks_late=True,
     task_reject_on_worker_lost=True,
@@ -26,5 +26,9 @@ app.conf.update(
     task_ignore_result=True,
     broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
     broker_connection_retry_on_startup=True,
+    broker_connection_max_retries=None,  # a broker outage is waited out, not a reason for the worker to exit
+    # A lost broker connection must not kill the running job: its message is redelivered, and the atomic claim
+    # turns the duplicate into a no-op.
+    worker_cancel_long_running_tasks_on_connection_loss=False,
     worker_hijack_root_logger=False,
 )

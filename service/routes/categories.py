@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Depends, Query
 
+from service.auth import current_owner
 from service.catalogs import get_catalog
 from service.models import CategoryList
 from service.settings import get_settings
 
-router = APIRouter(prefix="/categories", tags=["categories"])
+router = APIRouter(prefix="/categories", tags=["categories"], dependencies=[Depends(current_owner)])
 
 
 @router.get("", response_model=CategoryList)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query, Response
+from fastapi import APIRouter, Header, HTTPException, Query, Response
 from pydantic import ValidationError
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, func, select
 
 from cape.config import TrainConfig
@@ -14,6 +17,7 @@ from cape.data.catalog import MP100Catalog
 from cape.data.episodes import EpisodeSampler
 from cape.errors import DatasetError
 from service import jobs
+from service.auth import OwnerDep
 from service.catalogs import get_catalog
 from service.db import SessionDep
 from service.dispatch import DispatchDep
@@ -62,8 +66,34 @@ def _check_against_dataset(config: TrainConfig, catalog: MP100Catalog) -> dict:
     return {}
 
 
-@router.post("", status_code=201, response_model=JobPublic)
-def create_job(body: JobCreate, session: SessionDep, dispatch: DispatchDep, response: Response) -> JobPublic:
+def _replay(session: Session, owner: str, key: str, request_hash: str, response: Response) -> JobPublic | None:
+    """The job an earlier request with this Idempotency-Key created: 200 with it, or 409 if the body differs."""
+    job = session.exec(select(Job).where(Job.owner == owner, Job.idempotency_key == key)).first()
+    if job is None:
+        return None
+    if job.request_hash != request_hash:
+        raise HTTPException(
+            status_code=409, detail=f"Idempotency-Key {key!r} was used with a different request body (job {job.id})"
+        )
+    response.status_code = 200
+    response.headers["Location"] = f"/jobs/{job.id}"
+    return JobPublic.of(job)
+
+
+@router.post("", status_code=201, response_model=JobPublic, responses={200: {"model": JobPublic}, 409: {}})
+def create_job(
+    body: JobCreate,
+    session: SessionDep,
+    dispatch: DispatchDep,
+    owner: OwnerDep,
+    response: Response,
+    idempotency_key: Annotated[
+        str | None, Header(min_length=1, max_length=255, description="the same key and body return the same job")
+    ] = None,
+) -> JobPublic:
+    request_hash = hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+    if idempotency_key and (earlier := _replay(session, owner, idempotency_key, request_hash, response)):
+        return earlier
     dataset = body.dataset or get_settings().default_dataset
     catalog = get_catalog(dataset, body.split, loc=("body", "dataset"))
     config = _train_config(body, str(catalog.root))
@@ -75,12 +105,23 @@ def create_job(body: JobCreate, session: SessionDep, dispatch: DispatchDep, resp
         category_id=config.category_id,
         config=config.model_dump(mode="json", exclude=SERVER_SIDE_FIELDS),
         total_epochs=config.epochs,
+        owner=owner,
+        idempotency_key=idempotency_key,
+        request_hash=request_hash if idempotency_key else None,
         **image,
     )
     session.add(job)
-    session.commit()  # stored before it is announced: a worker never gets a message for a job it cannot read
+    try:
+        session.commit()  # stored before it is announced: a worker never gets a message for a job it cannot read
+    except IntegrityError:
+        # A concurrent request with the same key won the unique constraint: answer with its job.
+        session.rollback()
+        if idempotency_key and (earlier := _replay(session, owner, idempotency_key, request_hash, response)):
+            return earlier
+        raise
     session.refresh(job)
-    dispatch(job.id)
+    jobs.dispatch_job(session, job.id, dispatch)  # a broker that is down leaves it queued: the reaper resends it
+    session.refresh(job)
     response.headers["Location"] = f"/jobs/{job.id}"
     return JobPublic.of(job)
 
@@ -88,35 +129,37 @@ def create_job(body: JobCreate, session: SessionDep, dispatch: DispatchDep, resp
 @router.get("", response_model=JobList)
 def list_jobs(
     session: SessionDep,
+    owner: OwnerDep,
     status: JobStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> JobList:
     """Newest first."""
-    query = select(Job)
-    count = select(func.count()).select_from(Job)
+    query = select(Job).where(Job.owner == owner)
+    count = select(func.count()).select_from(Job).where(Job.owner == owner)
     if status is not None:
         query, count = query.where(Job.status == status), count.where(Job.status == status)
     rows = session.exec(query.order_by(Job.created_at.desc(), Job.id.desc()).offset(offset).limit(limit)).all()
     return JobList(items=[JobPublic.of(j) for j in rows], total=session.exec(count).one(), limit=limit, offset=offset)
 
 
-def _job(session: Session, job_id: uuid.UUID) -> Job:
+def _job(session: Session, job_id: uuid.UUID, owner: str) -> Job:
     job = session.get(Job, job_id)
-    if job is None:
+    if job is None or job.owner != owner:  # another key's job answers like a missing one
         raise not_found(f"job {job_id}")
     return job
 
 
 @router.get("/{job_id}", response_model=JobPublic)
-def get_job(job_id: uuid.UUID, session: SessionDep) -> JobPublic:
-    return JobPublic.of(_job(session, job_id))
+def get_job(job_id: uuid.UUID, session: SessionDep, owner: OwnerDep) -> JobPublic:
+    return JobPublic.of(_job(session, job_id, owner))
 
 
 @router.get("/{job_id}/metrics", response_model=MetricList)
 def get_metrics(
     job_id: uuid.UUID,
     session: SessionDep,
+    owner: OwnerDep,
     after_epoch: Annotated[int, Query(ge=0, description="only epochs after this one (epochs count from 1)")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> MetricList:
@@ -125,7 +168,7 @@ def get_metrics(
     The status is read before the rows: a worker writes an epoch's row before it ends the job, so once a poller sees
     a terminal status it has every row.
     """
-    status = _job(session, job_id).status
+    status = _job(session, job_id, owner).status
     rows = session.exec(
         select(EpochMetric)
         .where(EpochMetric.job_id == job_id, EpochMetric.epoch > after_epoch)
@@ -137,9 +180,9 @@ def get_metrics(
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic)
-def cancel_job(job_id: uuid.UUID, session: SessionDep) -> JobPublic:
+def cancel_job(job_id: uuid.UUID, session: SessionDep, owner: OwnerDep) -> JobPublic:
     """A queued job is cancelled at once; a running one becomes ``cancelling`` until its worker stops it."""
-    job = _job(session, job_id)
+    job = _job(session, job_id, owner)
     if not jobs.request_cancel(session, job_id):
         raise HTTPException(status_code=409, detail=f"job {job_id} is already {job.status}: a finished job cannot be cancelled")
     session.refresh(job)

@@ -1,0 +1,78 @@
+"""The reaper: jobs whose worker died, and jobs whose message never reached a worker.
+
+Run periodically by every worker (and once when it starts). Every change is a conditional UPDATE that re-checks
+the condition it acts on, so several reapers at once, or a reaper racing a live worker, cannot do harm:
+- a running job whose heartbeat is older than ``heartbeat_timeout_s`` lost its worker: it goes back to the queue
+  (and resumes from its last checkpoint), or, once ``max_attempts`` tries have been lost, it fails with the reason;
+- a cancelling job that lost its worker is cancelled;
+- a queued job whose message never reached the broker (broker down at submit time), or was sent longer than
+  ``redispatch_after_s`` ago, is sent again. A duplicate message is harmless: claiming is atomic.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from sqlalchemy import or_, select, update
+from sqlmodel import Session
+
+from service import jobs
+from service.models import Job, JobStatus, utcnow
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReapReport:
+    requeued: list = field(default_factory=list)
+    failed: list = field(default_factory=list)
+    cancelled: list = field(default_factory=list)
+    dispatched: list = field(default_factory=list)
+
+
+def reap(session: Session, dispatcher, settings: Settings) -> ReapReport:
+    report = ReapReport()
+    now = utcnow()
+    stale = now - timedelta(seconds=settings.heartbeat_timeout_s)
+    lost = session.execute(
+        select(Job.id, Job.status, Job.attempts, Job.heartbeat_at).where(
+            Job.status.in_((JobStatus.running, JobStatus.cancelling)), Job.heartbeat_at < stale
+        )
+    ).all()
+    for job_id, status, attempts, heartbeat_at in lost:
+        still_lost = (Job.id == job_id, Job.status == status, Job.heartbeat_at < stale)
+        if status == JobStatus.cancelling:
+            values = dict(status=JobStatus.cancelled, finished_at=now)
+            target = report.cancelled
+        elif attempts >= settings.max_attempts:
+            values = dict(
+                status=JobStatus.failed, finished_at=now,
+                error=f"worker lost: {attempts} of {settings.max_attempts} attempts ended without a heartbeat "
+                f"(the last at {heartbeat_at:%Y-%m-%d %H:%M:%S} UTC); the worker may be running out of memory",
+            )
+            target = report.failed
+        else:
+            values = dict(status=JobStatus.queued, worker=None, dispatched_at=None)
+            target = report.requeued
+        if session.execute(update(Job).where(*still_lost).values(**values)).rowcount == 1:
+            target.append(job_id)
+        session.commit()
+
+    resend_before = now - timedelta(seconds=settings.redispatch_after_s)
+    waiting = session.execute(
+        select(Job.id).where(
+            Job.status == JobStatus.queued, or_(Job.dispatched_at.is_(None), Job.dispatched_at < resend_before)
+        )
+    ).scalars().all()
+    for job_id in waiting:
+        if jobs.dispatch_job(session, job_id, dispatcher):
+            report.dispatched.append(job_id)
+    if any((report.requeued, report.failed, report.cancelled, report.dispatched)):
+        log.warning(
+            "reaper: requeued %s, failed %s, cancelled %s, dispatched %s",
+            report.requeued, report.failed, report.cancelled, report.dispatched,
+        )
+    return report
