@@ -212,7 +212,7 @@ def report_load(title: str, tallies: dict[str, Tally], elapsed: float, metrics_n
               f"{percentile_ms(tally.latencies, 0.99):>8.1f} {tally.non_2xx:>8} {tally.errors:>7}")
     ratio = rates[metrics_name] / rates["healthz"] if rates["healthz"] else float("nan")
     p99 = percentile_ms(tallies[metrics_name].latencies, 0.99)
-    print(f"  metrics/healthz rate ratio {ratio:.2f} (target >= {METRICS_RATIO_TARGET}: {verdict(ratio >= METRICS_RATIO_TARGET)}), "
+    print(f"  metrics/healthz rate ratio {ratio:.3f} (target >= {METRICS_RATIO_TARGET}: {verdict(ratio >= METRICS_RATIO_TARGET)}), "
           f"metrics p99 {p99:.1f} ms (target < {METRICS_P99_TARGET_MS:.0f} ms: {verdict(p99 < METRICS_P99_TARGET_MS)})")
     # Where the machine's time went: the client shares the cores with the server.
     requests = sum(len(t.latencies) for t in tallies.values())

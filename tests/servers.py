@@ -149,3 +149,36 @@ def uvicorn_server(env: dict, log: Path):
             yield base
         finally:
             stop(process)
+
+
+class RestartableRedis:
+    """A redis-server that a test can stop and start again on the same port and data folder (AOF on), as an
+    outage would: queued messages survive the restart."""
+
+    def __init__(self, tmp: Path):
+        self.binary = shutil.which("redis-server")
+        if self.binary is None:
+            pytest.skip("redis-server not installed (apt-get install redis-server)")
+        self.tmp, self.port, self.process = tmp, free_port(), None
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        import redis
+
+        self.process = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.tmp), "--save", "",
+             "--appendonly", "yes", "--appendfsync", "always"],
+            stdout=subprocess.DEVNULL,
+        )
+        wait_until(lambda: redis.Redis.from_url(self.url).ping(), "redis-server", self.process)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop(self.process)
+            self.process = None
+
+
+def pool_children(pid: int) -> list[int]:
+    """The pool processes of a Celery worker (its main process's children): the ones that run the tasks."""
+    result = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    return [int(line) for line in result.stdout.split()]

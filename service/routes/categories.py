@@ -8,13 +8,14 @@ from fastapi import APIRouter, Depends, Query
 
 from service.auth import current_owner
 from service.catalogs import get_catalog
+from service.errors import responses
 from service.models import CategoryList
 from service.settings import get_settings
 
 router = APIRouter(prefix="/categories", tags=["categories"], dependencies=[Depends(current_owner)])
 
 
-@router.get("", response_model=CategoryList)
+@router.get("", response_model=CategoryList, responses=responses(401, 503))
 def list_categories(
     dataset: Annotated[str | None, Query(description="dataset name; the server's default when unset")] = None,
     split: Annotated[int, Query(ge=1, le=5)] = 1,

@@ -19,7 +19,20 @@ def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+READY_SCHEMA = {
+    "type": "object",
+    "properties": {"status": {"type": "string"}, "database": {"type": "string"}, "broker": {"type": "string"}},
+    "required": ["status", "database", "broker"],
+}
+
+
+@router.get(
+    "/readyz",
+    responses={
+        200: {"description": "Database and broker reachable", "content": {"application/json": {"schema": READY_SCHEMA}}},
+        503: {"description": "Database or broker unreachable", "content": {"application/json": {"schema": READY_SCHEMA}}},
+    },
+)
 def readyz() -> JSONResponse:
     checks = {}
     try:

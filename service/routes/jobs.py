@@ -21,7 +21,7 @@ from service.auth import OwnerDep
 from service.catalogs import get_catalog
 from service.db import SessionDep
 from service.dispatch import DispatchDep
-from service.errors import not_found, unprocessable
+from service.errors import not_found, responses, unprocessable
 from service.models import (
     SERVER_SIDE_FIELDS,
     EpochMetric,
@@ -80,7 +80,11 @@ def _replay(session: Session, owner: str, key: str, request_hash: str, response:
     return JobPublic.of(job)
 
 
-@router.post("", status_code=201, response_model=JobPublic, responses={200: {"model": JobPublic}, 409: {}})
+@router.post(
+    "", status_code=201, response_model=JobPublic,
+    responses={200: {"model": JobPublic, "description": "The job an earlier request with this Idempotency-Key created"},
+               **responses(400, 401, 409, 413, 503)},
+)
 def create_job(
     body: JobCreate,
     session: SessionDep,
@@ -126,7 +130,7 @@ def create_job(
     return JobPublic.of(job)
 
 
-@router.get("", response_model=JobList)
+@router.get("", response_model=JobList, responses=responses(401))
 def list_jobs(
     session: SessionDep,
     owner: OwnerDep,
@@ -150,12 +154,12 @@ def _job(session: Session, job_id: uuid.UUID, owner: str) -> Job:
     return job
 
 
-@router.get("/{job_id}", response_model=JobPublic)
+@router.get("/{job_id}", response_model=JobPublic, responses=responses(401, 404))
 def get_job(job_id: uuid.UUID, session: SessionDep, owner: OwnerDep) -> JobPublic:
     return JobPublic.of(_job(session, job_id, owner))
 
 
-@router.get("/{job_id}/metrics", response_model=MetricList)
+@router.get("/{job_id}/metrics", response_model=MetricList, responses=responses(401, 404))
 def get_metrics(
     job_id: uuid.UUID,
     session: SessionDep,
@@ -179,7 +183,7 @@ def get_metrics(
     return MetricList(job_id=job_id, status=status, items=items, next_after_epoch=items[-1].epoch if items else after_epoch)
 
 
-@router.post("/{job_id}/cancel", response_model=JobPublic)
+@router.post("/{job_id}/cancel", response_model=JobPublic, responses=responses(401, 404, 409))
 def cancel_job(job_id: uuid.UUID, session: SessionDep, owner: OwnerDep) -> JobPublic:
     """A queued job is cancelled at once; a running one becomes ``cancelling`` until its worker stops it."""
     job = _job(session, job_id, owner)
