@@ -122,15 +122,18 @@ def main() -> int:
         processes.append(("api", api))
         base = f"http://{args.host}:{args.port}"
         _wait(lambda: httpx.get(f"{base}/healthz", timeout=1).status_code == 200, "the API", api)
-        auth = "open (no API keys configured)"
+        keys = len(settings.api_key_list)
+        header = " -H 'Authorization: Bearer <key>'" if keys else ""
+        auth = (f"{keys} API key(s) required (Authorization: Bearer <key>)" if keys
+                else "OPEN: no API keys configured (set CAPE_API_KEYS to require them)")
         print(
             f"\nCAPE training service running at {base} (docs: {base}/docs), API access: {auth}\n"
             f"dataset {settings.default_dataset!r} at {root}, one worker, broker {settings.broker_url}\n\n"
-            f"  curl -s '{base}/categories?split=1' | head -c 400\n"
-            f"  curl -s -X POST {base}/jobs -H 'Content-Type: application/json' \\\n"
+            f"  curl -s{header} '{base}/categories?split=1' | head -c 400\n"
+            f"  curl -s{header} -X POST {base}/jobs -H 'Content-Type: application/json' \\\n"
             f"       -d '{{\"mode\": \"single_image\", \"category_id\": {example_category}, \"image_index\": 0, \"epochs\": 10, "
             f"\"batch_size\": 1, \"num_queries_per_episode\": 1, \"episodes_per_epoch\": 20}}'\n"
-            f"  curl -s '{base}/jobs/<id>/metrics?after_epoch=0'\n\n"
+            f"  curl -s{header} '{base}/jobs/<id>/metrics?after_epoch=0'\n\n"
             "Ctrl-C stops it all.\n",
             flush=True,
         )

@@ -112,6 +112,7 @@ def record_epoch(session: Session, job_id: uuid.UUID, metrics) -> bool:
     progress = dict(current_epoch=values["epoch"], latest_loss=values["loss"], latest_pck=pck, heartbeat_at=utcnow())
     if pck is not None:
         progress["best_pck"] = case((Job.best_pck.is_(None) | (Job.best_pck < pck), pck), else_=Job.best_pck)
-    session.execute(update(Job).where(Job.id == job_id).values(**progress))
+    # A finished job's progress stays as it ended, even if a late duplicate of an epoch arrives.
+    session.execute(update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE)).values(**progress))
     session.commit()
     return inserted
