@@ -16,8 +16,14 @@ from service.models import EpochMetric, Job, JobStatus, utcnow
 ACTIVE = (JobStatus.running, JobStatus.cancelling)
 
 
-def _transition(session: Session, job_id: uuid.UUID, allowed: tuple[JobStatus, ...], **values) -> bool:
-    result = session.execute(update(Job).where(Job.id == job_id, Job.status.in_(allowed)).values(**values))
+def _transition(
+    session: Session, job_id: uuid.UUID, allowed: tuple[JobStatus, ...], held_by: str | None = None, **values
+) -> bool:
+    """Move the job if it is in one of ``allowed`` (and, given ``held_by``, still held by that worker)."""
+    conditions = [Job.id == job_id, Job.status.in_(allowed)]
+    if held_by is not None:
+        conditions.append(Job.worker == held_by)
+    result = session.execute(update(Job).where(*conditions).values(**values))
     session.commit()
     return result.rowcount == 1
 
@@ -50,10 +56,10 @@ def request_handoff(session: Session, worker: str) -> int:
     return result.rowcount
 
 
-def requeue_after_handoff(session: Session, job_id: uuid.UUID) -> bool:
+def requeue_after_handoff(session: Session, job_id: uuid.UUID, worker: str) -> bool:
     """running -> queued after a graceful stop; the try is given back, since nothing was lost."""
     return _transition(
-        session, job_id, (JobStatus.running,),
+        session, job_id, (JobStatus.running,), held_by=worker,
         status=JobStatus.queued, worker=None, handoff_requested=False, attempts=Job.attempts - 1,
     )
 
@@ -71,31 +77,47 @@ def request_cancel(session: Session, job_id: uuid.UUID) -> bool:
     )
 
 
-def finish(session: Session, job_id: uuid.UUID, status: JobStatus, error: str | None = None) -> bool:
-    """running | cancelling -> a terminal state."""
+def finish(
+    session: Session, job_id: uuid.UUID, status: JobStatus, error: str | None = None, worker: str | None = None
+) -> bool:
+    """running | cancelling -> a terminal state (only by the worker that holds the job, when ``worker`` is given)."""
     values = dict(status=status, finished_at=utcnow(), heartbeat_at=utcnow())
     if error is not None:
         values["error"] = error
-    return _transition(session, job_id, ACTIVE, **values)
+    return _transition(session, job_id, ACTIVE, held_by=worker, **values)
 
 
 def cancel_requested(session: Session, job_id: uuid.UUID) -> bool:
     return bool(session.execute(select(Job.cancel_requested).where(Job.id == job_id)).scalar_one_or_none())
 
 
-def stop_requests(session: Session, job_id: uuid.UUID) -> tuple[bool, bool]:
-    """(cancel requested, hand-off requested), in one read: asked before every training step."""
-    row = session.execute(select(Job.cancel_requested, Job.handoff_requested).where(Job.id == job_id)).one_or_none()
-    return (bool(row[0]), bool(row[1])) if row else (True, False)
+def stop_requests(session: Session, job_id: uuid.UUID, worker: str) -> tuple[bool, bool, bool]:
+    """(cancel requested, hand-off requested, still held by ``worker``), in one read: asked before every step.
+
+    A job is no longer held when the reaper gave it to another worker (this one looked dead): it must stop at once.
+    """
+    row = session.execute(
+        select(Job.cancel_requested, Job.handoff_requested, Job.status, Job.worker).where(Job.id == job_id)
+    ).one_or_none()
+    if row is None:
+        return False, False, False
+    return bool(row[0]), bool(row[1]), row[2] in ACTIVE and row[3] == worker
 
 
-def heartbeat(session: Session, job_id: uuid.UUID) -> None:
-    session.execute(update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE)).values(heartbeat_at=utcnow()))
+def heartbeat(session: Session, job_id: uuid.UUID, worker: str) -> bool:
+    """The holder is alive. False when the job is no longer held by ``worker``."""
+    result = session.execute(
+        update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE), Job.worker == worker).values(heartbeat_at=utcnow())
+    )
     session.commit()
+    return result.rowcount == 1
 
 
-def record_epoch(session: Session, job_id: uuid.UUID, metrics) -> bool:
-    """Insert the epoch's row (once: a repeated epoch is ignored) and move the job's progress. True if new."""
+def record_epoch(session: Session, job_id: uuid.UUID, metrics, worker: str | None = None) -> bool:
+    """Insert the epoch's row (once: a repeated epoch is ignored) and move the job's progress. True if new.
+
+    Given ``worker``, the progress moves only while that worker holds the job.
+    """
     row = asdict(metrics) if is_dataclass(metrics) else dict(metrics)
     values = {k: row[k] for k in ("epoch", "loss", "loss_ce", "loss_coords", "pck", "mpck", "lr", "seconds")}
     for key in ("pck", "mpck"):
@@ -113,6 +135,9 @@ def record_epoch(session: Session, job_id: uuid.UUID, metrics) -> bool:
     if pck is not None:
         progress["best_pck"] = case((Job.best_pck.is_(None) | (Job.best_pck < pck), pck), else_=Job.best_pck)
     # A finished job's progress stays as it ended, even if a late duplicate of an epoch arrives.
-    session.execute(update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE)).values(**progress))
+    conditions = [Job.id == job_id, Job.status.in_(ACTIVE)]
+    if worker is not None:
+        conditions.append(Job.worker == worker)
+    session.execute(update(Job).where(*conditions).values(**progress))
     session.commit()
     return inserted

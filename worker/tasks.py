@@ -1,15 +1,18 @@
 """``run_job(job_id)``: claim the job, train it with cape.Trainer, write its epochs, end it.
 
 torch is imported inside the task, never at module import: the prefork pool forks before any CUDA state exists.
+Every write a task makes after its claim is conditional on still holding the job, so a worker the reaper took for
+dead (a long stall) can neither finish nor advance a job that another worker now runs.
 """
 
 from __future__ import annotations
 
 import logging
-import time
+import threading
 import uuid
 from pathlib import Path
 
+from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session
 
 from service import jobs
@@ -22,30 +25,49 @@ from worker.celery_app import app
 log = logging.getLogger(__name__)
 
 
-class JobCallbacks:
-    """The trainer's callbacks for one job: epoch rows and progress, heartbeats, cancellation and hand-off."""
+class Heartbeat:
+    """Beats for the job from a thread for as long as the task runs: through loading, training, validation and
+    testing alike, so that only a dead (or frozen) process stops it, never a long phase without training steps."""
 
-    def __init__(self, job_id: uuid.UUID, heartbeat_interval: float):
-        self.job_id = job_id
-        self.heartbeat_interval = heartbeat_interval
-        self.last_heartbeat = time.monotonic()
-        self.handoff = False
+    def __init__(self, job_id: uuid.UUID, worker: str, interval: float):
+        self.job_id, self.worker, self.interval = job_id, worker, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                with Session(get_engine()) as session:
+                    jobs.heartbeat(session, self.job_id, self.worker)
+            except SQLAlchemyError:
+                log.exception("heartbeat of job %s failed; trying again in %.0f s", self.job_id, self.interval)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class JobCallbacks:
+    """The trainer's callbacks for one job: epoch rows and progress; cancellation, hand-off and loss of the job."""
+
+    def __init__(self, job_id: uuid.UUID, worker: str):
+        self.job_id, self.worker = job_id, worker
+        self.handoff = self.lost = False
 
     def on_epoch_end(self, metrics) -> None:
         with Session(get_engine()) as session:
-            jobs.record_epoch(session, self.job_id, metrics)
-        self.last_heartbeat = time.monotonic()
+            jobs.record_epoch(session, self.job_id, metrics, self.worker)
 
     def should_stop(self) -> bool:
         # Asked before every training step: one indexed read, so a cancel takes effect within one step.
         with Session(get_engine()) as session:
-            cancel, self.handoff = jobs.stop_requests(session, self.job_id)
-            if cancel or self.handoff:
-                return True
-            if time.monotonic() - self.last_heartbeat >= self.heartbeat_interval:
-                jobs.heartbeat(session, self.job_id)
-                self.last_heartbeat = time.monotonic()
-        return False
+            cancel, self.handoff, held = jobs.stop_requests(session, self.job_id, self.worker)
+        self.lost = not held
+        return cancel or self.handoff or self.lost
 
 
 def run_dir(job_id: uuid.UUID) -> Path:
@@ -55,43 +77,57 @@ def run_dir(job_id: uuid.UUID) -> Path:
 @app.task(name=RUN_JOB_TASK, bind=True)
 def run_job(self, job_id: str) -> str:
     job_uuid = uuid.UUID(job_id)
+    worker = self.request.hostname  # this worker's node name: its shutdown asks exactly its own jobs to hand off
     settings = get_settings()
     with Session(get_engine()) as session:
-        # self.request.hostname is this worker's node name: its shutdown asks exactly its own jobs to hand off.
-        if not jobs.claim(session, job_uuid, self.request.hostname):
+        if not jobs.claim(session, job_uuid, worker):
             job = session.get(Job, job_uuid)
             log.info("job %s not claimed (status %s): nothing to do", job_id, job.status if job else "missing")
             return "skipped"
         job = session.get(Job, job_uuid)
         config_fields, dataset, attempt = dict(job.config), job.dataset, job.attempts
 
-    callbacks = JobCallbacks(job_uuid, settings.heartbeat_interval_s)
-    try:
-        from cape.config import TrainConfig
-        from cape.trainer import LAST, Trainer
+    callbacks = JobCallbacks(job_uuid, worker)
+    with Heartbeat(job_uuid, worker, settings.heartbeat_interval_s):
+        try:
+            result = _train(job_uuid, config_fields, dataset, attempt, callbacks)
+        except Exception as exc:  # the job failed, not the worker: record why and take the next job
+            log.exception("job %s failed", job_id)
+            with Session(get_engine()) as session:
+                jobs.finish(session, job_uuid, JobStatus.failed, error=f"{type(exc).__name__}: {exc}", worker=worker)
+            return "failed"
+    return _conclude(job_uuid, worker, result, callbacks)
 
-        if dataset not in settings.datasets:
-            raise ValueError(f"dataset {dataset!r} is not configured on this worker (CAPE_DATASETS: {sorted(settings.datasets)})")
-        config = TrainConfig(**config_fields, dataset_root=settings.datasets[dataset], device=settings.device)
-        output = run_dir(job_uuid)
-        resume = output / LAST if (output / LAST).is_file() else None  # a job that ran before continues where it was
-        log.info("job %s: attempt %d, %s on %s (%s)", job_id, attempt, config.mode, dataset, "resuming" if resume else "fresh")
-        result = Trainer(config, output, callbacks=[callbacks], log=lambda line: log.info("job %s: %s", job_id, line)).fit(resume)
-    except Exception as exc:  # the job failed, not the worker: record why and take the next job
-        log.exception("job %s failed", job_id)
-        with Session(get_engine()) as session:
-            jobs.finish(session, job_uuid, JobStatus.failed, error=f"{type(exc).__name__}: {exc}")
-        return "failed"
 
+def _train(job_id: uuid.UUID, config_fields: dict, dataset: str, attempt: int, callbacks: JobCallbacks):
+    from cape.config import TrainConfig
+    from cape.trainer import LAST, Trainer
+
+    settings = get_settings()
+    if dataset not in settings.datasets:
+        raise ValueError(f"dataset {dataset!r} is not configured on this worker (CAPE_DATASETS: {sorted(settings.datasets)})")
+    config = TrainConfig(**config_fields, dataset_root=settings.datasets[dataset], device=settings.device)
+    output = run_dir(job_id)
+    resume = output / LAST if (output / LAST).is_file() else None  # a job that ran before continues where it was
+    log.info("job %s: attempt %d, %s on %s (%s)", job_id, attempt, config.mode, dataset, "resuming" if resume else "fresh")
+    trainer = Trainer(config, output, callbacks=[callbacks], log=lambda line: log.info("job %s: %s", job_id, line))
+    return trainer.fit(resume)
+
+
+def _conclude(job_id: uuid.UUID, worker: str, result, callbacks: JobCallbacks) -> str:
+    if callbacks.lost:
+        log.warning("job %s: no longer held by %s (the reaper gave it to another worker); leaving it", job_id, worker)
+        return "lost"
     with Session(get_engine()) as session:
-        if result.status == "stopped" and callbacks.handoff and not jobs.cancel_requested(session, job_uuid):
+        cancel = jobs.cancel_requested(session, job_id)
+        if result.status == "stopped" and callbacks.handoff and not cancel:
             # This worker is shutting down: the checkpoint is written, another worker resumes from it.
-            if jobs.requeue_after_handoff(session, job_uuid):
-                jobs.dispatch_job(session, job_uuid, dispatch)
+            if jobs.requeue_after_handoff(session, job_id, worker):
+                jobs.dispatch_job(session, job_id, dispatch)
                 log.info("job %s handed back to the queue at epoch %d", job_id, result.epochs_completed)
                 return "handed off"
-        if result.status == "stopped" or jobs.cancel_requested(session, job_uuid):
-            jobs.finish(session, job_uuid, JobStatus.cancelled)
+        if result.status == "stopped" or cancel:
+            jobs.finish(session, job_id, JobStatus.cancelled, worker=worker)
             return "cancelled"
-        jobs.finish(session, job_uuid, JobStatus.succeeded)
+        jobs.finish(session, job_id, JobStatus.succeeded, worker=worker)
     return "succeeded"
