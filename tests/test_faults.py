@@ -7,7 +7,7 @@ import json
 import os
 import signal
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 
 import httpx
 import pytest
@@ -50,6 +50,17 @@ def category(synthetic_root):
     return MP100Catalog(synthetic_root).category_ids("train")[0]
 
 
+@contextmanager
+def running(environment, tmp, workers=("test",)):
+    """Workers, then the API, then a client: yields (client, worker processes by name)."""
+    with ExitStack() as stack:
+        processes = {
+            name: stack.enter_context(celery_worker(environment, tmp / f"{name}.log", name=name)) for name in workers
+        }
+        base = stack.enter_context(uvicorn_server(environment, tmp / "api.log"))
+        yield stack.enter_context(httpx.Client(base_url=base, timeout=10)), processes
+
+
 def rows_of(client, job_id):
     return client.get(f"/jobs/{job_id}/metrics", params={"limit": 1000}).json()["items"]
 
@@ -60,29 +71,23 @@ def wait_for_rows(client, job_id, n, timeout=120):
 
 def test_sigkill_mid_job_resumes_with_every_epoch_exactly_once(env, category):
     environment, _, tmp = env
-    with ExitStack() as stack:
-        worker = stack.enter_context(celery_worker(environment, tmp / "worker.log"))
-        base = stack.enter_context(uvicorn_server(environment, tmp / "api.log"))
-        client = stack.enter_context(httpx.Client(base_url=base, timeout=10))
+    with running(environment, tmp) as (client, workers):
         job_id = client.post("/jobs", json=single_image(category, epochs=6)).json()["id"]
         wait_for_rows(client, job_id, 2)
         time.sleep(0.4)  # into epoch 3
-        (child,) = pool_children(worker.pid)
+        (child,) = pool_children(workers["test"].pid)
         os.kill(child, signal.SIGKILL)
         status, rows = poll(client, job_id)
         job = client.get(f"/jobs/{job_id}").json()
     assert status == "succeeded", job
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5, 6], "every epoch exactly once"
     assert job["attempts"] == 2
-    assert "resuming" in (tmp / "worker.log").read_text()
+    assert "resuming" in (tmp / "test.log").read_text()
 
 
 def test_a_job_that_always_kills_its_worker_fails_after_max_attempts(env, category):
     environment, _, tmp = env
-    with ExitStack() as stack:
-        worker = stack.enter_context(celery_worker(environment, tmp / "worker.log"))
-        base = stack.enter_context(uvicorn_server(environment, tmp / "api.log"))
-        client = stack.enter_context(httpx.Client(base_url=base, timeout=10))
+    with running(environment, tmp) as (client, workers):
         job_id = client.post("/jobs", json=single_image(category, epochs=50)).json()["id"]
         killed = set()
         deadline = time.monotonic() + 180
@@ -92,7 +97,7 @@ def test_a_job_that_always_kills_its_worker_fails_after_max_attempts(env, catego
                 break
             # Out of memory, every time: each new attempt's pool process dies as soon as it trains.
             if job["status"] == "running" and job["attempts"] not in killed:
-                for child in pool_children(worker.pid):
+                for child in pool_children(workers["test"].pid):
                     os.kill(child, signal.SIGKILL)
                 killed.add(job["attempts"])
             time.sleep(0.1)
@@ -103,10 +108,7 @@ def test_a_job_that_always_kills_its_worker_fails_after_max_attempts(env, catego
 
 def test_redis_restart_during_a_job(env, category):
     environment, redis, tmp = env
-    with ExitStack() as stack:
-        stack.enter_context(celery_worker(environment, tmp / "worker.log"))
-        base = stack.enter_context(uvicorn_server(environment, tmp / "api.log"))
-        client = stack.enter_context(httpx.Client(base_url=base, timeout=10))
+    with running(environment, tmp) as (client, _):
         job_id = client.post("/jobs", json=single_image(category, epochs=6)).json()["id"]
         wait_for_rows(client, job_id, 1)
         redis.stop()
@@ -122,10 +124,7 @@ def test_redis_restart_during_a_job(env, category):
 
 def test_submission_during_a_broker_outage_is_stored_and_runs_later(env, category):
     environment, redis, tmp = env
-    with ExitStack() as stack:
-        stack.enter_context(celery_worker(environment, tmp / "worker.log"))
-        base = stack.enter_context(uvicorn_server(environment, tmp / "api.log"))
-        client = stack.enter_context(httpx.Client(base_url=base, timeout=10))
+    with running(environment, tmp) as (client, _):
         redis.stop()
         started = time.monotonic()
         response = client.post("/jobs", json=single_image(category, epochs=2))
@@ -142,15 +141,11 @@ def test_submission_during_a_broker_outage_is_stored_and_runs_later(env, categor
 
 def test_warm_shutdown_hands_the_job_to_another_worker(env, category):
     environment, _, tmp = env
-    with ExitStack() as stack:
-        first = stack.enter_context(celery_worker(environment, tmp / "first.log", name="first"))
-        second = stack.enter_context(celery_worker(environment, tmp / "second.log", name="second"))
-        base = stack.enter_context(uvicorn_server(environment, tmp / "api.log"))
-        client = stack.enter_context(httpx.Client(base_url=base, timeout=10))
+    with running(environment, tmp, workers=("first", "second")) as (client, workers):
         job_id = client.post("/jobs", json=single_image(category, epochs=6)).json()["id"]
         wait_for_rows(client, job_id, 2)
         holder = client.get(f"/jobs/{job_id}").json()["worker"]
-        leaving, staying = (first, "second") if holder.startswith("first@") else (second, "first")
+        leaving, staying = (workers["first"], "second") if holder.startswith("first@") else (workers["second"], "first")
         leaving.send_signal(signal.SIGTERM)
         leaving.wait(60)  # the warm shutdown ends once the job has handed off
         status, rows = poll(client, job_id)
