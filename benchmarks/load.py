@@ -11,7 +11,8 @@ on PostgreSQL. Then:
    and the load starts once the worker has written its first epoch, so that the worker writes ``epoch_metric`` rows,
    job progress and heartbeats during the whole load window;
 2. ``--clients`` simulated clients (asyncio tasks, one keep-alive connection each, closed loop: the next request as
-   soon as the previous answer is in) run for a short warm-up and then ``--seconds`` measured seconds. Each
+   soon as the previous answer is in, or after its ``Retry-After`` on a 503) run for a short warm-up and then,
+   without a pause, ``--seconds`` measured seconds (a request counts if it was sent in the window). Each
    iteration a client, at random: submits a job (``POST /jobs``; some with a new ``Idempotency-Key``, some replaying
    the key and body of an earlier keyed submission, possibly one still in flight, which races it), or polls
    ``GET /jobs/{id}/metrics?after_epoch=<last seen>`` of a job it knows (mostly the training one), or reads
@@ -19,13 +20,15 @@ on PostgreSQL. Then:
 3. afterwards every job still queued or running is cancelled through the API and awaited.
 
 Reported: requests per second; p50/p99 latency overall and per request kind; 5xx responses (target 0); other
-non-2xx by status; requests that got no answer; the CPU that uvicorn, the worker and the client spent; and
+non-2xx by status; requests without an answer in 60 s (target 0); the CPU that uvicorn, the worker and the client
+spent; whether the training job was still running at the end of the window (target: yes); and
 integrity checks read from the database directly: (a) duplicated epoch rows, one GROUP BY (job_id, epoch);
 (b) lost epoch rows: for each job, epochs 1..current_epoch all present, and every epoch a client saw through the
 API still there (and every metrics answer contiguous from ``after_epoch``); (c) idempotency: one job per (owner,
 Idempotency-Key), every answer for a key naming the same job, at most one 201 per key; (d) every job a 201 (or a
-replay's 200) named is in the database. Targets: zero 5xx, zero lost, zero duplicated. The exit status is 1 when
-an integrity or 5xx target is missed.
+replay's 200) named is in the database. Targets: zero 5xx, zero lost, zero duplicated. Then, for the whole run,
+uvicorn's access log by status and the most frequent exceptions in the API's and the worker's logs. The exit
+status is 1 when any target is missed.
 
 Closed-loop clients measure the service at saturation: with 200 clients, latency is mostly waiting in line
 (Little's law: latency ~ clients / throughput). The client runs on the same machine and takes CPU from the servers
@@ -36,9 +39,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import platform
 import random
+import re
 import sys
 import tempfile
 import time
@@ -76,6 +81,7 @@ CLIENT_CATEGORIES = 5  # the clients' jobs use the first few train categories, a
 
 WARMUP_S = 2.0  # opens the connections, the database pools and uvicorn's threads; not measured
 REQUEST_TIMEOUT_S = 60.0  # a slow answer is measured as slow; only one slower than this counts as no answer
+MAX_RETRY_AFTER_S = 5.0
 FIRST_EPOCH_TIMEOUT_S = 300.0  # the worker imports torch on its first job
 TERMINAL = {JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled}
 ACTIVE = {JobStatus.queued, JobStatus.running, JobStatus.cancelling}
@@ -106,23 +112,30 @@ class Observed:
     key_answers: dict[str, list] = field(default_factory=lambda: defaultdict(list))  # key -> [(status, id)], None id: no answer
     seen: dict[str, set] = field(default_factory=lambda: defaultdict(set))  # job id -> epochs a metrics answer listed
     broken_answers: list[str] = field(default_factory=list)  # metrics answers not contiguous from after_epoch
+    racing_replays: int = 0  # replays sent before any request with their key had been answered
     tallies: dict[str, Tally] = field(default_factory=lambda: {kind: Tally() for kind in KINDS})
-    measuring: bool = False
+    measure_from: float = math.inf  # perf_counter: requests sent from then on are measured (the warm-up's are not)
+    deadline: float = math.inf  # no request is sent after it
 
 
 async def timed(observed: Observed, kind: str, send) -> httpx.Response | None:
-    """One request, its latency and status put in the tally of its kind while measuring; None when no answer."""
+    """One request, its latency and status put in the tally of its kind if it was sent in the measured window;
+    None when no answer came."""
     tally = observed.tallies[kind]
     started = time.perf_counter()
+    measured = started >= observed.measure_from
     try:
         response = await send()
     except httpx.HTTPError as exc:
-        if observed.measuring:
+        if measured:
             tally.no_answer[type(exc).__name__] += 1
         return None
-    if observed.measuring:
+    if measured:
         tally.latencies.append(time.perf_counter() - started)
         tally.statuses[response.status_code] += 1
+    if response.status_code in (429, 503) and "Retry-After" in response.headers:
+        # A polite client waits as told (seconds only, capped) instead of asking again at once.
+        await asyncio.sleep(min(float(response.headers["Retry-After"]), MAX_RETRY_AFTER_S))
     return response
 
 
@@ -139,8 +152,8 @@ class SimulatedClient:
         self.own: list[str] = []  # jobs this client submitted
         self.after_epoch: dict[str, int] = {}  # job id -> the last epoch this client has seen
 
-    async def run(self, deadline: float) -> None:
-        while time.perf_counter() < deadline:
+    async def run(self) -> None:
+        while time.perf_counter() < self.observed.deadline:
             draw = self.rng.random()
             if draw < POST_SHARE:
                 await self.submit()
@@ -170,6 +183,7 @@ class SimulatedClient:
             # unique (owner, key) constraint, and the loser must answer with the winner's job.
             key = self.rng.choice(list(self.observed.keys))
             body, kind = self.observed.keys[key], POST_REPLAY
+            self.observed.racing_replays += not self.observed.key_answers.get(key)
         elif draw < REPLAY_SHARE + KEYED_SHARE:
             key, body, kind = f"load-{self.index}-{uuid.uuid4()}", self.new_body(), POST_KEYED
             self.observed.keys[key] = body  # before sending: a replay may overtake it
@@ -205,23 +219,25 @@ class SimulatedClient:
 
 async def run_clients(base: str, count: int, seconds: float, observed: Observed, images: dict[int, int],
                       on_start) -> float:
-    """The warm-up, then the measured window; returns the measured window's length. ``on_start`` runs (in a
-    thread) when the measured window starts, to take its snapshot."""
+    """The clients' loops, without a pause: a warm-up, then the measured window. Returns the measured time, from the
+    window's start until the last of its requests ended. ``on_start`` (run in a thread) takes the window's snapshot."""
     # A client per connection, made before any clock starts (each costs ~20 ms): see benchmarks/api.py.
     limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
     async with AsyncExitStack() as stack:
         https = [await stack.enter_async_context(httpx.AsyncClient(base_url=base, limits=limits, timeout=REQUEST_TIMEOUT_S))
                  for _ in range(count)]
         clients = [SimulatedClient(http, i, observed, images) for i, http in enumerate(https)]
-        deadline = time.perf_counter() + WARMUP_S
-        await asyncio.gather(*(client.run(deadline) for client in clients))
-        await asyncio.to_thread(on_start)
-        observed.measuring = True
-        started = time.perf_counter()
-        await asyncio.gather(*(client.run(started + seconds) for client in clients))
-        elapsed = time.perf_counter() - started  # the last requests end a little after the deadline
-        observed.measuring = False
-    return elapsed
+
+        async def window() -> None:
+            # The warm-up opens the connections, the database pools and uvicorn's threads. The clients go on
+            # without a pause into the measured window: a barrier between the two would send 200 requests at once.
+            await asyncio.sleep(WARMUP_S)
+            await asyncio.to_thread(on_start)
+            observed.measure_from = time.perf_counter()
+            observed.deadline = observed.measure_from + seconds
+
+        await asyncio.gather(window(), *(client.run() for client in clients))
+        return time.perf_counter() - observed.measure_from  # before the 200 clients are closed
 
 
 # --- the worker's job and the end of the run ------------------------------------------------------------------
@@ -272,11 +288,28 @@ async def cancel_all(base: str, job_ids: list[str], connections: int = 8) -> Cou
     return statuses
 
 
-def wind_down(base: str, database_url: str, timeout: float = 120.0) -> tuple[int, Counter]:
+def wait_until_serving(base: str, timeout: float) -> float:
+    """Seconds until the API answers a database read again: after an overload it may still be working through the
+    requests of clients that gave up."""
+    started = time.monotonic()
+    with httpx.Client(base_url=base, timeout=10) as client:
+        while time.monotonic() - started < timeout:
+            try:
+                if client.get("/jobs", params={"limit": 1}).status_code == 200:
+                    return time.monotonic() - started
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+    raise TimeoutError(f"the API answered no GET /jobs for {timeout:.0f} s after the load")
+
+
+def wind_down(base: str, database_url: str, timeout: float = 300.0) -> str:
     """Cancels every job still queued or running (the clients' queued jobs, the training job) and waits until all
-    are terminal, so that the worker trains nothing after the benchmark and the checks see final rows."""
+    are terminal, so that the worker trains nothing after the benchmark and the checks see final rows. Returns
+    what happened; a wind-down that does not finish is reported, and the stack's shutdown stops the rest."""
     engine = make_engine(database_url)
     try:
+        drained = wait_until_serving(base, timeout)
         with Session(engine) as session:
             active = [str(i) for i in session.exec(select(Job.id).where(Job.status.in_(ACTIVE)))]
         statuses = asyncio.run(cancel_all(base, active))
@@ -285,10 +318,13 @@ def wind_down(base: str, database_url: str, timeout: float = 120.0) -> tuple[int
             with Session(engine) as session:
                 left = session.exec(select(func.count()).select_from(Job).where(Job.status.in_(ACTIVE))).one()
             if left == 0:
-                return len(active), statuses
+                return (f"API serving again {drained:.1f} s after the load; {len(active)} queued or running jobs "
+                        f"cancelled (answers {dict(statuses)}), all terminal")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{left} jobs still active {timeout:.0f} s after they were cancelled")
+                return f"INCOMPLETE: {left} jobs still active {timeout:.0f} s after they were cancelled"
             time.sleep(0.2)
+    except TimeoutError as exc:
+        return f"INCOMPLETE: {exc}"
     finally:
         engine.dispose()
 
@@ -334,14 +370,15 @@ def integrity(database_url: str, observed: Observed) -> dict[str, int]:
             if any(job and key_jobs.get(key) != job for _, job in answers)),
         "(d) acknowledged jobs not in the database": len(observed.acknowledged - set(jobs)),
     } | {"_jobs in the database that no answer named": len(set(jobs) - observed.acknowledged - set(observed.training)),
+         "_replays sent while their key's first request was in flight": observed.racing_replays,
          "_epoch rows": sum(len(epochs) for epochs in rows.values())}
 
 
 # --- report ---------------------------------------------------------------------------------------------------
 
 
-def report_load(observed: Observed, elapsed: float, cpu: dict[str, float]) -> int:
-    """Prints the per-kind table; returns the number of 5xx answers."""
+def report_load(observed: Observed, elapsed: float, cpu: dict[str, float]) -> Tally:
+    """Prints the per-kind table and where the CPU went; returns the tally of all kinds together."""
     print(f"  {'request':<38} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'5xx':>5}  other non-2xx   no answer")
     everything = Tally()
     for kind in KINDS:
@@ -351,12 +388,12 @@ def report_load(observed: Observed, elapsed: float, cpu: dict[str, float]) -> in
         everything.no_answer += tally.no_answer
         print_row(kind, tally, elapsed)
     print_row("all", everything, elapsed)
-    fives = sum(count for status, count in everything.statuses.items() if status >= 500)
-    requests = max(1, len(everything.latencies))  # a stuck server answers nothing
-    print(f"  CPU per request: uvicorn {1000 * cpu['server'] / requests:.2f} ms, client {1000 * cpu['client'] / requests:.2f} ms; "
-          f"share of a core: uvicorn {cpu['server'] / elapsed:.0%}, worker {cpu['worker'] / elapsed:.0%}, "
-          f"client {cpu['client'] / elapsed:.0%}")
-    return fives
+    requests = len(everything.latencies)
+    per_request = (f"uvicorn {1000 * cpu['server'] / requests:.2f} ms, client {1000 * cpu['client'] / requests:.2f} ms"
+                   if requests else "n/a (no answers)")
+    print(f"  CPU per answered request: {per_request}; share of a core: uvicorn {cpu['server'] / elapsed:.0%}, "
+          f"worker {cpu['worker'] / elapsed:.0%}, client {cpu['client'] / elapsed:.0%}")
+    return everything
 
 
 def print_row(name: str, tally: Tally, elapsed: float) -> None:
@@ -379,10 +416,25 @@ def report_integrity(figures: dict[str, int]) -> int:
     return missed
 
 
-def log_errors(log: Path, limit: int = 5) -> list[str]:
-    """The server's or worker's ERROR lines and tracebacks: what went wrong inside, whatever the clients saw."""
+EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Timeout)\w*(: |$)")
+
+
+def log_exceptions(log: Path, limit: int = 3) -> list[str]:
+    """The most frequent exceptions in a server's or worker's log, with their counts: what went wrong inside,
+    whatever the clients saw. The last line of a traceback is the exception and its message."""
     lines = log.read_text(errors="replace").splitlines()
-    return [line for line in lines if "ERROR" in line or line.startswith("Traceback")][:limit]
+    counts = Counter(line[:200] for line in lines if EXCEPTION_LINE.match(line))
+    return [f"{count} x {line}" for line, count in counts.most_common(limit)]
+
+
+ACCESS_LINE = re.compile(r'" (\d{3}) ')
+
+
+def access_statuses(log: Path) -> Counter:
+    """uvicorn's access log by status, for the whole run: it also lists the answers that came after the client
+    had given up waiting."""
+    return Counter(int(m.group(1)) for line in log.read_text(errors="replace").splitlines()
+                   if "HTTP/1.1" in line and (m := ACCESS_LINE.search(line)))
 
 
 # --- main -----------------------------------------------------------------------------------------------------
@@ -417,20 +469,26 @@ def run_on(kind: str, root: Path, category: int, images: dict[int, int], clients
         cpu = {name: value - snapshot["cpu"][name] for name, value in cpu.items()}
         status, epoch = training_progress(database_url, training)
 
-        print(f"load, {elapsed:.1f} s measured:")
-        fives = report_load(observed, elapsed, cpu)
+        print(f"load, {elapsed:.1f} s measured (from the window's start until its last request ended):")
+        everything = report_load(observed, elapsed, cpu)
         busy = status == JobStatus.running
         print(f"  worker during the window: training job {status}, epochs {snapshot['epoch']} -> {epoch} "
               f"({(epoch - snapshot['epoch']) / elapsed:.2f} epoch rows/s; target: still running at the end: {verdict(busy)})")
-        print(f"  5xx answers: {fives} (target 0: {verdict(fives == 0)})")
+        fives = {code: count for code, count in sorted(everything.statuses.items()) if code >= 500}
+        unanswered = sum(everything.no_answer.values())
+        print(f"  5xx answers: {sum(fives.values())} {fives or ''} (target 0: {verdict(not fives)}); requests without an answer in "
+              f"{REQUEST_TIMEOUT_S:.0f} s: {unanswered} (target 0: {verdict(unanswered == 0)})")
 
-        cancelled, statuses = wind_down(base, database_url)
-        print(f"wind-down: {cancelled} queued or running jobs cancelled (answers {dict(statuses)}), all terminal")
+        ended = wind_down(base, database_url)
+        print(f"wind-down: {ended}")
         print(f"integrity ({len(observed.created)} jobs created by 201, {len(observed.key_answers)} Idempotency-Keys "
               f"sent {sum(map(len, observed.key_answers.values()))} times):")
-        missed = report_integrity(integrity(database_url, observed)) + (fives != 0) + (not busy)
+        missed = report_integrity(integrity(database_url, observed))
+        missed += bool(fives) + (unanswered != 0) + (not busy) + ended.startswith("INCOMPLETE")
+        print(f"uvicorn's access log, whole run (warm-up, wind-down and abandoned requests included): "
+              f"{dict(sorted(access_statuses(tmp / 'api.log').items()))}")
         for name in ("api.log", "worker.log"):
-            for line in log_errors(tmp / name):
+            for line in log_exceptions(tmp / name):
                 print(f"  {name}: {line}")
         for line in observed.broken_answers[:5]:
             print(f"  hole: {line}")

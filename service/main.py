@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from service.limits import BodySizeLimit
 from service.routes import categories, health, jobs
@@ -19,7 +22,16 @@ def create_app() -> FastAPI:
     app.include_router(categories.router)
     app.include_router(health.router)
     app.add_middleware(BodySizeLimit, max_bytes=get_settings().max_body_bytes)
+    app.add_exception_handler(PoolTimeout, _database_unavailable)
+    app.add_exception_handler(OperationalError, _database_unavailable)
     return app
+
+
+async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    # Overload or an outage of the database is not the client's fault nor a bug: 503, and when to try again.
+    return JSONResponse(
+        {"detail": f"database unavailable, try again: {type(exc).__name__}"}, status_code=503, headers={"Retry-After": "1"}
+    )
 
 
 app = create_app()

@@ -130,7 +130,7 @@ def create_job(
     return JobPublic.of(job)
 
 
-@router.get("", response_model=JobList, responses=responses(401))
+@router.get("", response_model=JobList, responses=responses(401, 503))
 def list_jobs(
     session: SessionDep,
     owner: OwnerDep,
@@ -154,7 +154,7 @@ def _job(session: Session, job_id: uuid.UUID, owner: str) -> Job:
     return job
 
 
-@router.get("/{job_id}", response_model=JobPublic, responses=responses(401, 404))
+@router.get("/{job_id}", response_model=JobPublic, responses=responses(401, 404, 503))
 def get_job(job_id: uuid.UUID, session: SessionDep, owner: OwnerDep) -> JobPublic:
     return JobPublic.of(_job(session, job_id, owner))
 
@@ -162,7 +162,7 @@ def get_job(job_id: uuid.UUID, session: SessionDep, owner: OwnerDep) -> JobPubli
 METRIC_COLUMNS = [getattr(EpochMetric, name) for name in EpochMetricPublic.model_fields]
 
 
-@router.get("/{job_id}/metrics", response_model=MetricList, responses=responses(401, 404))
+@router.get("/{job_id}/metrics", response_model=MetricList, responses=responses(401, 404, 503))
 def get_metrics(
     job_id: uuid.UUID,
     session: SessionDep,
@@ -188,7 +188,7 @@ def get_metrics(
     return {"job_id": job_id, "status": job.status, "items": rows, "next_after_epoch": rows[-1]["epoch"] if rows else after_epoch}
 
 
-@router.post("/{job_id}/cancel", response_model=JobPublic, responses=responses(401, 404, 409))
+@router.post("/{job_id}/cancel", response_model=JobPublic, responses=responses(401, 404, 409, 503))
 def cancel_job(job_id: uuid.UUID, session: SessionDep, owner: OwnerDep) -> JobPublic:
     """A queued job is cancelled at once; a running one becomes ``cancelling`` until its worker stops it."""
     job = _job(session, job_id, owner)
