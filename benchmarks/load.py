@@ -58,7 +58,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import httpx  # noqa: E402
 from sqlmodel import Session, func, select  # noqa: E402
 
-from benchmarks.api import cpu_seconds, database, percentile_ms, service_env, single_image_job, uvicorn_pid, verdict  # noqa: E402
+from benchmarks.api import (  # noqa: E402
+    cpu_seconds, database, percentile_ms, service_env, single_image_job, uvicorn_pid, verdict,
+)
 from benchmarks.common import dataset_root  # noqa: E402
 from cape.data.catalog import MP100Catalog  # noqa: E402
 from service.db import make_engine  # noqa: E402
@@ -398,7 +400,8 @@ def report_load(observed: Observed, elapsed: float, cpu: dict[str, float]) -> Ta
 
 def print_row(name: str, tally: Tally, elapsed: float) -> None:
     fives = sum(count for status, count in tally.statuses.items() if status >= 500)
-    others = ", ".join(f"{status}: {count}" for status, count in sorted(tally.statuses.items()) if not 200 <= status < 300 and status < 500)
+    others = ", ".join(f"{status}: {count}" for status, count in sorted(tally.statuses.items())
+                       if not 200 <= status < 300 and status < 500)
     missing = ", ".join(f"{name}: {count}" for name, count in tally.no_answer.items())
     print(f"  {name:<38} {len(tally.latencies) / elapsed:>7.1f} {percentile_ms(tally.latencies, 0.50):>8.1f} "
           f"{percentile_ms(tally.latencies, 0.99):>8.1f} {fives:>5}  {others or '-':<13}  {missing or '-'}")
@@ -476,7 +479,8 @@ def run_on(kind: str, root: Path, category: int, images: dict[int, int], clients
               f"({(epoch - snapshot['epoch']) / elapsed:.2f} epoch rows/s; target: still running at the end: {verdict(busy)})")
         fives = {code: count for code, count in sorted(everything.statuses.items()) if code >= 500}
         unanswered = sum(everything.no_answer.values())
-        print(f"  5xx answers: {sum(fives.values())} {fives or ''} (target 0: {verdict(not fives)}); requests without an answer in "
+        by_status = f" {fives}" if fives else ""
+        print(f"  5xx answers: {sum(fives.values())}{by_status} (target 0: {verdict(not fives)}); requests without an answer in "
               f"{REQUEST_TIMEOUT_S:.0f} s: {unanswered} (target 0: {verdict(unanswered == 0)})")
 
         ended = wind_down(base, database_url)
@@ -500,7 +504,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--database", choices=["sqlite", "postgresql", "both"], default="both")
     parser.add_argument("--clients", type=int, default=200)
     parser.add_argument("--seconds", type=float, default=60.0, help="length of the measured load window")
-    parser.add_argument("--dataset_root", default=None, help="synthetic dataset; generated into data/synthetic when unset and absent")
+    parser.add_argument("--dataset_root", default=None,
+                        help="synthetic dataset; generated into data/synthetic when unset and absent")
     return parser.parse_args()
 
 
