@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DATA_ROOT ?= data/synthetic
 SPLIT ?= 1
 
-.PHONY: run catalog test data bench bench-generalisation clean
+.PHONY: run catalog test data bench bench-generalisation bench-service clean
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 is required"'
@@ -34,6 +34,11 @@ bench: data
 
 bench-generalisation: data  # about 15 minutes on 2 cores
 	$(PY) benchmarks/generalisation.py --dataset_root $(DATA_ROOT)
+
+bench-service: data  # the API and the stack under load, on SQLite and PostgreSQL (needs redis-server, postgresql)
+	$(PY) benchmarks/api.py --dataset_root $(DATA_ROOT)
+	$(PY) benchmarks/api.py --dataset_root $(DATA_ROOT) --database postgresql
+	$(PY) benchmarks/load.py --dataset_root $(DATA_ROOT)
 
 clean:
 	rm -rf $(VENV) data *.egg-info
