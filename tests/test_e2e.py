@@ -117,7 +117,7 @@ def test_cancel_queued_and_running_jobs(stack, category):
         # the worker holds one job at a time: the second one is still queued
         assert client.post(f"/jobs/{queued}/cancel").json()["status"] == "cancelled"
 
-        status, rows = None, []
+        rows = []
         deadline = time.monotonic() + 120
         while not rows and time.monotonic() < deadline:  # let it write an epoch, so there are rows to keep
             rows = client.get(f"/jobs/{long_job}/metrics").json()["items"]

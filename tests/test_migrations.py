@@ -1,6 +1,5 @@
 """Alembic owns the schema: after `upgrade head`, autogenerate finds nothing between models and database."""
 
-import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext

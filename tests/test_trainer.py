@@ -159,7 +159,7 @@ def test_cli_single_image_run_and_evaluate(synthetic_root, tmp_path):
         "--output_dir", str(tmp_path), "--no-use_amp", "--device", "cpu", "--preset", "small",
     )
     assert result.returncode == 0, result.stderr
-    assert f"index 2 of 24 train images" in result.stdout
+    assert "index 2 of 24 train images" in result.stdout
     assert "epoch 2/2  loss" in result.stdout and "Val PCK@0.2" in result.stdout
     config = json.loads((tmp_path / "config.json").read_text())
     assert (config["mode"], config["category_id"], config["image_index"], config["use_amp"]) == ("single_image", cat, 2, False)
