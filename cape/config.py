@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Mode = Literal["single_image", "category", "full"]
+MAX_EPOCHS = 1000
 Preset = Literal["small", "base"]
 
 
@@ -67,7 +68,7 @@ class TrainConfig(BaseModel):
     preset: Preset = "small"
     model: ModelConfig | None = None
 
-    epochs: int = Field(default=20, ge=1, le=1000)
+    epochs: int = Field(default=20, ge=1, le=MAX_EPOCHS)
     episodes_per_epoch: int = Field(default=100, ge=1, le=100_000)
     batch_size: int = Field(default=4, ge=1, le=256)
     num_shots: int = Field(default=1, ge=1, le=5)

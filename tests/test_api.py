@@ -103,6 +103,7 @@ def test_list_is_newest_first_paginated_and_filtered(client, catalog):
     cancelled = client.get("/jobs", params={"status": "cancelled"}).json()
     assert [j["id"] for j in cancelled["items"]] == [ids[0]]
     assert client.get("/jobs", params={"limit": 1000}).status_code == 422
+    assert client.get("/jobs", params={"offset": 2**63}).status_code == 422  # found by the fuzzer: a 500 before
     assert client.get("/jobs", params={"status": "sleeping"}).status_code == 422
 
 
@@ -134,6 +135,7 @@ def test_metrics_after_epoch_returns_only_newer_rows(client, catalog):
     assert (job["current_epoch"], job["progress"], job["best_pck"], job["latest_pck"]) == (7, 1.0, 0.7, 0.7)
     assert job["latest_loss"] == pytest.approx(1 / 7)
     assert client.get(f"/jobs/{job_id}/metrics", params={"after_epoch": -1}).status_code == 422
+    assert client.get(f"/jobs/{job_id}/metrics", params={"after_epoch": 2**63}).status_code == 422
 
 
 def test_cancel_state_machine(client, catalog):

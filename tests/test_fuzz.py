@@ -36,6 +36,6 @@ def _service(service_env, redis_url, monkeypatch):
 
 
 @schema.parametrize()
-@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
 def test_api_holds_up_to_fuzzing(case):
     case.call_and_validate(checks=CHECKS)

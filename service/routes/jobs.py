@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, func, select
 
-from cape.config import TrainConfig
+from cape.config import MAX_EPOCHS, TrainConfig
 from cape.data.catalog import MP100Catalog
 from cape.data.episodes import EpisodeSampler
 from cape.errors import DatasetError
@@ -36,6 +36,9 @@ from service.models import (
 from service.settings import get_settings
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
+# Bounds on query integers: beyond them nothing can exist, and an unbounded one overflows the database's integers.
+MAX_OFFSET = 1_000_000
+
 
 
 def _train_config(body: JobCreate, root: str) -> TrainConfig:
@@ -136,7 +139,7 @@ def list_jobs(
     owner: OwnerDep,
     status: JobStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> JobList:
     """Newest first."""
     query = select(Job).where(Job.owner == owner)
@@ -167,7 +170,9 @@ def get_metrics(
     job_id: uuid.UUID,
     session: SessionDep,
     owner: OwnerDep,
-    after_epoch: Annotated[int, Query(ge=0, description="only epochs after this one (epochs count from 1)")] = 0,
+    after_epoch: Annotated[
+        int, Query(ge=0, le=MAX_EPOCHS, description="only epochs after this one (epochs count from 1)")
+    ] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> dict:
     """Epoch rows newer than ``after_epoch``. Poll with ``after_epoch=next_after_epoch`` until the status is terminal.
