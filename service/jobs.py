@@ -106,11 +106,7 @@ def stop_requests(session: Session, job_id: uuid.UUID, worker: str) -> tuple[boo
 
 def heartbeat(session: Session, job_id: uuid.UUID, worker: str) -> bool:
     """The holder is alive. False when the job is no longer held by ``worker``."""
-    result = session.execute(
-        update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE), Job.worker == worker).values(heartbeat_at=utcnow())
-    )
-    session.commit()
-    return result.rowcount == 1
+    return _transition(session, job_id, ACTIVE, held_by=worker, heartbeat_at=utcnow())
 
 
 def record_epoch(session: Session, job_id: uuid.UUID, metrics, worker: str | None = None) -> bool:
@@ -134,10 +130,7 @@ def record_epoch(session: Session, job_id: uuid.UUID, metrics, worker: str | Non
     progress = dict(current_epoch=values["epoch"], latest_loss=values["loss"], latest_pck=pck, heartbeat_at=utcnow())
     if pck is not None:
         progress["best_pck"] = case((Job.best_pck.is_(None) | (Job.best_pck < pck), pck), else_=Job.best_pck)
-    # A finished job's progress stays as it ended, even if a late duplicate of an epoch arrives.
-    conditions = [Job.id == job_id, Job.status.in_(ACTIVE)]
-    if worker is not None:
-        conditions.append(Job.worker == worker)
-    session.execute(update(Job).where(*conditions).values(**progress))
-    session.commit()
+    # A finished job's progress stays as it ended, even if a late duplicate of an epoch arrives. The row and the
+    # progress are committed together.
+    _transition(session, job_id, ACTIVE, held_by=worker, **progress)
     return inserted

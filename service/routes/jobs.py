@@ -40,7 +40,6 @@ router = APIRouter(prefix="/jobs", tags=["jobs"])
 MAX_OFFSET = 1_000_000
 
 
-
 def _train_config(body: JobCreate, root: str) -> TrainConfig:
     try:
         return TrainConfig(**body.model_dump(exclude={"dataset"}), dataset_root=root)
@@ -126,7 +125,6 @@ def create_job(
         if idempotency_key and (earlier := _replay(session, owner, idempotency_key, request_hash, response)):
             return earlier
         raise
-    session.refresh(job)
     jobs.dispatch_job(session, job.id, dispatch)  # a broker that is down leaves it queued: the reaper resends it
     session.refresh(job)
     response.headers["Location"] = f"/jobs/{job.id}"
