@@ -124,8 +124,9 @@ def record_epoch(session: Session, job_id: uuid.UUID, metrics, worker: str | Non
         insert(EpochMetric)
         .values(job_id=job_id, created_at=utcnow(), **values)
         .on_conflict_do_nothing(index_elements=["job_id", "epoch"])
+        .returning(EpochMetric.epoch)  # rowcount is -1 for this statement on psycopg: a returned row says inserted
     )
-    inserted = session.execute(statement).rowcount == 1
+    inserted = session.execute(statement).first() is not None
     pck = values["pck"]
     progress = dict(current_epoch=values["epoch"], latest_loss=values["loss"], latest_pck=pck, heartbeat_at=utcnow())
     if pck is not None:
