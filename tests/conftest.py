@@ -24,11 +24,11 @@ def synthetic_root(tmp_path_factory) -> Path:
 def reset_service_caches() -> None:
     """The service caches its settings, engine, broker producer and catalogs per process: tests change them."""
     from service.catalogs import _load
-    from service.db import get_engine
+    from service.db import _sqlite_loop_engine, get_engine
     from service.dispatch import producer
     from service.settings import get_settings
 
-    for cached in (get_settings, get_engine, producer, _load):
+    for cached in (get_settings, get_engine, _sqlite_loop_engine, producer, _load):
         cached.cache_clear()
 
 

@@ -9,6 +9,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, HTTPException, Query, Response
 from pydantic import ValidationError
+from pydantic_core import to_json
+from sqlalchemy import bindparam
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, func, select
 
@@ -19,7 +21,7 @@ from cape.errors import DatasetError
 from service import jobs
 from service.auth import OwnerDep
 from service.catalogs import get_catalog
-from service.db import SessionDep
+from service.db import ReadsDep, SessionDep
 from service.dispatch import DispatchDep
 from service.errors import not_found, responses, unprocessable
 from service.models import (
@@ -160,35 +162,49 @@ def get_job(job_id: uuid.UUID, session: SessionDep, owner: OwnerDep) -> JobPubli
     return JobPublic.of(_job(session, job_id, owner))
 
 
-METRIC_COLUMNS = [getattr(EpochMetric, name) for name in EpochMetricPublic.model_fields]
+# What a poll answers, in one statement built once. One statement: one round trip to PostgreSQL (each extra one
+# waits for the event loop to come round again), and one snapshot, so the status and the rows agree. Built once:
+# executing the very same statement object skips SQLAlchemy's construction and its adaptation of the cached result
+# columns (together ~0.4 ms of the ~0.8 ms a 10-row poll cost).
+METRIC_FIELDS = list(EpochMetricPublic.model_fields)
+POLL = (
+    select(Job.status, Job.owner, *[getattr(EpochMetric, name) for name in METRIC_FIELDS])
+    .select_from(Job)
+    .outerjoin(EpochMetric, (EpochMetric.job_id == Job.id) & (EpochMetric.epoch > bindparam("after_epoch")))
+    .where(Job.id == bindparam("job_id"))
+    .order_by(EpochMetric.epoch)
+    .limit(bindparam("limit"))
+)
 
 
 @router.get("/{job_id}/metrics", response_model=MetricList, responses=responses(401, 404, 503))
-def get_metrics(
+async def get_metrics(
     job_id: uuid.UUID,
-    session: SessionDep,
+    db: ReadsDep,
     owner: OwnerDep,
     after_epoch: Annotated[
         int, Query(ge=0, le=MAX_EPOCHS, description="only epochs after this one (epochs count from 1)")
     ] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-) -> dict:
+) -> Response:
     """Epoch rows newer than ``after_epoch``. Poll with ``after_epoch=next_after_epoch`` until the status is terminal.
 
-    The status is read before the rows: a worker writes an epoch's row before it ends the job, so once a poller sees
-    a terminal status it has every row. This is the route pollers hit all the time: it reads only the columns it
-    answers with (no Job row with its config, no ORM objects), through the (job_id, epoch) unique index.
+    The status and the rows come from one snapshot, and a worker writes an epoch's row before it ends the job: once
+    a poller sees a terminal status, every row is there (in this page or the next ones). This is the route pollers
+    hit all the time, so it is async and reads on the event loop (service.db.ReadsDep), through the (job_id, epoch)
+    unique index.
     """
-    job = session.exec(select(Job.status, Job.owner).where(Job.id == job_id)).first()
-    if job is None or job.owner != owner:
+    rows = await db.fetch(POLL, {"job_id": job_id, "after_epoch": after_epoch, "limit": limit})
+    if not rows or rows[0].owner != owner:
         raise not_found(f"job {job_id}")
-    rows = session.exec(
-        select(*METRIC_COLUMNS)
-        .where(EpochMetric.job_id == job_id, EpochMetric.epoch > after_epoch)
-        .order_by(EpochMetric.epoch)
-        .limit(limit)
-    ).mappings().all()
-    return {"job_id": job_id, "status": job.status, "items": rows, "next_after_epoch": rows[-1]["epoch"] if rows else after_epoch}
+    # A job without new rows comes back as one row of NULL metrics (the outer join).
+    items = [dict(zip(METRIC_FIELDS, row[2:])) for row in rows if row.epoch is not None]
+    body = {"job_id": job_id, "status": rows[0].status, "items": items,
+            "next_after_epoch": items[-1]["epoch"] if items else after_epoch}
+    # Every value comes from a typed column, so the answer goes straight to JSON in pydantic's core: validating it
+    # against MetricList first cost a fifth of a 100-row answer's CPU. MetricList stays the documented schema, and
+    # the tests validate answers against it. A diverged run's non-finite loss is null, as FastAPI writes it.
+    return Response(to_json(body, inf_nan_mode="null"), media_type="application/json")
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic, responses=responses(401, 404, 409, 503))
