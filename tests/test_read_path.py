@@ -4,6 +4,7 @@ PostgreSQL (asyncio driver), and a database that cannot answer gives a quick 503
 import sqlite3
 import time
 import uuid
+from datetime import timedelta
 
 import anyio.to_thread
 import pytest
@@ -11,6 +12,7 @@ from fastapi.testclient import TestClient
 
 from service.db import _sqlite_loop_engine, get_engine
 from service.main import create_app
+from service.models import MetricList
 from tests.conftest import reset_service_caches
 from tests.servers import free_port, fresh_database, postgres_server
 from tests.test_api import _run, single
@@ -28,6 +30,8 @@ def _expect_metrics(client, job_id):
     page = client.get(f"/jobs/{job_id}/metrics", params={"after_epoch": 1, "limit": 2})
     assert page.status_code == 200, page.text
     body = page.json()
+    answer = MetricList.model_validate(body)  # the documented schema, though the route writes its JSON itself
+    assert answer.items[0].created_at.utcoffset() == timedelta(0), "timestamps are UTC, with their zone"
     assert body["status"] == "running" and body["next_after_epoch"] == 3
     assert [(r["epoch"], r["pck"]) for r in body["items"]] == [(2, 0.2), (3, 0.3)]
     assert client.get(f"/jobs/{job_id}/metrics", params={"after_epoch": 4}).json()["items"] == []
