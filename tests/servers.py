@@ -101,13 +101,25 @@ def postgres_server():
                    capture_output=True)
     port = free_port()
     options = f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off"
-    subprocess.run([*as_user, pg_ctl, "-D", str(data), "-o", options, "-l", str(tmp / "pg.log"), "-w", "start"],
-                   check=True, capture_output=True)
+    start = [*as_user, pg_ctl, "-D", str(data), "-o", options, "-l", str(tmp / "pg.log"), "-w", "start"]
+    subprocess.run(start, check=True, capture_output=True)
+    url = f"postgresql+psycopg://cape@127.0.0.1:{port}/postgres"
+    _PG_RESTART[url] = [[*as_user, pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop"], start]
     try:
-        yield f"postgresql+psycopg://cape@127.0.0.1:{port}/postgres"
+        yield url
     finally:
+        _PG_RESTART.pop(url, None)
         subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+_PG_RESTART: dict[str, list[list[str]]] = {}  # server URL -> its stop and start commands
+
+
+def restart_postgres(server_url: str) -> None:
+    """Stop a postgres_server() cluster (closing every connection) and start it again on the same port and data."""
+    for command in _PG_RESTART[server_url]:
+        subprocess.run(command, check=True, capture_output=True, timeout=60)
 
 
 def fresh_database(server_url: str, name: str) -> str:

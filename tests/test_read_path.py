@@ -14,7 +14,7 @@ from service.db import _sqlite_loop_engine, get_engine
 from service.main import create_app
 from service.models import MetricList
 from tests.conftest import reset_service_caches
-from tests.servers import free_port, fresh_database, postgres_server
+from tests.servers import free_port, fresh_database, postgres_server, restart_postgres
 from tests.test_api import _run, single
 
 
@@ -84,6 +84,26 @@ def test_postgresql_metrics_use_the_asyncio_driver_on_each_event_loop(pg_env, sy
     for _ in range(2):
         with TestClient(app) as client:
             _expect_metrics(client, job_id)
+
+
+def test_a_postgresql_restart_costs_a_poll_one_503(postgres, pg_env, synthetic_root):
+    """The read path pings no connection before using it (a round trip per poll): after a restart, the first poll
+    meets a dead connection and answers 503 with Retry-After, and the pool reconnects for the next one."""
+    from cape.data.catalog import MP100Catalog
+
+    from service.dispatch import get_dispatcher
+
+    app = create_app()
+    app.dependency_overrides[get_dispatcher] = lambda: (lambda job_id: True)
+    with TestClient(app) as client:
+        job_id = client.post("/jobs", json=single(MP100Catalog(synthetic_root))).json()["id"]
+        assert client.get(f"/jobs/{job_id}/metrics").status_code == 200  # the pool now holds a live connection
+        restart_postgres(postgres)
+        first = client.get(f"/jobs/{job_id}/metrics")
+        assert first.status_code in (200, 503), first.text
+        if first.status_code == 503:
+            assert first.headers["retry-after"] == "1"
+        assert [client.get(f"/jobs/{job_id}/metrics").status_code for _ in range(3)] == [200, 200, 200]
 
 
 def test_unreachable_postgresql_is_a_503(service_env, monkeypatch):
