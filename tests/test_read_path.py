@@ -10,7 +10,9 @@ import anyio.to_thread
 import pytest
 from fastapi.testclient import TestClient
 
+from cape.data.catalog import MP100Catalog
 from service.db import _sqlite_loop_engine, get_engine
+from service.dispatch import get_dispatcher
 from service.main import create_app
 from service.models import MetricList
 from tests.conftest import reset_service_caches
@@ -39,8 +41,6 @@ def _expect_metrics(client, job_id):
 
 
 def test_sqlite_metrics_take_no_thread(client, synthetic_root, monkeypatch):
-    from cape.data.catalog import MP100Catalog
-
     job_id = client.post("/jobs", json=single(MP100Catalog(synthetic_root))).json()["id"]
     _run(uuid.UUID(job_id), 4)
     monkeypatch.setattr(anyio.to_thread, "run_sync", _refuse)
@@ -68,13 +68,16 @@ def pg_env(postgres, service_env, monkeypatch):
     reset_service_caches()
 
 
-def test_postgresql_metrics_use_the_asyncio_driver_on_each_event_loop(pg_env, synthetic_root, monkeypatch):
-    from cape.data.catalog import MP100Catalog
-
-    from service.dispatch import get_dispatcher
-
+@pytest.fixture
+def pg_app(pg_env):
+    """The app on pg_env's database, with a dispatcher that sends nothing."""
     app = create_app()
     app.dependency_overrides[get_dispatcher] = lambda: (lambda job_id: True)
+    return app
+
+
+def test_postgresql_metrics_use_the_asyncio_driver_on_each_event_loop(pg_app, synthetic_root, monkeypatch):
+    app = pg_app
     with TestClient(app) as client:
         job_id = client.post("/jobs", json=single(MP100Catalog(synthetic_root))).json()["id"]
     _run(uuid.UUID(job_id), 4)
@@ -86,16 +89,10 @@ def test_postgresql_metrics_use_the_asyncio_driver_on_each_event_loop(pg_env, sy
             _expect_metrics(client, job_id)
 
 
-def test_a_postgresql_restart_costs_a_poll_one_503(postgres, pg_env, synthetic_root):
+def test_a_postgresql_restart_costs_a_poll_one_503(postgres, pg_app, synthetic_root):
     """The read path pings no connection before using it (a round trip per poll): after a restart, the first poll
     meets a dead connection and answers 503 with Retry-After, and the pool reconnects for the next one."""
-    from cape.data.catalog import MP100Catalog
-
-    from service.dispatch import get_dispatcher
-
-    app = create_app()
-    app.dependency_overrides[get_dispatcher] = lambda: (lambda job_id: True)
-    with TestClient(app) as client:
+    with TestClient(pg_app) as client:
         job_id = client.post("/jobs", json=single(MP100Catalog(synthetic_root))).json()["id"]
         assert client.get(f"/jobs/{job_id}/metrics").status_code == 200  # the pool now holds a live connection
         restart_postgres(postgres)
@@ -117,8 +114,6 @@ def test_unreachable_postgresql_is_a_503(service_env, monkeypatch):
 
 
 def test_a_locked_sqlite_database_is_a_quick_503_then_reads_resume(client, service_env, synthetic_root):
-    from cape.data.catalog import MP100Catalog
-
     job_id = client.post("/jobs", json=single(MP100Catalog(synthetic_root))).json()["id"]
     _run(uuid.UUID(job_id), 4)
     assert client.get(f"/jobs/{job_id}/metrics").status_code == 200
