@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import weakref
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
@@ -145,8 +144,7 @@ async def dispose_loop_engines() -> None:
         await engine.dispose()
 
 
-@asynccontextmanager
-async def reads() -> AsyncIterator[Reads]:
+async def get_reads() -> AsyncIterator[Reads]:
     url = get_settings().database_url
     if is_sqlite(url):
         with _sqlite_loop_engine(url).connect() as connection:
@@ -159,11 +157,6 @@ async def reads() -> AsyncIterator[Reads]:
             # Not `async with`: its exit shields the close in a task of its own, one more trip round the event loop
             # per poll. Closing returns the connection to the pool, with nothing to send (autocommit).
             await connection.close()
-
-
-async def get_reads() -> AsyncIterator[Reads]:
-    async with reads() as db:
-        yield db
 
 
 ReadsDep = Annotated[Reads, Depends(get_reads, scope="function")]

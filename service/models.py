@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, create_model
+from pydantic import ConfigDict, create_model
 from pydantic import Field as PydanticField
 from sqlalchemy import JSON, BigInteger, Column, DateTime, ForeignKey, Text, TypeDecorator, UniqueConstraint
 from sqlmodel import Field, SQLModel
@@ -174,9 +174,7 @@ class JobList(SQLModel):
     offset: int
 
 
-# The polling answer's schemas are plain pydantic models, not SQLModel ones: pydantic validates them in its compiled
-# core, where SQLModel's Python __init__ took a third of the server's CPU on a 300-row answer (benchmarks/api.py).
-class EpochMetricPublic(BaseModel):
+class EpochMetricPublic(SQLModel):
     epoch: int
     loss: float
     loss_ce: float
@@ -188,7 +186,7 @@ class EpochMetricPublic(BaseModel):
     created_at: datetime
 
 
-class MetricList(BaseModel):
+class MetricList(SQLModel):
     job_id: uuid.UUID
     status: JobStatus
     items: list[EpochMetricPublic]
