@@ -46,7 +46,7 @@ from sqlmodel import Session  # noqa: E402
 from benchmarks.common import dataset_root  # noqa: E402
 from benchmarks.http_load import LoadResult, closed_loop_load  # noqa: E402
 from cape.data.catalog import MP100Catalog  # noqa: E402
-from service import jobs  # noqa: E402
+from service import job_state  # noqa: E402
 from service.db import make_engine  # noqa: E402
 from service.migrate import upgrade  # noqa: E402
 from tests.servers import celery_worker, fresh_database, postgres_server, redis_server, uvicorn_server  # noqa: E402
@@ -106,7 +106,7 @@ def job_with_history(base: str, database_url: str, category: int) -> str:
     try:
         with Session(engine) as session:
             for epoch in range(1, HISTORY_EPOCHS + 1):
-                jobs.record_epoch(session, uuid.UUID(job_id), fake_epoch(epoch))
+                job_state.record_epoch(session, uuid.UUID(job_id), fake_epoch(epoch))
     finally:
         engine.dispose()
     return job_id

@@ -65,7 +65,7 @@ def _as_bool_mask(x: Any, name: str) -> np.ndarray:
     return arr
 
 
-def _visible(x: Any, name: str) -> np.ndarray:
+def _labelled(x: Any, name: str) -> np.ndarray:
     arr = _to_numpy(x)
     if arr.dtype == np.bool_:
         return arr
@@ -76,34 +76,34 @@ def _visible(x: Any, name: str) -> np.ndarray:
     return arr > 0
 
 
-def countable_mask(query_visible: Any, support_visible: Any) -> np.ndarray:
+def countable_mask(query_labelled: Any, support_labelled: Any) -> np.ndarray:
     """Which keypoints count towards PCK: labelled in the query and in every support shot.
 
     Args:
-        query_visible: ``[..., K]`` (typically ``[N, K]``), bool or COCO ``v`` values;
-            ``v > 0`` (labelled, whether or not occluded) means visible.
-        support_visible: same as ``query_visible`` for the support: ``[..., K]`` for a
-            single shot, or ``[..., S, K]`` (one more dimension than ``query_visible``) for
-            ``S`` shots, in which case the keypoint must be visible in all ``S`` shots.
+        query_labelled: ``[..., K]`` (typically ``[N, K]``), bool or COCO ``v`` values;
+            ``v > 0`` (labelled, whether or not occluded) means labelled.
+        support_labelled: same as ``query_labelled`` for the support: ``[..., K]`` for a
+            single shot, or ``[..., S, K]`` (one more dimension than ``query_labelled``) for
+            ``S`` shots, in which case the keypoint must be labelled in all ``S`` shots.
 
     Returns:
-        bool array with the shape of ``query_visible``.
+        bool array with the shape of ``query_labelled``.
     """
-    q = _visible(query_visible, "query_visible")
-    s = _visible(support_visible, "support_visible")
+    q = _labelled(query_labelled, "query_labelled")
+    s = _labelled(support_labelled, "support_labelled")
     if s.ndim == q.ndim + 1:
         if s.shape[-2] == 0:
-            raise ValueError("support_visible has zero support shots (S = 0)")
+            raise ValueError("support_labelled has zero support shots (S = 0)")
         s = s.all(axis=-2)
     elif s.ndim != q.ndim:
         raise ValueError(
-            f"support_visible must have query_visible's shape {q.shape} (one shot) or one more "
+            f"support_labelled must have query_labelled's shape {q.shape} (one shot) or one more "
             f"dimension [..., S, K] (S shots), got {s.shape}"
         )
     if s.shape != q.shape:
         raise ValueError(
-            f"support_visible shape {s.shape} (after reducing over shots) does not match "
-            f"query_visible shape {q.shape}"
+            f"support_labelled shape {s.shape} (after reducing over shots) does not match "
+            f"query_labelled shape {q.shape}"
         )
     return q & s
 

@@ -1,7 +1,7 @@
 """Tables and API schemas (SQLModel: XBase / XCreate / XPublic). Alembic owns the schema: see migrations/.
 
 Job states: queued -> running -> succeeded | failed | cancelled, running -> cancelling -> cancelled, and
-queued -> cancelled. Terminal states never change; every transition is one conditional UPDATE (see jobs.py).
+queued -> cancelled. Terminal states never change; every transition is one conditional UPDATE (see job_state.py).
 """
 
 from __future__ import annotations

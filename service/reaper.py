@@ -18,7 +18,7 @@ from datetime import timedelta
 from sqlalchemy import or_, select, update
 from sqlmodel import Session
 
-from service import jobs
+from service import job_state
 from service.models import Job, JobStatus, utcnow
 from service.settings import Settings
 
@@ -68,7 +68,7 @@ def reap(session: Session, dispatcher, settings: Settings) -> ReapReport:
         )
     ).scalars().all()
     for job_id in waiting:
-        if jobs.dispatch_job(session, job_id, dispatcher):
+        if job_state.dispatch_job(session, job_id, dispatcher):
             report.dispatched.append(job_id)
     if any((report.requeued, report.failed, report.cancelled, report.dispatched)):
         log.warning(

@@ -6,7 +6,7 @@ import pytest
 from sqlmodel import Session
 
 from cape.data.catalog import MP100Catalog
-from service import jobs
+from service import job_state
 from service.db import get_engine
 from service.models import JobStatus
 
@@ -110,12 +110,12 @@ def test_list_is_newest_first_paginated_and_filtered(client, catalog):
 def _run(job_id, epochs):
     """Play the worker's part: claim and write epoch rows."""
     with Session(get_engine()) as session:
-        assert jobs.claim(session, job_id, "test-worker")
+        assert job_state.claim(session, job_id, "test-worker")
         for epoch in range(1, epochs + 1):
             row = dict(epoch=epoch, loss=1.0 / epoch, loss_ce=0.9 / epoch, loss_coords=0.1 / epoch, pck=epoch / 10,
                        mpck=epoch / 20, lr=1e-3, seconds=1.5)
-            assert jobs.record_epoch(session, job_id, row)
-        assert not jobs.record_epoch(session, job_id, row), "a repeated epoch makes no second row"
+            assert job_state.record_epoch(session, job_id, row)
+        assert not job_state.record_epoch(session, job_id, row), "a repeated epoch makes no second row"
 
 
 def test_metrics_after_epoch_returns_only_newer_rows(client, catalog):
@@ -144,15 +144,15 @@ def test_cancel_state_machine(client, catalog):
     assert response.status_code == 200 and response.json()["status"] == "cancelled"
     assert client.post(f"/jobs/{queued}/cancel").status_code == 409
     with Session(get_engine()) as session:
-        assert not jobs.claim(session, uuid.UUID(queued), "w"), "a cancelled job is never claimed"
+        assert not job_state.claim(session, uuid.UUID(queued), "w"), "a cancelled job is never claimed"
 
     running = client.post("/jobs", json=single(catalog)).json()["id"]
     _run(uuid.UUID(running), 2)
     assert client.post(f"/jobs/{running}/cancel").json()["status"] == "cancelling"
     assert client.post(f"/jobs/{running}/cancel").json()["status"] == "cancelling"
     with Session(get_engine()) as session:
-        assert jobs.finish(session, uuid.UUID(running), JobStatus.cancelled)
-        assert not jobs.finish(session, uuid.UUID(running), JobStatus.succeeded), "terminal states never change"
+        assert job_state.finish(session, uuid.UUID(running), JobStatus.cancelled)
+        assert not job_state.finish(session, uuid.UUID(running), JobStatus.succeeded), "terminal states never change"
     conflict = client.post(f"/jobs/{running}/cancel")
     assert conflict.status_code == 409 and "already cancelled" in conflict.json()["detail"]
     assert len(client.get(f"/jobs/{running}/metrics").json()["items"]) == 2, "cancelling keeps the rows"
@@ -161,8 +161,8 @@ def test_cancel_state_machine(client, catalog):
 def test_claim_is_exclusive(client, catalog):
     job_id = uuid.UUID(client.post("/jobs", json=single(catalog)).json()["id"])
     with Session(get_engine()) as session:
-        assert jobs.claim(session, job_id, "a")
-        assert not jobs.claim(session, job_id, "b")
+        assert job_state.claim(session, job_id, "a")
+        assert not job_state.claim(session, job_id, "b")
     job = client.get(f"/jobs/{job_id}").json()
     assert (job["status"], job["worker"], job["attempts"]) == ("running", "a", 1)
     assert job["started_at"] is not None and job["started_at"].endswith(("Z", "+00:00"))

@@ -67,7 +67,7 @@ def test_invisible_keypoints_kept_and_masked(real):
         for x in instances:
             v = np.asarray(by_id[x.id]["keypoints"][2::3])
             assert x.num_keypoints == len(v)
-            np.testing.assert_array_equal(x.visible, v > 0)
+            np.testing.assert_array_equal(x.labelled, v > 0)
             seen_invisible |= bool((v == 0).any())
     assert seen_invisible
 
@@ -109,14 +109,14 @@ def test_crop_and_uncrop_round_trip_and_pixels_agree(real_root):
     # a face, a body and the 32-keypoint fly: different K, sizes and aspect ratios
     for cid in (48, 91, 66):
         x = catalog.instance(cid, 3, "val")
-        _render_with_dots(real_root / "images" / x.file_name, x.image_width, x.image_height, x.keypoints[x.visible])
+        _render_with_dots(real_root / "images" / x.file_name, x.image_width, x.image_height, x.keypoints[x.labelled])
         crop = loader.load(x)
         uv = crop.keypoints.as_subclass(torch.Tensor).double() / 256
         back = CropBox.to_image(crop.crop, uv).numpy()
         assert np.abs(back - x.keypoints).max() < 0.01
         # the pixels moved with the keypoints: each visible keypoint lands on its (bright) dot in the crop
         image = crop.image.as_subclass(torch.Tensor)
-        for (cx, cy), vis in zip(crop.keypoints.tolist(), x.visible):
+        for (cx, cy), vis in zip(crop.keypoints.tolist(), x.labelled):
             if vis and 0 <= cx < 256 and 0 <= cy < 256:
                 assert image[:, int(cy), int(cx)].float().mean() > 100
 

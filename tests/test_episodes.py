@@ -114,7 +114,7 @@ def test_augmentation_moves_keypoints_with_the_pixels():
     crop = InstanceCrop(
         image=tv_tensors.Image(_dots(points.tolist())),
         keypoints=tv_tensors.KeyPoints(points, canvas_size=(128, 128)),
-        visible=torch.ones(4, dtype=torch.bool),
+        labelled=torch.ones(4, dtype=torch.bool),
         crop=CropBox(0, 0, 128),
         instance=instance,
     )
@@ -146,4 +146,4 @@ def test_no_augmentation_keeps_the_crop_exact(catalog):
     crop = InstanceLoader(catalog, input_size=64).load(x)
     sample = to_sample(crop)
     assert torch.equal(sample.keypoints, crop.keypoints.as_subclass(torch.Tensor) / 64)
-    assert torch.equal(sample.visible, torch.from_numpy(x.visible))
+    assert torch.equal(sample.visible, torch.from_numpy(x.labelled))

@@ -81,9 +81,9 @@ def test_multi_shot_support_one_shot_invisible_excludes_keypoint():
 
 
 def test_countable_mask_rejects_mismatched_support_shape():
-    with pytest.raises(ValueError, match="support_visible"):
+    with pytest.raises(ValueError, match="support_labelled"):
         countable_mask(np.ones((2, 3), bool), np.ones((2, 4), bool))
-    with pytest.raises(ValueError, match="support_visible"):
+    with pytest.raises(ValueError, match="support_labelled"):
         countable_mask(np.ones((2, 3), bool), np.ones((2, 5, 4), bool))
 
 

@@ -7,7 +7,7 @@ import pytest
 from sqlalchemy import update
 from sqlmodel import Session
 
-from service import jobs
+from service import job_state
 from service.db import get_engine
 from service.models import Job, JobStatus, utcnow
 from service.reaper import reap
@@ -40,7 +40,7 @@ class Recorder(list):
 
 def test_stale_running_job_is_requeued_and_dispatched(session):
     job_id = new_job(session)
-    assert jobs.claim(session, job_id, "w1")
+    assert job_state.claim(session, job_id, "w1")
     sent = Recorder()
     assert reap(session, sent, get_settings()).requeued == []  # fresh heartbeat: alive
     age_heartbeat(session, job_id, get_settings().heartbeat_timeout_s + 1)
@@ -56,7 +56,7 @@ def test_job_fails_after_max_attempts_lost(session):
     job_id = new_job(session)
     settings = get_settings()
     for attempt in range(1, settings.max_attempts + 1):
-        assert jobs.claim(session, job_id, f"w{attempt}")
+        assert job_state.claim(session, job_id, f"w{attempt}")
         age_heartbeat(session, job_id, settings.heartbeat_timeout_s + 1)
         report = reap(session, Recorder(), settings)
     assert report.failed == [job_id]
@@ -68,8 +68,8 @@ def test_job_fails_after_max_attempts_lost(session):
 
 def test_stale_cancelling_job_ends_cancelled(session):
     job_id = new_job(session)
-    jobs.claim(session, job_id, "w1")
-    jobs.request_cancel(session, job_id)
+    job_state.claim(session, job_id, "w1")
+    job_state.request_cancel(session, job_id)
     age_heartbeat(session, job_id, get_settings().heartbeat_timeout_s + 1)
     assert reap(session, Recorder(), get_settings()).cancelled == [job_id]
 
@@ -91,17 +91,17 @@ def test_broker_down_leaves_the_job_for_the_next_round(session):
 
 def test_a_worker_that_lost_the_job_can_neither_finish_nor_advance_it(session):
     job_id = new_job(session)
-    assert jobs.claim(session, job_id, "stalled")
+    assert job_state.claim(session, job_id, "stalled")
     age_heartbeat(session, job_id, get_settings().heartbeat_timeout_s + 1)
     reap(session, Recorder(), get_settings())
-    assert jobs.claim(session, job_id, "fresh")
-    assert jobs.stop_requests(session, job_id, "stalled") == (False, False, False)
-    assert jobs.stop_requests(session, job_id, "fresh") == (False, False, True)
-    assert not jobs.heartbeat(session, job_id, "stalled")
+    assert job_state.claim(session, job_id, "fresh")
+    assert job_state.stop_requests(session, job_id, "stalled") == (False, False, False)
+    assert job_state.stop_requests(session, job_id, "fresh") == (False, False, True)
+    assert not job_state.heartbeat(session, job_id, "stalled")
     row = dict(epoch=3, loss=0.5, loss_ce=0.4, loss_coords=0.1, pck=0.9, mpck=0.8, lr=1e-4, seconds=1.0)
-    jobs.record_epoch(session, job_id, row, worker="stalled")
-    assert not jobs.finish(session, job_id, JobStatus.succeeded, worker="stalled")
+    job_state.record_epoch(session, job_id, row, worker="stalled")
+    assert not job_state.finish(session, job_id, JobStatus.succeeded, worker="stalled")
     job = session.get(Job, job_id)
     session.refresh(job)
     assert (job.status, job.worker, job.current_epoch) == (JobStatus.running, "fresh", 0)
-    assert jobs.finish(session, job_id, JobStatus.succeeded, worker="fresh")
+    assert job_state.finish(session, job_id, JobStatus.succeeded, worker="fresh")

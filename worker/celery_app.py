@@ -5,7 +5,7 @@
 Delivery guarantees come from Celery's own settings: a message is acknowledged only after its task returns
 (late acks), a worker holds one message at a time (prefetch 1), a task whose worker process died is redelivered
 (reject on worker lost), and Redis waits longer than any job before handing an unacknowledged message to someone
-else (visibility timeout). The database decides whether a delivered message still means work (see tasks.claim).
+else (visibility timeout). The database decides whether a delivered message still means work (see service.job_state.claim).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from celery.signals import worker_process_init, worker_ready, worker_shutting_do
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session
 
-from service import jobs
+from service import job_state
 from service.db import get_engine
 from service.dispatch import dispatch
 from service.reaper import reap
@@ -53,6 +53,6 @@ def _start_reaper(**_):
 def _hand_off(sender=None, **_):
     _stop.set()
     with Session(get_engine()) as session:
-        count = jobs.request_handoff(session, sender)
+        count = job_state.request_handoff(session, sender)
     if count:
         log.warning("shutting down: %d running job(s) of %s asked to hand off", count, sender)

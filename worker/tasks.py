@@ -15,7 +15,7 @@ from pathlib import Path
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session
 
-from service import jobs
+from service import job_state
 from service.db import get_engine
 from service.dispatch import RUN_JOB_TASK, dispatch
 from service.models import Job, JobStatus
@@ -38,7 +38,7 @@ class Heartbeat:
         while not self._stop.wait(self.interval):
             try:
                 with Session(get_engine()) as session:
-                    jobs.heartbeat(session, self.job_id, self.worker)
+                    job_state.heartbeat(session, self.job_id, self.worker)
             except SQLAlchemyError:
                 log.exception("heartbeat of job %s failed; trying again in %.0f s", self.job_id, self.interval)
 
@@ -60,12 +60,12 @@ class JobCallbacks:
 
     def on_epoch_end(self, metrics) -> None:
         with Session(get_engine()) as session:
-            jobs.record_epoch(session, self.job_id, metrics, self.worker)
+            job_state.record_epoch(session, self.job_id, metrics, self.worker)
 
     def should_stop(self) -> bool:
         # Asked before every training step: one indexed read, so a cancel takes effect within one step.
         with Session(get_engine()) as session:
-            cancel, self.handoff, held = jobs.stop_requests(session, self.job_id, self.worker)
+            cancel, self.handoff, held = job_state.stop_requests(session, self.job_id, self.worker)
         self.lost = not held
         return cancel or self.handoff or self.lost
 
@@ -80,7 +80,7 @@ def run_job(self, job_id: str) -> str:
     worker = self.request.hostname  # this worker's node name: its shutdown asks exactly its own jobs to hand off
     settings = get_settings()
     with Session(get_engine()) as session:
-        if not jobs.claim(session, job_uuid, worker):
+        if not job_state.claim(session, job_uuid, worker):
             job = session.get(Job, job_uuid)
             log.info("job %s not claimed (status %s): nothing to do", job_id, job.status if job else "missing")
             return "skipped"
@@ -94,7 +94,7 @@ def run_job(self, job_id: str) -> str:
         except Exception as exc:  # the job failed, not the worker: record why and take the next job
             log.exception("job %s failed", job_id)
             with Session(get_engine()) as session:
-                jobs.finish(session, job_uuid, JobStatus.failed, error=f"{type(exc).__name__}: {exc}", worker=worker)
+                job_state.finish(session, job_uuid, JobStatus.failed, error=f"{type(exc).__name__}: {exc}", worker=worker)
             return "failed"
     return _conclude(job_uuid, worker, result, callbacks)
 
@@ -119,15 +119,15 @@ def _conclude(job_id: uuid.UUID, worker: str, result, callbacks: JobCallbacks) -
         log.warning("job %s: no longer held by %s (the reaper gave it to another worker); leaving it", job_id, worker)
         return "lost"
     with Session(get_engine()) as session:
-        cancel = jobs.cancel_requested(session, job_id)
+        cancel = job_state.cancel_requested(session, job_id)
         if result.status == "stopped" and callbacks.handoff and not cancel:
             # This worker is shutting down: the checkpoint is written, another worker resumes from it.
-            if jobs.requeue_after_handoff(session, job_id, worker):
-                jobs.dispatch_job(session, job_id, dispatch)
+            if job_state.requeue_after_handoff(session, job_id, worker):
+                job_state.dispatch_job(session, job_id, dispatch)
                 log.info("job %s handed back to the queue at epoch %d", job_id, result.epochs_completed)
                 return "handed off"
         if result.status == "stopped" or cancel:
-            jobs.finish(session, job_id, JobStatus.cancelled, worker=worker)
+            job_state.finish(session, job_id, JobStatus.cancelled, worker=worker)
             return "cancelled"
-        jobs.finish(session, job_id, JobStatus.succeeded, worker=worker)
+        job_state.finish(session, job_id, JobStatus.succeeded, worker=worker)
     return "succeeded"

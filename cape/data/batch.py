@@ -5,6 +5,9 @@ support_images [B, S, 3, H, W], support_keypoints [B, S, K, 2], support_visible 
 query_images [B, Q, 3, H, W], query_keypoints [B, Q, K, 2], query_visible [B, Q, K],
 keypoint_mask [B, K] (True for the category's real keypoints, False for padding), adjacency [B, K, K].
 Coordinates are in [0, 1] of each instance's crop. Masks follow the project convention: True = present.
+
+Two words, one meaning each, everywhere in the project: **labelled** = v > 0 in the annotation (what PCK counts);
+**visible** = labelled and inside the crop after augmentation (what the losses train on and the support encoder reads).
 """
 
 from __future__ import annotations
@@ -105,7 +108,7 @@ def _pad(tensors: list[torch.Tensor], k: int) -> torch.Tensor:
 
 
 def collate_episodes(items: list[EpisodeSamples]) -> EpisodeBatch:
-    k = max(len(item.supports[0].visible) for item in items)
+    k = max(len(item.supports[0].labelled) for item in items)
     b = len(items)
 
     def stack(attr: str, role: str) -> torch.Tensor:
@@ -114,7 +117,7 @@ def collate_episodes(items: list[EpisodeSamples]) -> EpisodeBatch:
     keypoint_mask = torch.zeros(b, k, dtype=torch.bool)
     adjacency = torch.zeros(b, k, k, dtype=torch.bool)
     for i, item in enumerate(items):
-        keypoint_mask[i, : len(item.supports[0].visible)] = True
+        keypoint_mask[i, : len(item.supports[0].labelled)] = True
         for a, c in item.skeleton:
             adjacency[i, a, c] = adjacency[i, c, a] = True
     return EpisodeBatch(

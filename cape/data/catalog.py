@@ -57,7 +57,7 @@ class Instance:
         return len(self.visibility)
 
     @property
-    def visible(self) -> np.ndarray:
+    def labelled(self) -> np.ndarray:
         """[K] bool: labelled (v > 0). v = 1 (occluded but labelled) counts, as in MP-100's evaluation."""
         return self.visibility > 0
 

@@ -5,7 +5,7 @@ training episodes are a function of (seed, epoch, position), validation episodes
 same every epoch. ``EpisodeDataset`` and ``collate_episodes`` then turn episodes into padded tensors.
 
 Mask convention, everywhere in the project: a boolean mask is True where the thing is PRESENT
-(a real keypoint, a visible keypoint). Padding is False. Code that needs the opposite (PyTorch's
+(a real keypoint, a labelled or visible keypoint: see cape/data/batch.py). Padding is False. Code that needs the opposite (PyTorch's
 ``key_padding_mask``) converts at the call site.
 """
 

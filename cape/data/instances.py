@@ -25,7 +25,7 @@ class InstanceCrop:
 
     image: tv_tensors.Image  # [3, S, S] uint8
     keypoints: tv_tensors.KeyPoints  # [K, 2] float32, pixels of the S x S crop
-    visible: torch.Tensor  # [K] bool: labelled (v > 0) in the annotation
+    labelled: torch.Tensor  # [K] bool: v > 0 in the annotation
     crop: CropBox
     instance: Instance
 
@@ -73,5 +73,5 @@ class InstanceLoader:
         # resized_crop zero-pads where the enlarged box leaves the image.
         image = F.resized_crop(image, box.top, box.left, box.side, box.side, size, antialias=True)
         points = F.resized_crop(points, box.top, box.left, box.side, box.side, size)
-        visible = torch.from_numpy(instance.visible.copy())
-        return InstanceCrop(image=image, keypoints=points, visible=visible, crop=box, instance=instance)
+        labelled = torch.from_numpy(instance.labelled.copy())
+        return InstanceCrop(image=image, keypoints=points, labelled=labelled, crop=box, instance=instance)

@@ -59,8 +59,8 @@ def to_sample(crop: InstanceCrop, augment: v2.Transform | None = None) -> Sample
     return Sample(
         image=_normalise(image).as_subclass(torch.Tensor),
         keypoints=keypoints,
-        visible=crop.visible & inside,
-        labelled=crop.visible,
+        visible=crop.labelled & inside,
+        labelled=crop.labelled,
         crop=crop.crop,
         norm=float(max(instance.bbox[2], instance.bbox[3])),
         keypoints_px=torch.from_numpy(instance.keypoints),

@@ -18,7 +18,7 @@ from cape.config import MAX_EPOCHS, TrainConfig
 from cape.data.catalog import MP100Catalog
 from cape.data.episodes import EpisodeSampler
 from cape.errors import DatasetError
-from service import jobs
+from service import job_state
 from service.auth import OwnerDep
 from service.catalogs import get_catalog
 from service.db import ReadsDep, SessionDep
@@ -127,7 +127,7 @@ def create_job(
         if idempotency_key and (earlier := _replay(session, owner, idempotency_key, request_hash, response)):
             return earlier
         raise
-    jobs.dispatch_job(session, job.id, dispatch)  # a broker that is down leaves it queued: the reaper resends it
+    job_state.dispatch_job(session, job.id, dispatch)  # a broker that is down leaves it queued: the reaper resends it
     session.refresh(job)
     response.headers["Location"] = f"/jobs/{job.id}"
     return JobPublic.of(job)
@@ -211,7 +211,7 @@ async def get_metrics(
 def cancel_job(job_id: uuid.UUID, session: SessionDep, owner: OwnerDep) -> JobPublic:
     """A queued job is cancelled at once; a running one becomes ``cancelling`` until its worker stops it."""
     job = _job(session, job_id, owner)
-    if not jobs.request_cancel(session, job_id):
+    if not job_state.request_cancel(session, job_id):
         raise HTTPException(status_code=409, detail=f"job {job_id} is already {job.status}: a finished job cannot be cancelled")
     session.refresh(job)
     return JobPublic.of(job)

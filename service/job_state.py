@@ -1,5 +1,6 @@
-"""The job state machine, shared by the API and the workers. Each transition is one conditional UPDATE, so two
-processes racing for the same job cannot both win (a job is never claimed twice, a terminal job never changes)."""
+"""The job state machine, shared by the API, the workers and the reaper: which state a job may move to from which,
+and who may move it. Each transition is one conditional UPDATE, so two processes racing for the same job cannot
+both win (a job is never claimed twice, a terminal job never changes)."""
 
 from __future__ import annotations
 
