@@ -61,30 +61,32 @@ class TrainConfig(BaseModel):
     category_id: int | None = Field(default=None, description="required for single_image and category modes")
     image_index: int = Field(default=0, ge=0, description="single_image: position among the category's train instances")
 
-    dataset_root: str = "data/synthetic"
-    split: int = Field(default=1, ge=1, le=5)
-    category_split_file: str | None = None
+    dataset_root: str = Field(default="data/synthetic", description="folder with annotations/ and images/ in the MP-100 layout")
+    split: int = Field(default=1, ge=1, le=5, description="MP-100 split, 1..5")
+    category_split_file: str | None = Field(default=None, description="JSON {train, val, test: [category ids]} overriding the split's")
 
-    preset: Preset = "small"
+    # One rule for the CLI, the API and the worker: the preset is what the run asks for, "small" unless it says
+    # otherwise, whatever device it lands on. The same request trains the same model on any machine.
+    preset: Preset = Field(default="small", description="model size: small (ResNet-18, 128 px) or base (ResNet-50, 256 px)")
     model: ModelConfig | None = None
 
-    epochs: int = Field(default=20, ge=1, le=MAX_EPOCHS)
-    episodes_per_epoch: int = Field(default=100, ge=1, le=100_000)
-    batch_size: int = Field(default=4, ge=1, le=256)
-    num_shots: int = Field(default=1, ge=1, le=5)
-    num_queries_per_episode: int = Field(default=2, ge=1, le=64)
-    lr: float = Field(default=5e-4, gt=0, le=1.0)
-    weight_decay: float = Field(default=1e-4, ge=0, le=1.0)
-    warmup_epochs: float = Field(default=1.0, ge=0, le=100)
+    epochs: int = Field(default=20, ge=1, le=MAX_EPOCHS, description="training epochs")
+    episodes_per_epoch: int = Field(default=100, ge=1, le=100_000, description="training episodes per epoch")
+    batch_size: int = Field(default=4, ge=1, le=256, description="episodes per training step")
+    num_shots: int = Field(default=1, ge=1, le=5, description="support images per episode (1-shot or up to 5-shot)")
+    num_queries_per_episode: int = Field(default=2, ge=1, le=64, description="query images per training episode")
+    lr: float = Field(default=5e-4, gt=0, le=1.0, description="peak learning rate (AdamW, linear warm-up then cosine)")
+    weight_decay: float = Field(default=1e-4, ge=0, le=1.0, description="AdamW weight decay (not on norms, biases and learned tokens)")
+    warmup_epochs: float = Field(default=1.0, ge=0, le=100, description="epochs of linear learning-rate warm-up")
     clip_max_norm: float = Field(default=1.0, ge=0, le=1000, description="0 disables gradient clipping")
     use_amp: bool = Field(default=True, description="bf16 autocast; only takes effect on CUDA")
     augment: bool = Field(default=True, description="keypoint-aware augmentation of training episodes (never in single_image)")
-    val_episodes_per_category: int = Field(default=2, ge=1, le=1000)
-    val_queries_per_episode: int = Field(default=5, ge=1, le=64)
-    test_episodes_per_category: int = Field(default=10, ge=0, le=1000)
-    seed: int = Field(default=0, ge=0, le=2**31 - 1)
-    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
-    num_workers: int = Field(default=0, ge=0, le=64)
+    val_episodes_per_category: int = Field(default=2, ge=1, le=1000, description="fixed validation episodes per category")
+    val_queries_per_episode: int = Field(default=5, ge=1, le=64, description="queries per validation episode")
+    test_episodes_per_category: int = Field(default=10, ge=0, le=1000, description="full mode: test episodes per unseen category at the end (0: no test)")
+    seed: int = Field(default=0, ge=0, le=2**31 - 1, description="seed of the model's initialisation, the episodes and their augmentation")
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$", description="auto (CUDA when there is one), cpu, cuda, cuda:N or mps")
+    num_workers: int = Field(default=0, ge=0, le=64, description="DataLoader worker processes")
 
     @model_validator(mode="after")
     def _mode_needs_category(self) -> TrainConfig:

@@ -3,49 +3,66 @@
     python -m cape.train --debug_single_image 40 --debug_single_image_index 0 --epochs 20 \\
         --batch_size 1 --num_queries_per_episode 1 --episodes_per_epoch 20 --output_dir runs/single
 
-No debug flag trains the full episodic benchmark on the split. Mistakes (unknown category, index out of range,
-bad values) print one error line naming the valid choices and exit with code 2, never a traceback.
+No debug flag trains the full episodic benchmark on the split. Every TrainConfig field is a flag of the same name
+with TrainConfig's default (the mode, category and image come from the debug flags; the architecture from
+``--preset``, ``--backbone_weights`` and ``--model``). The arguments are checked, against the dataset too, before
+torch is imported: mistakes (unknown category, index out of range, bad values) print one error line naming the
+valid choices and exit with code 2, never a traceback. So does a run whose loss diverges.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import types
+import typing
 
 from pydantic import ValidationError
+from pydantic.fields import FieldInfo
 from tqdm import tqdm
 
-from cape.config import PRESETS, TrainConfig
+from cape.config import PRESETS, ModelConfig, TrainConfig
+from cape.data.catalog import MP100Catalog
+from cape.data.run_choices import check_run_choices
 from cape.errors import CapeError
+
+# TrainConfig fields the debug flags and the architecture flags set; every other field is a flag of its own name.
+SET_BY_OTHER_FLAGS = {"mode", "category_id", "image_index", "model"}
+
+
+def _add_field_flag(parser: argparse.ArgumentParser, name: str, field: FieldInfo) -> None:
+    kind = field.annotation
+    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))  # an optional value: None is the default
+    options: dict = {"default": field.default, "help": field.description or " "}
+    if kind is bool:
+        options["action"] = argparse.BooleanOptionalAction
+    elif typing.get_origin(kind) is typing.Literal:
+        options["choices"] = typing.get_args(kind)
+    else:
+        options["type"] = kind
+    parser.add_argument(f"--{name}", **options)
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m cape.train", description="Train a CAPE model on MP-100.")
+    p = argparse.ArgumentParser(
+        prog="python -m cape.train", description="Train a CAPE model on MP-100.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--debug_single_image", type=int, metavar="CAT", help="memorise one image of category CAT")
     mode.add_argument("--debug_overfit_category", type=int, metavar="CAT", help="train on the train images of one category")
-    p.add_argument("--debug_single_image_index", type=int, default=0, metavar="I", help="which image of the category (default 0)")
-    p.add_argument("--dataset_root", default="data/synthetic")
-    p.add_argument("--split", type=int, default=1)
-    p.add_argument("--category_split_file")
-    p.add_argument("--output_dir", help="config.json, metrics.jsonl and checkpoints go here")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="model size (default: small on CPU, base on CUDA)")
+    image_index = TrainConfig.model_fields["image_index"]
+    p.add_argument("--debug_single_image_index", type=int, default=image_index.default, metavar="I", help=image_index.description)
+    for name, field in TrainConfig.model_fields.items():
+        if name not in SET_BY_OTHER_FLAGS:
+            _add_field_flag(p, name, field)
     p.add_argument("--backbone_weights", help="local torchvision ResNet weights file (default: random initialisation)")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch_size", type=int, default=4)
-    p.add_argument("--num_shots", type=int, default=1)
-    p.add_argument("--num_queries_per_episode", type=int, default=2)
-    p.add_argument("--episodes_per_epoch", type=int, default=100)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--weight_decay", type=float, default=1e-4)
-    p.add_argument("--clip_max_norm", type=float, default=1.0)
-    p.add_argument("--use_amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA")
-    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--model", metavar="JSON", help='architecture fields that override the preset\'s, e.g. \'{"d_model": 64}\'')
+    p.add_argument("--output_dir", help="config.json, metrics.jsonl and checkpoints go here")
     p.add_argument("--print_freq", type=int, default=10, help="steps between running-loss updates")
     p.add_argument("--resume", metavar="CHECKPOINT")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--num_workers", type=int, default=0)
     return p
 
 
@@ -56,42 +73,33 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         mode, category = "category", args.debug_overfit_category
     else:
         mode, category = "full", None
-    preset = args.preset
-    if preset is None:
-        from cape.trainer import resolve_device
-
-        preset = "base" if resolve_device(args.device).type == "cuda" else "small"
-    fields = dict(
-        mode=mode,
-        category_id=category,
-        image_index=args.debug_single_image_index,
-        dataset_root=args.dataset_root,
-        split=args.split,
-        category_split_file=args.category_split_file,
-        preset=preset,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        num_shots=args.num_shots,
-        num_queries_per_episode=args.num_queries_per_episode,
-        episodes_per_epoch=args.episodes_per_epoch,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        clip_max_norm=args.clip_max_norm,
-        use_amp=args.use_amp,
-        augment=args.augment,
-        seed=args.seed,
-        device=args.device,
-        num_workers=args.num_workers,
-    )
+    fields = {name: getattr(args, name) for name in TrainConfig.model_fields if name not in SET_BY_OTHER_FLAGS}
+    fields.update(mode=mode, category_id=category, image_index=args.debug_single_image_index)
+    overrides = _model_overrides(args.model)
     if args.backbone_weights:
-        fields["model"] = PRESETS[preset].model_copy(update={"backbone_weights": args.backbone_weights})
+        overrides["backbone_weights"] = args.backbone_weights
+    if overrides:
+        fields["model"] = ModelConfig(**{**PRESETS[args.preset].model_dump(), **overrides})
     return TrainConfig(**fields)
+
+
+def _model_overrides(text: str | None) -> dict:
+    if not text:
+        return {}
+    try:
+        overrides = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CapeError(f"--model must be a JSON object of ModelConfig fields: {exc}") from None
+    if not isinstance(overrides, dict):
+        raise CapeError(f"--model must be a JSON object of ModelConfig fields, e.g. '{{\"d_model\": 64}}', not {text}")
+    return overrides
 
 
 def _validation_message(exc: ValidationError) -> str:
     parts = []
+    prefix = ("model",) if exc.title == ModelConfig.__name__ else ()
     for err in exc.errors():
-        where = ".".join(str(x) for x in err["loc"]) or "config"
+        where = ".".join(str(x) for x in (*prefix, *err["loc"])) or "config"
         parts.append(f"--{where}: {err['msg']}" if err["loc"] else err["msg"].removeprefix("Value error, "))
     return "; ".join(parts)
 
@@ -101,9 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         config = config_from_args(args)
+        catalog = MP100Catalog(config.dataset_root, config.split, config.category_split_file)
+        check_run_choices(config, catalog)
         from cape.trainer import Trainer  # torch loads here, after the arguments are known to be valid
 
-        trainer = Trainer(config, args.output_dir, progress=True, print_freq=args.print_freq, log=tqdm.write)
+        trainer = Trainer(config, args.output_dir, progress=True, print_freq=args.print_freq, log=tqdm.write, catalog=catalog)
         result = trainer.fit(resume=args.resume)
     except ValidationError as exc:
         p.exit(2, f"{p.prog}: error: {_validation_message(exc)}\n")
@@ -114,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if result.history:
         last = result.history[-1]
-        print(f"done: {result.epochs_completed} epochs, loss {last.loss:.4f}, best Val PCK@0.2 {100 * result.best_pck:.2f}%")
+        best = "n/a" if result.best_pck is None else f"{100 * result.best_pck:.2f}%"
+        print(f"done: {result.epochs_completed} epochs, loss {last.loss:.4f}, best Val PCK@0.2 {best}")
     return 0
 
 

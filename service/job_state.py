@@ -5,13 +5,13 @@ both win (a job is never claimed twice, a terminal job never changes)."""
 from __future__ import annotations
 
 import uuid
-from dataclasses import asdict, is_dataclass
 
 from sqlalchemy import case, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session
 
+from cape.epoch_record import EpochRecord
 from service.models import EpochMetric, Job, JobStatus, utcnow
 
 ACTIVE = (JobStatus.running, JobStatus.cancelling)
@@ -110,16 +110,12 @@ def heartbeat(session: Session, job_id: uuid.UUID, worker: str) -> bool:
     return _transition(session, job_id, ACTIVE, held_by=worker, heartbeat_at=utcnow())
 
 
-def record_epoch(session: Session, job_id: uuid.UUID, metrics, worker: str | None = None) -> bool:
+def record_epoch(session: Session, job_id: uuid.UUID, record: EpochRecord, worker: str | None = None) -> bool:
     """Insert the epoch's row (once: a repeated epoch is ignored) and move the job's progress. True if new.
 
     Given ``worker``, the progress moves only while that worker holds the job.
     """
-    row = asdict(metrics) if is_dataclass(metrics) else dict(metrics)
-    values = {k: row[k] for k in ("epoch", "loss", "loss_ce", "loss_coords", "pck", "mpck", "lr", "seconds")}
-    for key in ("pck", "mpck"):
-        if values[key] is not None and values[key] != values[key]:  # NaN: nothing was countable
-            values[key] = None
+    values = record.model_dump()
     insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
     statement = (
         insert(EpochMetric)

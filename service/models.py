@@ -11,12 +11,13 @@ from datetime import datetime, timezone
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import ConfigDict, create_model
+from pydantic import BaseModel, ConfigDict, create_model
 from pydantic import Field as PydanticField
 from sqlalchemy import JSON, BigInteger, Column, DateTime, ForeignKey, Text, TypeDecorator, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from cape.config import TrainConfig
+from cape.epoch_record import EpochRecord
 
 
 def utcnow() -> datetime:
@@ -88,7 +89,11 @@ class Job(SQLModel, table=True):
     heartbeat_at: datetime | None = _optional_timestamp()
 
 
-class EpochMetric(SQLModel, table=True):
+class EpochMetricBase(SQLModel, EpochRecord):
+    """The fields of an epoch row: EpochRecord's, defined once in cape/epoch_record.py."""
+
+
+class EpochMetric(EpochMetricBase, table=True):
     __tablename__ = "epoch_metric"
     # One row per job and epoch: a repeated epoch (a redelivered message, a resumed run) cannot make a second row.
     __table_args__ = (UniqueConstraint("job_id", "epoch", name="uq_epoch_metric_job_epoch"),)
@@ -96,34 +101,33 @@ class EpochMetric(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     # No index of its own: the unique (job_id, epoch) index serves "rows of job X after epoch N" already.
     job_id: uuid.UUID = Field(sa_column=Column(ForeignKey("job.id", ondelete="CASCADE"), nullable=False))
-    epoch: int
-    loss: float
-    loss_ce: float
-    loss_coords: float
-    pck: float | None = None  # None when no keypoint could be counted
-    mpck: float | None = None
-    lr: float
-    seconds: float
     created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False))
 
 
 # --- API schemas ----------------------------------------------------------------------------------------------
 
-# What a client may set is TrainConfig minus what only the server decides: file paths (datasets are chosen by
-# name), the device and the model's internals. Bounds and defaults come from TrainConfig, defined once.
-SERVER_SIDE_FIELDS = {"dataset_root", "category_split_file", "device", "num_workers", "model"}
-
-JobCreate = create_model(
-    "JobCreate",
-    __config__=ConfigDict(extra="forbid"),
-    dataset=(str | None, PydanticField(default=None, description="dataset name; the server's default when unset")),
-    **{
-        name: (field.annotation, field)
-        for name, field in TrainConfig.model_fields.items()
-        if name not in SERVER_SIDE_FIELDS
-    },
+# The TrainConfig fields a client may set: an allow-list, so that a field added to TrainConfig is not API surface
+# until someone adds it here. What only the server decides stays out: file paths (datasets are chosen by name), the
+# device, the DataLoader workers and the model's internals. Bounds, defaults and descriptions come from TrainConfig.
+CLIENT_FIELDS = (
+    "mode", "category_id", "image_index", "split", "preset", "epochs", "episodes_per_epoch", "batch_size", "num_shots",
+    "num_queries_per_episode", "lr", "weight_decay", "warmup_epochs", "clip_max_norm", "use_amp", "augment",
+    "val_episodes_per_category", "val_queries_per_episode", "test_episodes_per_category", "seed",
 )
-JobCreate.__doc__ = "A training job: its mode, category and image, and the TrainConfig fields a client may set."
+
+
+def job_create_model(config: type[TrainConfig] = TrainConfig) -> type[BaseModel]:
+    fields = config.model_fields
+    return create_model(
+        "JobCreate",
+        __config__=ConfigDict(extra="forbid"),
+        __doc__="A training job: its mode, category and image, and the TrainConfig fields a client may set.",
+        dataset=(str | None, PydanticField(default=None, description="dataset name; the server's default when unset")),
+        **{name: (fields[name].annotation, fields[name]) for name in CLIENT_FIELDS},
+    )
+
+
+JobCreate = job_create_model()
 
 
 class ImagePublic(SQLModel):
@@ -174,15 +178,7 @@ class JobList(SQLModel):
     offset: int
 
 
-class EpochMetricPublic(SQLModel):
-    epoch: int
-    loss: float
-    loss_ce: float
-    loss_coords: float
-    pck: float | None
-    mpck: float | None
-    lr: float
-    seconds: float
+class EpochMetricPublic(EpochMetricBase):
     created_at: datetime
 
 

@@ -6,6 +6,7 @@ import pytest
 from sqlmodel import Session
 
 from cape.data.catalog import MP100Catalog
+from cape.epoch_record import EpochRecord
 from service import job_state
 from service.db import get_engine
 from service.models import JobStatus
@@ -112,7 +113,7 @@ def _run(job_id, epochs):
     with Session(get_engine()) as session:
         assert job_state.claim(session, job_id, "test-worker")
         for epoch in range(1, epochs + 1):
-            row = dict(epoch=epoch, loss=1.0 / epoch, loss_ce=0.9 / epoch, loss_coords=0.1 / epoch, pck=epoch / 10,
+            row = EpochRecord(epoch=epoch, loss=1.0 / epoch, loss_ce=0.9 / epoch, loss_coords=0.1 / epoch, pck=epoch / 10,
                        mpck=epoch / 20, lr=1e-3, seconds=1.5)
             assert job_state.record_epoch(session, job_id, row)
         assert not job_state.record_epoch(session, job_id, row), "a repeated epoch makes no second row"

@@ -7,6 +7,7 @@ import pytest
 from sqlalchemy import update
 from sqlmodel import Session
 
+from cape.epoch_record import EpochRecord
 from service import job_state
 from service.db import get_engine
 from service.models import Job, JobStatus, utcnow
@@ -98,7 +99,7 @@ def test_a_worker_that_lost_the_job_can_neither_finish_nor_advance_it(session):
     assert job_state.stop_requests(session, job_id, "stalled") == (False, False, False)
     assert job_state.stop_requests(session, job_id, "fresh") == (False, False, True)
     assert not job_state.heartbeat(session, job_id, "stalled")
-    row = dict(epoch=3, loss=0.5, loss_ce=0.4, loss_coords=0.1, pck=0.9, mpck=0.8, lr=1e-4, seconds=1.0)
+    row = EpochRecord(epoch=3, loss=0.5, loss_ce=0.4, loss_coords=0.1, pck=0.9, mpck=0.8, lr=1e-4, seconds=1.0)
     job_state.record_epoch(session, job_id, row, worker="stalled")
     assert not job_state.finish(session, job_id, JobStatus.succeeded, worker="stalled")
     job = session.get(Job, job_id)

@@ -9,10 +9,11 @@ import torch
 
 from cape.config import TrainConfig
 from cape.data.catalog import MP100Catalog
-from cape.evaluate import score_batch
+from cape.evaluation import score_batch
 from cape.metrics import PCKAccumulator
 from cape.model import ModelOutput
-from cape.trainer import LAST, Trainer
+from cape.checkpoints import LAST
+from cape.trainer import Trainer
 from tests.test_model import TINY
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session
 
+from cape.epoch_record import EpochRecord
+from cape.errors import CapeError
 from service import job_state
 from service.db import get_engine
 from service.dispatch import RUN_JOB_TASK, dispatch
@@ -58,9 +60,9 @@ class JobCallbacks:
         self.job_id, self.worker = job_id, worker
         self.handoff = self.lost = False
 
-    def on_epoch_end(self, metrics) -> None:
+    def on_epoch_end(self, record: EpochRecord) -> None:
         with Session(get_engine()) as session:
-            job_state.record_epoch(session, self.job_id, metrics, self.worker)
+            job_state.record_epoch(session, self.job_id, record, self.worker)
 
     def should_stop(self) -> bool:
         # Asked before every training step: one indexed read, so a cancel takes effect within one step.
@@ -68,6 +70,12 @@ class JobCallbacks:
             cancel, self.handoff, held = job_state.stop_requests(session, self.job_id, self.worker)
         self.lost = not held
         return cancel or self.handoff or self.lost
+
+
+def failure_reason(exc: Exception) -> str:
+    """A job's ``error``: the project's own errors (a diverged run, a dataset or checkpoint problem) are written
+    for the user and stand as they are; anything else is a bug, named by its type."""
+    return str(exc) if isinstance(exc, CapeError) else f"{type(exc).__name__}: {exc}"
 
 
 def run_dir(job_id: uuid.UUID) -> Path:
@@ -94,14 +102,15 @@ def run_job(self, job_id: str) -> str:
         except Exception as exc:  # the job failed, not the worker: record why and take the next job
             log.exception("job %s failed", job_id)
             with Session(get_engine()) as session:
-                job_state.finish(session, job_uuid, JobStatus.failed, error=f"{type(exc).__name__}: {exc}", worker=worker)
+                job_state.finish(session, job_uuid, JobStatus.failed, error=failure_reason(exc), worker=worker)
             return "failed"
     return _conclude(job_uuid, worker, result, callbacks)
 
 
 def _train(job_id: uuid.UUID, config_fields: dict, dataset: str, attempt: int, callbacks: JobCallbacks):
     from cape.config import TrainConfig
-    from cape.trainer import LAST, Trainer
+    from cape.checkpoints import LAST
+    from cape.trainer import Trainer
 
     settings = get_settings()
     if dataset not in settings.datasets:

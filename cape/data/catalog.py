@@ -188,7 +188,7 @@ class MP100Catalog:
 
     def __init__(self, root: str | Path, split: int = 1, category_split_file: str | Path | None = None):
         if split not in SPLITS:
-            raise DatasetError(f"split {split} does not exist: split must be one of {', '.join(map(str, SPLITS))}")
+            raise DatasetError(f"split {split} does not exist: split must be one of {', '.join(map(str, SPLITS))}", "split")
         self.root = Path(root)
         self.split = split
         if not (self.root / "annotations").is_dir():
@@ -236,7 +236,8 @@ class MP100Catalog:
         # With a category split file, categories it leaves out are not part of this catalog.
         if category_id not in self._subset_of:
             raise DatasetError(
-                f"category {category_id} does not exist in split {self.split}: valid ids are {format_choices(self._subset_of)}"
+                f"category {category_id} does not exist in split {self.split}: valid ids are {format_choices(self._subset_of)}",
+                "category_id",
             )
         return self._categories[category_id]
 
@@ -259,18 +260,20 @@ class MP100Catalog:
         if own != subset:
             raise DatasetError(
                 f"category {category_id} ({self._categories[category_id].name}) has no {subset} instances in split "
-                f"{self.split}: it is a {own} category; {subset} categories are {format_choices(self.category_ids(subset))}"
+                f"{self.split}: it is a {own} category; {subset} categories are {format_choices(self.category_ids(subset))}",
+                "category_id",
             )
         records = self._instances[category_id]
         if not records:
-            raise DatasetError(f"category {category_id} has no {subset} instances in split {self.split}")
+            raise DatasetError(f"category {category_id} has no {subset} instances in split {self.split}", "category_id")
         return records
 
     def instance(self, category_id: int, index: int, subset: str = "train") -> Instance:
         records = self.instances(category_id, subset)
         if not 0 <= index < len(records):
             raise DatasetError(
-                f"category {category_id} has {len(records)} {subset} images: index must be 0..{len(records) - 1}"
+                f"category {category_id} has {len(records)} {subset} images: index must be 0..{len(records) - 1}",
+                "image_index",
             )
         return records[index]
 

@@ -19,6 +19,8 @@ import numpy as np
 from cape.data.catalog import Instance, MP100Catalog
 from cape.errors import DatasetError
 
+PROTOCOL_QUERIES = 15  # queries per test episode in the MP-100 evaluation protocol
+
 
 @dataclass(frozen=True)
 class Episode:
@@ -31,6 +33,28 @@ def single_image_episode(catalog: MP100Catalog, category_id: int, index: int = 0
     """The sanity check: one training instance is both the support and the query."""
     instance = catalog.instance(category_id, index, "train")
     return Episode(category_id=category_id, supports=(instance,), queries=(instance,))
+
+
+def check_episode_shape(
+    catalog: MP100Catalog,
+    category_ids: Sequence[int],
+    subset: str,
+    shots: int,
+    queries: int,
+    field: str = "num_queries_per_episode",
+) -> None:
+    """Raise a DatasetError (pointing at ``field``) unless every category has ``shots + queries`` distinct instances."""
+    if not category_ids:
+        raise DatasetError(f"no {subset} categories to sample episodes from")
+    if shots < 1 or queries < 1:
+        raise DatasetError(f"an episode needs at least 1 support and 1 query (got {shots} and {queries})", field)
+    small = {cid: n for cid in category_ids if (n := len(catalog.instances(cid, subset))) < shots + queries}
+    if small:
+        raise DatasetError(
+            f"{shots} supports + {queries} queries need {shots + queries} distinct instances per category; "
+            f"these {subset} categories have fewer: {small}",
+            field,
+        )
 
 
 def _draw(rng: np.random.Generator, pool: tuple[Instance, ...], shots: int, queries: int, category_id: int) -> Episode:
@@ -51,17 +75,8 @@ class EpisodeSampler:
         queries: int,
         seed: int,
     ):
-        if not category_ids:
-            raise DatasetError(f"no {subset} categories to sample episodes from")
-        if shots < 1 or queries < 1:
-            raise DatasetError(f"an episode needs at least 1 support and 1 query (got {shots} and {queries})")
+        check_episode_shape(catalog, category_ids, subset, shots, queries)
         self.pools = {cid: catalog.instances(cid, subset) for cid in category_ids}
-        small = {cid: len(p) for cid, p in self.pools.items() if len(p) < shots + queries}
-        if small:
-            raise DatasetError(
-                f"{shots} supports + {queries} queries need {shots + queries} distinct instances per category; "
-                f"these {subset} categories have fewer: {small}"
-            )
         self.category_ids = tuple(category_ids)
         self.shots, self.queries, self.seed = shots, queries, seed
 
@@ -82,12 +97,14 @@ def fixed_episodes(
     queries: int,
     episodes_per_category: int,
     seed: int,
+    field: str = "val_queries_per_episode",
 ) -> list[Episode]:
     """Validation / test episodes: ``episodes_per_category`` per category, the same list on every call."""
-    sampler = EpisodeSampler(catalog, category_ids, subset, shots, queries, seed)
+    check_episode_shape(catalog, category_ids, subset, shots, queries, field)
     episodes = []
     for cid in category_ids:
         # Seeded per category, so adding a category does not change the others' episodes.
         rng = np.random.default_rng((seed, cid))
-        episodes.extend(_draw(rng, sampler.pools[cid], shots, queries, cid) for _ in range(episodes_per_category))
+        pool = catalog.instances(cid, subset)
+        episodes.extend(_draw(rng, pool, shots, queries, cid) for _ in range(episodes_per_category))
     return episodes

@@ -16,7 +16,7 @@ from sqlmodel import Session, func, select
 
 from cape.config import MAX_EPOCHS, TrainConfig
 from cape.data.catalog import MP100Catalog
-from cape.data.episodes import EpisodeSampler
+from cape.data.run_choices import check_run_choices
 from cape.errors import DatasetError
 from service import job_state
 from service.auth import OwnerDep
@@ -25,7 +25,7 @@ from service.db import ReadsDep, SessionDep
 from service.dispatch import DispatchDep
 from service.errors import not_found, responses, unprocessable
 from service.models import (
-    SERVER_SIDE_FIELDS,
+    CLIENT_FIELDS,
     EpochMetric,
     EpochMetricPublic,
     Job,
@@ -56,18 +56,12 @@ def _train_config(body: JobCreate, root: str) -> TrainConfig:
 def _check_against_dataset(config: TrainConfig, catalog: MP100Catalog) -> dict:
     """The job's choices must exist in the dataset; returns the resolved image of a single_image job."""
     try:
-        if config.mode == "single_image":
-            instance = catalog.instance(config.category_id, config.image_index, "train")
-            return dict(image_index=config.image_index, image_file=instance.file_name, image_annotation_id=instance.id)
-        categories = [config.category_id] if config.mode == "category" else catalog.category_ids("train")
-        EpisodeSampler(catalog, categories, "train", config.num_shots, config.num_queries_per_episode, config.seed)
+        instance = check_run_choices(config, catalog)
     except DatasetError as exc:
-        message = str(exc)
-        field = "image_index" if "index must be" in message else "category_id"
-        if "distinct instances" in message:
-            field = "num_queries_per_episode"
-        raise unprocessable(("body", field), message) from None
-    return {}
+        raise unprocessable(("body", exc.field) if exc.field else ("body",), str(exc)) from None
+    if instance is None:
+        return {}
+    return dict(image_index=config.image_index, image_file=instance.file_name, image_annotation_id=instance.id)
 
 
 def _replay(session: Session, owner: str, key: str, request_hash: str, response: Response) -> JobPublic | None:
@@ -111,7 +105,7 @@ def create_job(
         dataset=dataset,
         split=config.split,
         category_id=config.category_id,
-        config=config.model_dump(mode="json", exclude=SERVER_SIDE_FIELDS),
+        config=config.model_dump(mode="json", include=set(CLIENT_FIELDS)),
         total_epochs=config.epochs,
         owner=owner,
         idempotency_key=idempotency_key,

@@ -1,0 +1,111 @@
+"""Evaluation: PCK of a predictor over episodes, and the MP-100 protocol on a checkpoint.
+
+A predictor maps a batch to query keypoints in [0, 1] of each query crop. The model's predictor decodes
+autoregressively from its own predictions; ``copy_support`` is the baseline that pastes the support's keypoints
+(crop coordinates) onto the query. Predictions are mapped back to original pixels before PCK is computed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cape import checkpoints
+from cape.config import TrainConfig
+from cape.data.batch import EpisodeBatch
+from cape.data.catalog import MP100Catalog
+from cape.data.episodes import fixed_episodes
+from cape.data.instances import InstanceLoader
+from cape.data.run_data import eval_batches
+from cape.device import autocast_dtype, resolve_device
+from cape.metrics import PCKAccumulator, PCKSummary, countable_mask
+from cape.model import CapeModel
+
+Predictor = Callable[[EpisodeBatch], torch.Tensor]  # -> [B, Q, K, 2] in [0, 1] of each query crop
+
+
+def model_predictor(model: torch.nn.Module, amp_dtype: torch.dtype | None = None) -> Predictor:
+    def predict(batch: EpisodeBatch) -> torch.Tensor:
+        b, q = batch.query_images.shape[:2]
+        with torch.autocast(batch.query_images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            coords = model.predict(batch).coords
+        return coords.float().unflatten(0, (b, q))
+
+    return predict
+
+
+def copy_support(batch: EpisodeBatch) -> torch.Tensor:
+    """Baseline: the query's keypoints are where they were in the support crop (mean over labelled shots)."""
+    w = batch.support_visible.unsqueeze(-1).float()
+    mean = (batch.support_keypoints * w).sum(1) / w.sum(1).clamp(min=1)  # [B, K, 2]
+    return mean.unsqueeze(1).expand(-1, batch.query_images.shape[1], -1, -1)
+
+
+def to_pixels(coords: torch.Tensor, batch: EpisodeBatch) -> np.ndarray:
+    """[B, Q, K, 2] crop coordinates -> original image pixels, per query crop."""
+    boxes = np.array([[(c.left, c.top, c.side) for c in row] for row in batch.query_crops], dtype=np.float64)
+    uv = coords.detach().double().cpu().numpy()
+    return boxes[..., None, :2] + uv * boxes[..., None, 2:3]
+
+
+def score_batch(accumulator: PCKAccumulator, coords: torch.Tensor, batch: EpisodeBatch) -> None:
+    b, q, k = batch.query_keypoints.shape[:3]
+    mask = countable_mask(
+        batch.query_labelled.cpu().numpy(),
+        batch.support_labelled.cpu().numpy()[:, None].repeat(q, axis=1),  # [B, Q, S, K]
+    ) & batch.keypoint_mask.cpu().numpy()[:, None, :]
+    accumulator.add(
+        to_pixels(coords, batch).reshape(b * q, k, 2),
+        batch.query_keypoints_px.cpu().numpy().reshape(b * q, k, 2),
+        mask.reshape(b * q, k),
+        batch.query_norm.cpu().numpy().reshape(b * q),
+        batch.category_ids.cpu().numpy().repeat(q),
+    )
+
+
+@torch.no_grad()
+def evaluate(predict: Predictor, batches: Iterable[EpisodeBatch], device: torch.device | str) -> PCKSummary:
+    accumulator = PCKAccumulator()
+    for batch in batches:
+        batch = batch.to(device)
+        score_batch(accumulator, predict(batch), batch)
+    return accumulator.summary()
+
+
+def summary_dict(summary: PCKSummary) -> dict:
+    out = asdict(summary)
+    out["per_category"] = {str(k): v for k, v in summary.per_category.items()}
+    return out
+
+
+def evaluate_checkpoint(
+    path: Path,
+    subset: str,
+    shots: int,
+    episodes_per_category: int,
+    queries_per_episode: int,
+    dataset_root: str | None,
+    seed: int,
+    device: str,
+    baseline: bool = False,
+) -> tuple[PCKSummary, dict[int, str]]:
+    """The MP-100 protocol on a checkpoint: fixed seeded episodes on every category of ``subset``."""
+    state = checkpoints.load(path)
+    config = TrainConfig(**state["config"])
+    if dataset_root:
+        config = config.model_copy(update={"dataset_root": dataset_root})
+    dev = resolve_device(device)
+    catalog = MP100Catalog(config.dataset_root, config.split, config.category_split_file)
+    model_config = config.resolved_model
+    model = CapeModel(model_config.model_copy(update={"backbone_weights": None})).to(dev)
+    model.load_state_dict(state["model"])
+    model.eval()
+    categories = catalog.category_ids(subset)
+    episodes = fixed_episodes(catalog, categories, subset, shots, queries_per_episode, episodes_per_category, seed)
+    batches = eval_batches(catalog, episodes, InstanceLoader(catalog, model_config.input_size))
+    predict = copy_support if baseline else model_predictor(model, autocast_dtype(config.use_amp, dev))
+    return evaluate(predict, batches, dev), {cid: catalog.category(cid).name for cid in categories}
