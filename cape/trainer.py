@@ -194,7 +194,7 @@ class Trainer:
         clipping = f"gradient clipping at {clip:g}" if clip > 0 else "gradient clipping off"
         advice = "lower --lr or --clip_max_norm" if clip > 0 else "lower --lr or set --clip_max_norm"
         return TrainingDiverged(
-            f"training diverged: {name} is {value} at epoch {epoch}, step {step} (lr {self.config.lr:g}, {clipping}); {advice}"
+            f"training diverged: {name} is {value} at epoch {epoch}, step {step} (lr {self.config.lr}, {clipping}); {advice}"
         )
 
     def train_epoch(self, epoch: int, progress: EpochProgress) -> bool:

@@ -60,6 +60,8 @@ def test_create_single_image_job(client, catalog, dispatched):
         ({"dataset_root": "/etc"}, "body.dataset_root: Extra inputs are not permitted"),
         ({"device": "cuda"}, "body.device: Extra inputs are not permitted"),
         ({"mode": "category", "num_queries_per_episode": 30}, "body.num_queries_per_episode: 1 supports + 30 queries need 31"),
+        ({"mode": "category", "val_queries_per_episode": 30}, "body.val_queries_per_episode: 1 supports + 30 queries need 31"),
+        ({"mode": "category", "category_id": 4242}, "body.category_id: category 4242 does not exist in split 1"),
     ],
 )
 def test_invalid_jobs_get_422_naming_the_valid_range(client, catalog, dispatched, overrides, expected):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import httpx
@@ -10,9 +11,8 @@ import pytest
 
 from cape.data.catalog import MP100Catalog
 from service.migrate import upgrade
+from service.models import TERMINAL
 from tests.servers import celery_worker, fresh_database, postgres_server, redis_server, uvicorn_server
-
-TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +143,23 @@ def test_failed_job_reports_why_and_the_worker_goes_on(stack, category):
         good = client.post("/jobs", json=single_image(category, epochs=2)).json()["id"]
         failed = wait_for(client, bad, TERMINAL)
         assert failed["status"] == "failed"
-        assert failed["error"].startswith("DatasetError: image file missing for annotation")
+        assert failed["error"].startswith("image file missing for annotation")
         status, rows = poll(client, good)
         assert status == "succeeded" and [r["epoch"] for r in rows] == [1, 2]
+
+
+def test_a_diverged_job_fails_with_the_trainers_message(stack, category):
+    base, _ = stack
+    with httpx.Client(base_url=base, timeout=10) as client:
+        job_id = client.post("/jobs", json=single_image(
+            category, epochs=4, batch_size=4, num_queries_per_episode=2, episodes_per_epoch=20, lr=1.0, clip_max_norm=0,
+        )).json()["id"]
+        status, rows = poll(client, job_id)
+        job = client.get(f"/jobs/{job_id}").json()
+    assert status == "failed", job
+    assert re.fullmatch(
+        r"training diverged: (loss|gradient norm) is (nan|inf) at epoch \d+, step \d+ \(lr 1.0, gradient clipping off\); "
+        r"lower --lr or set --clip_max_norm", job["error"]), job["error"]
+    epoch = int(re.search(r"at epoch (\d+)", job["error"]).group(1))
+    assert [r["epoch"] for r in rows] == list(range(1, epoch)), "the rows of the epochs before it are kept"
+    assert job["current_epoch"] == epoch - 1

@@ -1,6 +1,7 @@
 """The trainer: honest validation, exact resume, prompt stopping, a falling loss, and the CLIs."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -176,3 +177,132 @@ def test_cli_single_image_run_and_evaluate(synthetic_root, tmp_path):
     assert "mean over categories" in result.stdout
     data = json.loads(out.read_text())
     assert len(data["per_category"]) == 10 and 0.0 <= data["category_mean_pck"] <= 1.0
+
+
+class PoisonLoss:
+    """Wraps cape.trainer.keypoint_losses: from training step ``at`` (counted from 1) on, the loss is NaN."""
+
+    def __init__(self, at: int):
+        from cape.trainer import keypoint_losses
+
+        self.real, self.at, self.calls = keypoint_losses, at, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        losses = self.real(*args, **kwargs)
+        if self.calls >= self.at:
+            return type(losses)(**{**vars(losses), "loss": losses.loss * float("nan")})
+        return losses
+
+
+def test_a_nan_loss_ends_the_run_clearly_keeping_the_good_epochs(synthetic_root, tmp_path, monkeypatch):
+    from cape.errors import TrainingDiverged
+
+    config = tiny_config(synthetic_root, epochs=4, clip_max_norm=0, lr=0.5)  # 2 steps per epoch
+    monkeypatch.setattr("cape.trainer.keypoint_losses", PoisonLoss(at=4))  # epoch 2, step 2
+    trainer = Trainer(config, tmp_path)
+    reported = StopAfter(10**6)
+    trainer.callbacks.append(reported)
+    with pytest.raises(TrainingDiverged) as caught:
+        trainer.fit()
+    assert str(caught.value) == (
+        "training diverged: loss is nan at epoch 2, step 2 (lr 0.5, gradient clipping off); lower --lr or set --clip_max_norm"
+    )
+    assert [r.epoch for r in reported.epochs] == [1]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1]
+    state = torch.load(tmp_path / LAST, weights_only=False)
+    assert (state["epoch"], state["step"]) == (1, 0), "the last checkpoint is the last good epoch's"
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters()), "the NaN step was never applied"
+
+
+def test_a_non_finite_gradient_ends_the_run_before_the_update(synthetic_root, tmp_path):
+    from cape.errors import TrainingDiverged
+
+    trainer = Trainer(tiny_config(synthetic_root, epochs=1, clip_max_norm=2.0), tmp_path)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    weight = next(p for p in trainer.model.parameters() if p.ndim >= 2)
+    weight.register_hook(lambda grad: grad * float("inf"))
+    with pytest.raises(TrainingDiverged, match=r"gradient norm is (inf|nan) at epoch 1, step 1 \(lr 0.001, gradient "
+                                               r"clipping at 2\); lower --lr or --clip_max_norm"):
+        trainer.fit()
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters())), "no parameter was updated"
+    assert not (tmp_path / "metrics.jsonl").read_text()
+
+
+class PCKSequence:
+    """Replaces Trainer.validate: returns the given PCK values epoch after epoch (NaN: nothing countable)."""
+
+    def __init__(self, values):
+        self.values = list(values)
+
+    def __call__(self, episodes=None):
+        from cape.metrics import PCKSummary
+
+        value = self.values.pop(0)
+        return PCKSummary(pck=value, mpck=value, num_queries=0 if value != value else 1, num_excluded=0)
+
+
+def test_a_nan_validation_pck_is_never_a_best_and_never_blocks_a_later_one(synthetic_root, tmp_path):
+    trainer = Trainer(tiny_config(synthetic_root, epochs=3), tmp_path)
+    trainer.validate = PCKSequence([float("nan"), 0.25, 0.5])
+    bests = []
+    original_save = trainer.save
+
+    def save(epoch, progress=None, best=False):
+        bests.append(best)
+        return original_save(epoch, progress, best)
+
+    trainer.save = save
+    result = trainer.fit()
+    assert [r.pck for r in result.history] == [None, 0.25, 0.5]
+    assert bests == [False, True, True]
+    assert result.best_pck == 0.5
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["pck"] is None and rows[0]["mpck"] is None
+    assert torch.load(tmp_path / "checkpoint_best.pt", weights_only=False)["epoch"] == 3
+
+
+def test_a_stopped_run_without_an_output_folder_does_not_claim_a_checkpoint(synthetic_root):
+    lines = []
+    result = Trainer(tiny_config(synthetic_root, epochs=2), callbacks=[StopAfter(1)], log=lines.append).fit()
+    assert result.status == "stopped"
+    assert lines[-1] == "stopped at epoch 1, step 1 (no output folder: nothing saved)"
+
+
+def test_cli_diverged_run_prints_one_line_and_exits_2(synthetic_root, tmp_path):
+    """The single-image guide's learning-rate sweep meets this first: lr 1.0 without clipping."""
+    cat = MP100Catalog(synthetic_root).category_ids("train")[1]
+    result = _cli(
+        "--dataset_root", str(synthetic_root), "--debug_single_image", str(cat), "--output_dir", str(tmp_path),
+        "--epochs", "4", "--episodes_per_epoch", "20", "--lr", "1.0", "--clip_max_norm", "0", "--device", "cpu",
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.replace("\r", "\n").splitlines() if "error:" in line]
+    assert len(errors) == 1, result.stderr
+    match = re.search(
+        r"python -m cape.train: error: training diverged: (loss|gradient norm) is (nan|inf) at epoch (\d+), step (\d+) "
+        r"\(lr 1.0, gradient clipping off\); lower --lr or set --clip_max_norm$", errors[0])
+    assert match, errors[0]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == list(range(1, int(match.group(3)))), "the epochs before it are kept"
+
+
+def test_every_train_config_field_is_a_cli_flag_with_its_default():
+    from cape.config import TrainConfig
+    from cape.train import SET_BY_OTHER_FLAGS, config_from_args, parser
+
+    p = parser()
+    defaults = p.parse_args([])
+    for name, field in TrainConfig.model_fields.items():
+        if name not in SET_BY_OTHER_FLAGS:
+            assert getattr(defaults, name) == field.default, name
+    config = config_from_args(p.parse_args([
+        "--debug_overfit_category", "3", "--warmup_epochs", "0.5", "--val_queries_per_episode", "7",
+        "--test_episodes_per_category", "0", "--no-augment", "--preset", "base", "--model", '{"d_model": 64}',
+    ]))
+    assert (config.mode, config.category_id, config.warmup_epochs, config.val_queries_per_episode) == ("category", 3, 0.5, 7)
+    assert (config.test_episodes_per_category, config.augment, config.preset) == (0, False, "base")
+    assert config.resolved_model.d_model == 64 and config.resolved_model.backbone == "resnet50"
+    assert config_from_args(p.parse_args([])).preset == TrainConfig().preset == "small", "one preset default everywhere"
