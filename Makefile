@@ -29,16 +29,16 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
 bench: data
-	$(PY) benchmarks/synthetic_generation.py
-	$(PY) benchmarks/single_image.py --dataset_root $(DATA_ROOT)
+	$(PY) -m benchmarks.synthetic_generation
+	$(PY) -m benchmarks.single_image --dataset_root $(DATA_ROOT)
 
 bench-generalisation: data  # about 15 minutes on 2 cores
-	$(PY) benchmarks/generalisation.py --dataset_root $(DATA_ROOT)
+	$(PY) -m benchmarks.generalisation --dataset_root $(DATA_ROOT)
 
 bench-service: data  # the API and the stack under load, on SQLite and PostgreSQL (needs redis-server, postgresql)
-	$(PY) benchmarks/api.py --dataset_root $(DATA_ROOT)
-	$(PY) benchmarks/api.py --dataset_root $(DATA_ROOT) --database postgresql
-	$(PY) benchmarks/load.py --dataset_root $(DATA_ROOT)
+	$(PY) -m benchmarks.api --dataset_root $(DATA_ROOT)
+	$(PY) -m benchmarks.api --dataset_root $(DATA_ROOT) --database postgresql
+	$(PY) -m benchmarks.load --dataset_root $(DATA_ROOT)
 
 clean:
 	rm -rf $(VENV) data *.egg-info

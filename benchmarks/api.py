@@ -1,69 +1,92 @@
 """The job service under load: metrics reads at many connections, and how fast an idle worker picks up a job.
 
-    .venv/bin/python benchmarks/api.py [--database sqlite|postgresql] [--dataset_root DIR] [--seconds 10] [--connections 32]
+    .venv/bin/python -m benchmarks.api [--database sqlite|postgresql] [--dataset_root DIR] [--seconds 10]
+                                       [--connections 32] [--repeats 3]
 
-Starts the whole stack on loopback (the servers of tests/servers.py): redis-server, the database (a SQLite file, or
-a throwaway PostgreSQL cluster with ``--database postgresql``), the Alembic migrations, one uvicorn process and one
+Starts the whole stack on loopback (service/local_servers.py): redis-server, the database (a SQLite file, or a
+throwaway PostgreSQL cluster with ``--database postgresql``), the Alembic migrations, one uvicorn process and one
 Celery worker on the CPU. Then it measures
 
-1. read load: ``--connections`` concurrent keep-alive connections in closed loops for ``--seconds`` seconds, half
-   of them on ``GET /jobs/{id}/metrics`` of a job with 300 epoch rows, half on ``GET /healthz`` (no database: the
-   floor of what the app can serve), ``--repeats`` times. Per run and endpoint: requests per second, p50 and p99
-   latency, failures, and the metrics/healthz rate ratio; then the medians over the runs. Three metrics requests:
+1. read load, each endpoint alone: ``--connections`` concurrent keep-alive connections in closed loops (the next
+   request as soon as the previous answer is in) for ``--seconds`` seconds, all on ``GET /jobs/{id}/metrics`` of a
+   job with 300 epoch rows; then the same connections, all on ``GET /healthz`` (no database: the floor of what the
+   app can serve). Each run opens its connections and warms up for a second, unmeasured. The two alternate,
+   ``--repeats`` times, so that whatever else the machine does hits both alike. Per run and endpoint: requests per
+   second, p50 and p99 latency, failed requests (non-2xx answers and requests without an answer) and the CPU
+   uvicorn and the load generator spent per request; per run the ratio metrics req/s / healthz req/s. Then the
+   medians over the runs: of each endpoint's figures, and of the ratio. Three metrics requests, each measured so:
    a poller's (``after_epoch=290``: the 10 newest rows), the endpoint's default answer (its first page, 100 rows),
-   and the whole history in one answer (``limit=1000``: 300 rows). Targets, on the medians of the first two:
-   metrics at least half the rate of healthz, metrics p99 under 50 ms.
+   and the whole history in one answer (``limit=1000``: 300 rows; no target). Targets, on the medians of the first
+   two: ratio at least 0.5 and metrics p99 under 50 ms; a failed request (either endpoint) misses both.
 2. dispatch latency: 20 times, ``POST /jobs`` a tiny single_image job and time until ``GET /jobs/{id}`` says
    ``running`` (polled every 5 ms), then cancel it and wait until it is terminal. One warm-up job first (the worker
    imports torch on its first job). Target: median under 500 ms.
 
 The load generator (benchmarks/http_load.py: keep-alive connections, httptools, uvloop) runs in this process on the
-same machine as the servers, so it takes some CPU from them: the figures are for the whole machine, client
-included. Each load run also prints the CPU that uvicorn and the client spent per request, which is what to compare
-between runs on a noisy machine.
+same machine as the servers, so it takes some CPU from them: the rates are for the whole machine, client included.
+uvicorn's CPU per request is what to compare between runs on a noisy machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Collection, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import httpx
+from sqlmodel import Session
 
-import httpx  # noqa: E402
-from sqlmodel import Session  # noqa: E402
+from benchmarks.common import dataset_root
+from benchmarks.http_load import closed_loop_load
+from cape.data.catalog import MP100Catalog
+from cape.epoch_record import EpochRecord
+from service import job_state
+from service.db import make_engine
+from service.local_servers import (
+    MissingBinary, RedisServer, Server, celery_worker, fresh_database, postgres_binaries, postgres_server, redis_binary,
+    uvicorn_server,
+)
+from service.migrate import upgrade
+from service.models import TERMINAL, JobStatus
 
-from benchmarks.common import dataset_root  # noqa: E402
-from benchmarks.http_load import LoadResult, closed_loop_load  # noqa: E402
-from cape.data.catalog import MP100Catalog  # noqa: E402
-from service import job_state  # noqa: E402
-from service.db import make_engine  # noqa: E402
-from service.migrate import upgrade  # noqa: E402
-from tests.servers import celery_worker, fresh_database, postgres_server, redis_server, uvicorn_server  # noqa: E402
-
+REPO = Path(__file__).resolve().parents[1]
 HISTORY_EPOCHS = 300
 POLL_AFTER_EPOCH = 290  # a poller that has seen up to here asks for the newest rows
 DISPATCH_JOBS = 20
 DISPATCH_POLL_S = 0.005
-TERMINAL = {"succeeded", "failed", "cancelled"}
 METRICS_RATIO_TARGET, METRICS_P99_TARGET_MS, DISPATCH_MEDIAN_TARGET_MS = 0.5, 50.0, 500.0
 
 
 # --- the stack ------------------------------------------------------------------------------------------------
 
 
+def require_binaries(databases: Collection[str]) -> None:
+    """Exits with a message, before anything starts, when a server the benchmark needs is not installed."""
+    try:
+        redis_binary()
+        if "postgresql" in databases:
+            postgres_binaries()
+    except MissingBinary as exc:
+        raise SystemExit(f"cannot run this benchmark: {exc}") from None
+
+
+def redis_server(tmp: Path) -> RedisServer:
+    """A redis-server with its data in ``tmp``; a context manager (its ``url`` is the broker URL)."""
+    return RedisServer(tmp)
+
+
 @contextmanager
-def database(kind: str, tmp: Path):
+def database(kind: str, tmp: Path) -> Iterator[str]:
     """The database URL, migrated to head: a SQLite file in ``tmp`` or a fresh database on a throwaway cluster."""
     with ExitStack() as stack:
         if kind == "sqlite":
@@ -72,6 +95,16 @@ def database(kind: str, tmp: Path):
             url = fresh_database(stack.enter_context(postgres_server()), "bench_api")
         upgrade(url)
         yield url
+
+
+def api_server(env: dict, log: Path):
+    """One uvicorn process on a free loopback port, answering: a context manager yielding its Server (url, pid)."""
+    return uvicorn_server(env, log, cwd=REPO)
+
+
+def worker(env: dict, log: Path, name: str):
+    """One Celery worker on the ``gpu`` queue, ready: a context manager yielding its Server (pid)."""
+    return celery_worker(env, log, name=name, mingle=False, cwd=REPO)
 
 
 def service_env(database_url: str, broker_url: str, root: Path, tmp: Path) -> dict:
@@ -112,32 +145,13 @@ def job_with_history(base: str, database_url: str, category: int) -> str:
     return job_id
 
 
-def fake_epoch(epoch: int) -> dict:
+def fake_epoch(epoch: int) -> EpochRecord:
     loss = 2.0 / epoch
-    return {"epoch": epoch, "loss": loss, "loss_ce": loss / 2, "loss_coords": loss / 2, "pck": min(1.0, epoch / 100),
-            "mpck": min(1.0, epoch / 100), "lr": 5e-4, "seconds": 1.5}
+    return EpochRecord(epoch=epoch, loss=loss, loss_ce=loss / 2, loss_coords=loss / 2, pck=min(1.0, epoch / 100),
+                       mpck=min(1.0, epoch / 100), lr=5e-4, seconds=1.5)
 
 
-# --- read load ------------------------------------------------------------------------------------------------
-
-
-def load_run(base: str, paths: dict[str, str], connections: int, seconds: float) -> LoadResult:
-    server = uvicorn_pid()
-    return closed_loop_load(base, paths, connections, seconds, warm_up=min(1.0, seconds),
-                            server_cpu=lambda: cpu_seconds(server))
-
-
-def uvicorn_pid() -> int | None:
-    """Our uvicorn child process (tests.servers does not hand it out), to read how much CPU it used."""
-    for proc in Path("/proc").iterdir():
-        try:
-            stat = (proc / "stat").read_text()
-            cmdline = (proc / "cmdline").read_bytes()
-        except (OSError, ValueError):
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid() and b"uvicorn" in cmdline:
-            return int(proc.name)
-    return None
+# --- measuring helpers ----------------------------------------------------------------------------------------
 
 
 def cpu_seconds(pid: int | None) -> float:
@@ -159,35 +173,48 @@ def verdict(ok: bool) -> str:
     return "met" if ok else "MISSED"
 
 
+# --- read load ------------------------------------------------------------------------------------------------
+
+
 @dataclass
-class ReadRun:
-    """One measured run of a metrics request beside healthz."""
+class Alone:
+    """One endpoint measured alone: all the connections on it, for one run."""
 
-    metrics_rps: float
-    metrics_p50: float
-    metrics_p99: float
-    healthz_rps: float
-    healthz_p50: float
-    healthz_p99: float
-    failures: int  # non-2xx answers and errors, both endpoints
-    server_cpu_ms: float  # per request, both endpoints
-    client_cpu_ms: float
-
-    @property
-    def ratio(self) -> float:
-        return self.metrics_rps / self.healthz_rps if self.healthz_rps else float("nan")
+    rps: float  # answers per second, whatever their status
+    p50: float  # ms
+    p99: float  # ms
+    failures: int  # non-2xx answers and requests without an answer
+    server_cpu_ms: float  # uvicorn's CPU per answer
+    client_cpu_ms: float  # the load generator's
 
 
-def read_run(base: str, metrics_path: str, connections: int, seconds: float) -> ReadRun:
-    result = load_run(base, {"metrics": metrics_path, "healthz": "/healthz"}, connections, seconds)
-    metrics, healthz = result.tallies["metrics"].latencies, result.tallies["healthz"].latencies
-    requests = len(metrics) + len(healthz)
-    return ReadRun(
-        len(metrics) / result.seconds, percentile_ms(metrics, 0.50), percentile_ms(metrics, 0.99),
-        len(healthz) / result.seconds, percentile_ms(healthz, 0.50), percentile_ms(healthz, 0.99),
-        sum(t.non_2xx + t.errors for t in result.tallies.values()),
-        1000 * result.server_cpu / requests, 1000 * result.client_cpu / requests,
-    )
+def measure_alone(base: str, path: str, connections: int, seconds: float, server: Server) -> Alone:
+    result = closed_loop_load(base, {"endpoint": path}, connections, seconds, warm_up=min(1.0, seconds),
+                              server_cpu=lambda: cpu_seconds(server.pid))
+    tally = result.tallies["endpoint"]
+    answers = len(tally.latencies)
+
+    def per_answer(cpu: float) -> float:
+        return 1000 * cpu / answers if answers else math.nan
+
+    return Alone(answers / result.seconds, percentile_ms(tally.latencies, 0.50), percentile_ms(tally.latencies, 0.99),
+                 tally.non_2xx + tally.errors, per_answer(result.server_cpu), per_answer(result.client_cpu))
+
+
+def ratio(metrics: Alone, healthz: Alone) -> float:
+    return metrics.rps / healthz.rps if healthz.rps else math.nan
+
+
+def median_of(runs: list[Alone]) -> Alone:
+    """Each figure's median over the runs; failures summed."""
+    return Alone(*(statistics.median(getattr(r, name) for r in runs) for name in ("rps", "p50", "p99")),
+                 sum(r.failures for r in runs),
+                 *(statistics.median(getattr(r, name) for r in runs) for name in ("server_cpu_ms", "client_cpu_ms")))
+
+
+def row(label: str, endpoint: str, a: Alone, last: str = "") -> str:
+    return (f"  {label:<7} {endpoint:<8} {a.rps:>7.0f} {a.p50:>7.1f} {a.p99:>7.1f} {a.failures:>6}   "
+            f"{a.server_cpu_ms:>7.2f} {a.client_cpu_ms:>6.2f}{last}")
 
 
 # (label, query, judged against the targets)
@@ -198,34 +225,42 @@ READ_LOADS = [
 ]
 
 
-def read_load(base: str, job_id: str, connections: int, seconds: float, repeats: int) -> None:
+def read_load(base: str, job_id: str, connections: int, seconds: float, repeats: int, server: Server) -> None:
     for label, query, judged in READ_LOADS:
         path = f"/jobs/{job_id}/metrics" + (f"?{query}" if query else "")
-        print(f"\nread load: GET {path.replace(job_id, '{id}')}, {label}, beside GET /healthz; "
-              f"{connections} connections (half on each), {repeats} runs of {seconds:g} s")
-        print(f"  {'run':<6} {'metrics req/s':>13} {'p50':>6} {'p99 ms':>7} | {'healthz req/s':>13} {'p50':>6} {'p99 ms':>7} "
-              f"| {'ratio':>5} | {'failed':>6} | CPU ms/request: uvicorn, client")
-        runs = [read_run(base, path, connections, seconds) for _ in range(repeats)]
-        for i, r in enumerate(runs, 1):
-            print(f"  {i:<6} {r.metrics_rps:>13.0f} {r.metrics_p50:>6.1f} {r.metrics_p99:>7.1f} | {r.healthz_rps:>13.0f} "
-                  f"{r.healthz_p50:>6.1f} {r.healthz_p99:>7.1f} | {r.ratio:>5.2f} | {r.failures:>6} | "
-                  f"{r.server_cpu_ms:.2f}, {r.client_cpu_ms:.2f}")
-        ratio, p99 = statistics.median(r.ratio for r in runs), statistics.median(r.metrics_p99 for r in runs)
-        line = f"  median: metrics/healthz rate ratio {ratio:.2f}, metrics p99 {p99:.1f} ms"
-        failed = sum(r.failures for r in runs)
+        runs = f"{repeats} run{'s' if repeats != 1 else ''} of {seconds:g} s"
+        print(f"\nread load: GET {path.replace(job_id, '{id}')}, {label}\n"
+              f"  and GET /healthz; each endpoint alone at {connections} connections, in turn, {runs} each")
+        print(f"  {'run':<7} {'endpoint':<8} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'failed':>6}   "
+              f"CPU ms/request: uvicorn, client   ratio metrics/healthz req/s")
+        metrics_runs, healthz_runs = [], []
+        for i in range(1, repeats + 1):
+            metrics = measure_alone(base, path, connections, seconds, server)
+            healthz = measure_alone(base, "/healthz", connections, seconds, server)
+            metrics_runs.append(metrics)
+            healthz_runs.append(healthz)
+            print(row(str(i), "metrics", metrics))
+            print(row(str(i), "healthz", healthz, f"   {ratio(metrics, healthz):>17.2f}"), flush=True)
+        metrics, healthz = median_of(metrics_runs), median_of(healthz_runs)
+        median_ratio = statistics.median(ratio(m, h) for m, h in zip(metrics_runs, healthz_runs))
+        print(row("median", "metrics", metrics))
+        print(row("median", "healthz", healthz, f"   {median_ratio:>17.2f}"))
+        failed = metrics.failures + healthz.failures
+        line = f"  metrics alone: {median_ratio:.2f} of healthz's rate, p99 {metrics.p99:.1f} ms"
         if judged:  # a fast answer that is an error does not count
-            line += (f"  (targets: ratio >= {METRICS_RATIO_TARGET}: {verdict(ratio >= METRICS_RATIO_TARGET and not failed)}; "
-                     f"p99 < {METRICS_P99_TARGET_MS:.0f} ms: {verdict(p99 < METRICS_P99_TARGET_MS and not failed)}; "
+            line += (f"  (targets: ratio >= {METRICS_RATIO_TARGET}: "
+                     f"{verdict(median_ratio >= METRICS_RATIO_TARGET and not failed)}; "
+                     f"p99 < {METRICS_P99_TARGET_MS:.0f} ms: {verdict(metrics.p99 < METRICS_P99_TARGET_MS and not failed)}; "
                      f"failed requests {failed})")
         else:
-            line += "  (no target: shown for what a 300-row answer costs)"
+            line += f"  (no target: shown for what a {HISTORY_EPOCHS}-row answer costs; failed requests {failed})"
         print(line)
 
 
 # --- dispatch latency -----------------------------------------------------------------------------------------
 
 
-def wait_for_status(client: httpx.Client, job_id: str, statuses: set[str], timeout: float, poll: float) -> str:
+def wait_for_status(client: httpx.Client, job_id: str, statuses: Collection[str], timeout: float, poll: float) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         status = client.get(f"/jobs/{job_id}").raise_for_status().json()["status"]
@@ -240,14 +275,14 @@ def dispatch_once(client: httpx.Client, category: int, timeout: float) -> float:
     started = time.perf_counter()
     response = client.post("/jobs", json=single_image_job(category)).raise_for_status()
     job_id = response.json()["id"]
-    wait_for_status(client, job_id, {"running", "cancelling", *TERMINAL}, timeout, DISPATCH_POLL_S)
+    wait_for_status(client, job_id, (JobStatus.running, JobStatus.cancelling, *TERMINAL), timeout, DISPATCH_POLL_S)
     latency = time.perf_counter() - started
     # 409: the one-step job finished before the cancel arrived; either way the worker is free once it is terminal.
     cancel = client.post(f"/jobs/{job_id}/cancel")
     if cancel.status_code not in (200, 409):
         cancel.raise_for_status()
     status = wait_for_status(client, job_id, TERMINAL, timeout, 0.05)
-    if status == "failed":
+    if status == JobStatus.failed:
         raise RuntimeError(f"job {job_id} failed: {client.get(f'/jobs/{job_id}').json()['error']}")
     return latency
 
@@ -267,17 +302,18 @@ def dispatch_latency(base: str, category: int) -> None:
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.api", description=__doc__.split("\n\n")[0])
     parser.add_argument("--database", choices=["sqlite", "postgresql"], default="sqlite")
     parser.add_argument("--dataset_root", default=None, help="synthetic dataset; generated into data/synthetic when unset and absent")
     parser.add_argument("--seconds", type=float, default=10.0, help="duration of each measured read-load run")
     parser.add_argument("--connections", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3, help="measured runs per read load; the verdicts use their medians")
+    parser.add_argument("--repeats", type=int, default=3, help="measured runs per endpoint and read load; the verdicts use their medians")
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
+    require_binaries([args.database])
     root = dataset_root(args.dataset_root)
     category = MP100Catalog(root).category_ids("train")[0]
     print(f"API benchmark: database {args.database}, {args.connections} connections, {args.seconds:g} s per run, "
@@ -285,14 +321,14 @@ def main() -> None:
           f"worker (cpu), client on the same machine; dataset {root}, category {category}")
     with tempfile.TemporaryDirectory(prefix="cape-bench-api-") as tmp_name, ExitStack() as stack:
         tmp = Path(tmp_name)
-        broker_url = stack.enter_context(redis_server(tmp))
+        broker_url = stack.enter_context(redis_server(tmp)).url
         database_url = stack.enter_context(database(args.database, tmp))
         env = service_env(database_url, broker_url, root, tmp)
-        base = stack.enter_context(uvicorn_server(env, tmp / "api.log"))
-        job_id = job_with_history(base, database_url, category)  # before the worker: it must not train this job
-        stack.enter_context(celery_worker(env, tmp / "worker.log", name="bench"))
-        read_load(base, job_id, args.connections, args.seconds, args.repeats)
-        dispatch_latency(base, category)
+        api = stack.enter_context(api_server(env, tmp / "api.log"))
+        job_id = job_with_history(api.url, database_url, category)  # before the worker: it must not train this job
+        stack.enter_context(worker(env, tmp / "worker.log", name="bench"))
+        read_load(api.url, job_id, args.connections, args.seconds, args.repeats, api)
+        dispatch_latency(api.url, category)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,6 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
-
 from cape.data.synthetic import generate
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[1] / "data" / "synthetic"
@@ -23,6 +21,8 @@ def dataset_root(root: str | None) -> Path:
 
 def matmul_flops_per_second(n: int = 1024, repeats: int = 20) -> float:
     """Median float32 matmul rate of this machine (FLOP/s), the yardstick for achieved efficiency."""
+    import torch  # here, not at the top: the service benchmarks use this module and need no torch
+
     a, b = torch.randn(n, n), torch.randn(n, n)
     for _ in range(3):
         a @ b

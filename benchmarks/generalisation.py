@@ -1,6 +1,6 @@
 """Does the model localise keypoints on categories it has never seen? CPU, synthetic dataset.
 
-    python benchmarks/generalisation.py [--dataset_root DIR] [--epochs 30] [--episodes_per_epoch 200]
+    .venv/bin/python -m benchmarks.generalisation [--dataset_root DIR] [--epochs 30] [--episodes_per_epoch 200]
 
 1. ``full`` mode on split 1 (70 train categories) within a CPU budget of at most 15 minutes, then the 1-shot test
    evaluation on the 20 unseen test categories: PCK@0.2 (mean over categories) beside the baseline that copies the
@@ -11,16 +11,13 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import dataset_root  # noqa: E402
-from cape.config import TrainConfig  # noqa: E402
-from cape.data.catalog import MP100Catalog  # noqa: E402
-from cape.trainer import Trainer  # noqa: E402
+from benchmarks.common import dataset_root
+from cape.config import TrainConfig
+from cape.data.catalog import MP100Catalog
+from cape.trainer import Trainer
 
 BUDGET_SECONDS = 15 * 60
 

@@ -2,8 +2,9 @@
 previous answer is complete, with every answer's latency and status recorded.
 
 Why not httpx: on a machine where the client shares the cores with the server, the client's CPU is taken from the
-server. httpx spends about 1.4 ms of CPU per request; this spends a few tens of microseconds (httptools parses the
-answers, uvloop runs the sockets), so the figures measure the server, not the load generator.
+server. httpx spends many times more CPU per request than this (httptools parses the answers, uvloop runs the
+sockets), so the figures measure the server, not the load generator. The benchmarks print the client's CPU per
+request beside the server's.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """The job service under a mixed load of many clients while a worker trains: throughput, latency, and no lost data.
 
-    .venv/bin/python benchmarks/load.py [--database sqlite|postgresql|both] [--clients 200] [--seconds 60] [--dataset_root DIR]
+    .venv/bin/python -m benchmarks.load [--database sqlite|postgresql|both] [--clients 200] [--seconds 60]
+                                        [--dataset_root DIR]
 
-Starts the embedded-default stack on loopback (the servers of tests/servers.py, as benchmarks/api.py does):
+Starts the embedded-default stack on loopback (service/local_servers.py, as benchmarks/api.py does):
 redis-server, the database (a SQLite file, or a throwaway PostgreSQL cluster), the Alembic migrations, one uvicorn
 process and one Celery worker on the CPU; ``--database both`` (the default) runs the whole benchmark on SQLite, then
 on PostgreSQL. Then:
@@ -53,19 +54,18 @@ from contextlib import AsyncExitStack, ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import httpx
+from sqlmodel import Session, func, select
 
-import httpx  # noqa: E402
-from sqlmodel import Session, func, select  # noqa: E402
-
-from benchmarks.api import (  # noqa: E402
-    cpu_seconds, database, percentile_ms, service_env, single_image_job, uvicorn_pid, verdict,
+from benchmarks.api import (
+    api_server, cpu_seconds, database, percentile_ms, redis_server, require_binaries, service_env, single_image_job,
+    verdict, worker,
 )
-from benchmarks.common import dataset_root  # noqa: E402
-from cape.data.catalog import MP100Catalog  # noqa: E402
-from service.db import make_engine  # noqa: E402
-from service.models import EpochMetric, Job, JobStatus  # noqa: E402
-from tests.servers import celery_worker, pool_children, redis_server, uvicorn_server  # noqa: E402
+from benchmarks.common import dataset_root
+from cape.data.catalog import MP100Catalog
+from service.db import make_engine
+from service.local_servers import Server, pool_children
+from service.models import TERMINAL, EpochMetric, Job, JobStatus
 
 # The request mix, per iteration of a client: the rest of the draws poll metrics.
 POST_SHARE, LIST_SHARE, GET_SHARE = 0.05, 0.10, 0.15
@@ -74,7 +74,7 @@ TRAINING_POLL_SHARE = 0.7  # of the metrics polls: on the training job (the rows
 
 # The worker's job: 1000 epochs (the most a job may have) of 10 one-image episodes outlast any load window; it is
 # cancelled when the load ends. Heartbeats every second (default 10 s) so that they too are written during the
-# window: the trainer's epoch rows reset the heartbeat clock, and an epoch here lasts about a second.
+# window: the trainer's epoch rows reset the heartbeat clock, and an epoch here is shorter than 10 s.
 TRAINING_JOB = dict(epochs=1000, episodes_per_epoch=10, batch_size=1, num_queries_per_episode=1)
 HEARTBEAT_INTERVAL_S = 1.0
 # The clients' jobs: the smallest there is, in case the worker ever gets to one.
@@ -85,7 +85,6 @@ WARMUP_S = 2.0  # opens the connections, the database pools and uvicorn's thread
 REQUEST_TIMEOUT_S = 60.0  # a slow answer is measured as slow; only one slower than this counts as no answer
 MAX_RETRY_AFTER_S = 5.0
 FIRST_EPOCH_TIMEOUT_S = 300.0  # the worker imports torch on its first job
-TERMINAL = {JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled}
 ACTIVE = {JobStatus.queued, JobStatus.running, JobStatus.cancelling}
 
 POST, POST_KEYED, POST_REPLAY = "POST /jobs", "POST /jobs, new Idempotency-Key", "POST /jobs, replayed key"
@@ -223,7 +222,7 @@ async def run_clients(base: str, count: int, seconds: float, observed: Observed,
                       on_start) -> float:
     """The clients' loops, without a pause: a warm-up, then the measured window. Returns the measured time, from the
     window's start until the last of its requests ended. ``on_start`` (run in a thread) takes the window's snapshot."""
-    # A client per connection, made before any clock starts (each costs ~20 ms): see benchmarks/api.py.
+    # A client per connection, made before any clock starts: making one takes long enough to skew the window.
     limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
     async with AsyncExitStack() as stack:
         https = [await stack.enter_async_context(httpx.AsyncClient(base_url=base, limits=limits, timeout=REQUEST_TIMEOUT_S))
@@ -443,9 +442,9 @@ def access_statuses(log: Path) -> Counter:
 # --- main -----------------------------------------------------------------------------------------------------
 
 
-def worker_cpu(worker) -> float:
+def worker_cpu(server: Server) -> float:
     """CPU of the worker's main process and its pool child (which trains)."""
-    return sum(cpu_seconds(pid) for pid in [worker.pid, *pool_children(worker.pid)])
+    return sum(cpu_seconds(pid) for pid in [server.pid, *pool_children(server.pid)])
 
 
 def run_on(kind: str, root: Path, category: int, images: dict[int, int], clients: int, seconds: float) -> int:
@@ -453,11 +452,12 @@ def run_on(kind: str, root: Path, category: int, images: dict[int, int], clients
     print(f"\n=== {kind}: {clients} clients, {WARMUP_S:g} s warm-up + {seconds:g} s measured")
     with tempfile.TemporaryDirectory(prefix="cape-bench-load-") as tmp_name, ExitStack() as stack:
         tmp = Path(tmp_name)
-        broker_url = stack.enter_context(redis_server(tmp))
+        broker_url = stack.enter_context(redis_server(tmp)).url
         database_url = stack.enter_context(database(kind, tmp))
         env = service_env(database_url, broker_url, root, tmp) | {"CAPE_HEARTBEAT_INTERVAL_S": str(HEARTBEAT_INTERVAL_S)}
-        base = stack.enter_context(uvicorn_server(env, tmp / "api.log"))
-        worker = stack.enter_context(celery_worker(env, tmp / "worker.log", name="load"))
+        api = stack.enter_context(api_server(env, tmp / "api.log"))
+        base = api.url
+        training_worker = stack.enter_context(worker(env, tmp / "worker.log", name="load"))
         training = start_training(base, database_url, category)
         observed = Observed(training=[training])
 
@@ -465,10 +465,11 @@ def run_on(kind: str, root: Path, category: int, images: dict[int, int], clients
 
         def on_start() -> None:  # the measured window starts: where the training job and the CPU clocks are
             snapshot["epoch"] = training_progress(database_url, training)[1]
-            snapshot["cpu"] = {"server": cpu_seconds(uvicorn_pid()), "worker": worker_cpu(worker), "client": time.process_time()}
+            snapshot["cpu"] = {"server": cpu_seconds(api.pid), "worker": worker_cpu(training_worker),
+                               "client": time.process_time()}
 
         elapsed = asyncio.run(run_clients(base, clients, seconds, observed, images, on_start))
-        cpu = {"server": cpu_seconds(uvicorn_pid()), "worker": worker_cpu(worker), "client": time.process_time()}
+        cpu = {"server": cpu_seconds(api.pid), "worker": worker_cpu(training_worker), "client": time.process_time()}
         cpu = {name: value - snapshot["cpu"][name] for name, value in cpu.items()}
         status, epoch = training_progress(database_url, training)
 
@@ -519,6 +520,7 @@ def main() -> int:
           f"({platform.processor() or platform.machine()}), one uvicorn process, one Celery worker (cpu) training, "
           f"client on the same machine; dataset {root}, training category {categories[0]}")
     kinds = ["sqlite", "postgresql"] if args.database == "both" else [args.database]
+    require_binaries(kinds)
     missed = sum(run_on(kind, root, categories[0], images, args.clients, args.seconds) for kind in kinds)
     print(f"\n{'all targets met' if missed == 0 else f'{missed} targets MISSED'}")
     return 1 if missed else 0

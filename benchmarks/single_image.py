@@ -1,6 +1,6 @@
 """Single-image memorisation, the users' recipe, on the CPU and the synthetic dataset.
 
-    python benchmarks/single_image.py [--dataset_root DIR] [--categories 5] [--preset small]
+    .venv/bin/python -m benchmarks.single_image [--dataset_root DIR] [--categories 5] [--preset small]
 
 Runs ``--debug_single_image CAT --epochs 50 --batch_size 1 --num_queries_per_episode 1 --episodes_per_epoch 20``
 for several categories and prints, per category, the epoch and wall time at which loss < 0.1 and Val PCK@0.2 = 100 %
@@ -13,20 +13,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-import torch  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
-
-from benchmarks.common import dataset_root, matmul_flops_per_second  # noqa: E402
-from cape.config import TrainConfig  # noqa: E402
-from cape.data.batch import collate_episodes  # noqa: E402
-from cape.data.catalog import MP100Catalog  # noqa: E402
-from cape.trainer import Trainer  # noqa: E402
+from benchmarks.common import dataset_root, matmul_flops_per_second
+from cape.config import TrainConfig
+from cape.data.batch import collate_episodes
+from cape.data.catalog import MP100Catalog
+from cape.trainer import Trainer
 
 LOSS_TARGET, EPOCH_TARGET, SECONDS_TARGET = 0.1, 20, 60.0
 

@@ -1,6 +1,6 @@
 """How long ``cape.data.synthetic`` takes to write the whole dataset, and how big it is.
 
-    .venv/bin/python benchmarks/synthetic_generation.py [--runs 3] [--workers N]
+    .venv/bin/python -m benchmarks.synthetic_generation [--runs 3] [--workers N]
 
 Generates into a fresh temporary folder each run (seed 0) and prints the median wall time, images per
 second and the dataset's size on disk.

@@ -4,8 +4,7 @@ can write at the same time; PostgreSQL needs nothing special.
 Two ways in. ``SessionDep``: a session for the sync endpoints, which run in the thread pool. ``ReadsDep``: read-only
 Core queries on the event loop itself, for the one route pollers hit all the time (``GET /jobs/{id}/metrics``).
 Each thread-pool hop waits for the event loop to come round again: under load that, not the query, was most of a
-poll's latency (benchmarks/api.py on SQLite, 32 connections: in the thread pool a poll got 0.08 of healthz's rate
-with a p99 of 165 ms; on the loop 1.00 and 22 ms).
+poll's latency (measured with benchmarks/api.py).
 """
 
 from __future__ import annotations
@@ -35,7 +34,7 @@ POOL = dict(pool_size=20, max_overflow=20, pool_timeout=10)
 MAX_SESSIONS = POOL["pool_size"] + POOL["max_overflow"]
 # The event loop's PostgreSQL reads: a poll holds its connection for one round trip, so a connection each for the
 # polls in flight at once (one per poller connection, at worst) and no waiting for one: a wait is one more turn of
-# the event loop (with 10 connections for 16 pollers, their rate fell from 0.48 of healthz's to 0.29). PostgreSQL's
+# the event loop, and with fewer connections than pollers the polls' rate fell well below healthz's. PostgreSQL's
 # connection limit is shared with the sessions' pool, other API processes and the workers: see docker-compose.yml.
 ASYNC_POOL = dict(pool_size=20, max_overflow=10, pool_timeout=10)
 

@@ -20,8 +20,8 @@ from service.settings import get_settings
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # Everything loaded so far lives as long as the process: frozen, the collector stops scanning it. Each full
-    # collection scanned it all and paused the event loop for 70-80 ms, which was the whole p99 of a poll under
-    # load (PostgreSQL: 102 ms before, 38 ms after; benchmarks/api.py).
+    # collection scanned it all and paused the event loop for long enough to be the whole p99 of a poll under load
+    # (measured with benchmarks/api.py).
     gc.collect()
     gc.freeze()
     yield

@@ -14,8 +14,9 @@ import pytest
 
 from cape.data.catalog import MP100Catalog
 from service.migrate import upgrade
+from service.models import TERMINAL
 from tests.servers import RestartableRedis, celery_worker, pool_children, uvicorn_server, wait_until
-from tests.test_e2e import TERMINAL, poll, single_image
+from tests.test_e2e import poll, single_image
 
 # Short clocks, so a lost worker is noticed in seconds rather than minutes.
 FAST_RELIABILITY = {
