@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DATA_ROOT ?= data/synthetic
 SPLIT ?= 1
 
-.PHONY: run catalog test data bench bench-generalisation bench-service clean
+.PHONY: run catalog test data bench bench-generalisation bench-service bench-streams clean
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 is required"'
@@ -39,6 +39,9 @@ bench-service: data  # the API and the stack under load, on SQLite and PostgreSQ
 	$(PY) -m benchmarks.api --dataset_root $(DATA_ROOT)
 	$(PY) -m benchmarks.api --dataset_root $(DATA_ROOT) --database postgresql
 	$(PY) -m benchmarks.load --dataset_root $(DATA_ROOT)
+
+bench-streams: data  # 500 event streams (SSE) on one API process while a job trains (needs redis-server)
+	$(PY) -m benchmarks.streams --dataset_root $(DATA_ROOT)
 
 clean:
 	rm -rf $(VENV) data *.egg-info

@@ -84,6 +84,10 @@ class TrainConfig(BaseModel):
     val_episodes_per_category: int = Field(default=2, ge=1, le=1000, description="fixed validation episodes per category")
     val_queries_per_episode: int = Field(default=5, ge=1, le=64, description="queries per validation episode")
     test_episodes_per_category: int = Field(default=10, ge=0, le=1000, description="full mode: test episodes per unseen category at the end (0: no test)")
+    picture_every: int = Field(
+        default=5, ge=1, le=1000,
+        description="full mode: draw the validation pictures every N epochs and at the last (other modes: every epoch)",
+    )
     seed: int = Field(default=0, ge=0, le=2**31 - 1, description="seed of the model's initialisation, the episodes and their augmentation")
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$", description="auto (CUDA when there is one), cpu, cuda, cuda:N or mps")
     num_workers: int = Field(default=0, ge=0, le=64, description="DataLoader worker processes")

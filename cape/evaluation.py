@@ -8,7 +8,7 @@ autoregressively from its own predictions; ``copy_support`` is the baseline that
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,7 @@ from cape.data.episodes import fixed_episodes
 from cape.data.instances import InstanceLoader
 from cape.data.run_data import eval_batches
 from cape.device import autocast_dtype, resolve_device
-from cape.metrics import PCKAccumulator, PCKSummary, countable_mask
+from cape.metrics import PCKAccumulator, PCKSummary, correct_keypoints, countable_mask
 from cape.model import CapeModel
 
 Predictor = Callable[[EpisodeBatch], torch.Tensor]  # -> [B, Q, K, 2] in [0, 1] of each query crop
@@ -52,27 +52,50 @@ def to_pixels(coords: torch.Tensor, batch: EpisodeBatch) -> np.ndarray:
     return boxes[..., None, :2] + uv * boxes[..., None, 2:3]
 
 
-def score_batch(accumulator: PCKAccumulator, coords: torch.Tensor, batch: EpisodeBatch) -> None:
+@dataclass(frozen=True)
+class ScoredQuery:
+    """One query's real keypoints (K of them, no padding) in original image pixels, as PCK@0.2 judged them."""
+
+    pred: np.ndarray  # [K, 2]
+    gt: np.ndarray  # [K, 2]
+    counted: np.ndarray  # [K] bool: labelled in the query and the support
+    correct: np.ndarray  # [K] bool: counted and within 0.2 * max(bbox w, h) of the ground truth (PCK@0.2)
+
+    @property
+    def pck(self) -> float | None:
+        return float(self.correct.sum() / self.counted.sum()) if self.counted.any() else None
+
+
+def score_batch(accumulator: PCKAccumulator, coords: torch.Tensor, batch: EpisodeBatch) -> list[ScoredQuery]:
+    """Add the batch to ``accumulator``; return its queries, in order (episode-major), as ScoredQuery."""
     b, q, k = batch.query_keypoints.shape[:3]
+    keypoint_mask = batch.keypoint_mask.cpu().numpy()
     mask = countable_mask(
         batch.query_labelled.cpu().numpy(),
         batch.support_labelled.cpu().numpy()[:, None].repeat(q, axis=1),  # [B, Q, S, K]
-    ) & batch.keypoint_mask.cpu().numpy()[:, None, :]
-    accumulator.add(
-        to_pixels(coords, batch).reshape(b * q, k, 2),
-        batch.query_keypoints_px.cpu().numpy().reshape(b * q, k, 2),
-        mask.reshape(b * q, k),
-        batch.query_norm.cpu().numpy().reshape(b * q),
-        batch.category_ids.cpu().numpy().repeat(q),
-    )
+    ) & keypoint_mask[:, None, :]
+    pred = to_pixels(coords, batch).reshape(b * q, k, 2)
+    gt = batch.query_keypoints_px.cpu().numpy().reshape(b * q, k, 2)
+    norm = batch.query_norm.cpu().numpy().reshape(b * q)
+    counted = mask.reshape(b * q, k)
+    accumulator.add(pred, gt, counted, norm, batch.category_ids.cpu().numpy().repeat(q))
+    correct = correct_keypoints(pred, gt, counted, norm)
+    real = keypoint_mask.repeat(q, axis=0)  # [B * Q, K]
+    return [ScoredQuery(pred[i][real[i]], gt[i][real[i]], counted[i][real[i]], correct[i][real[i]]) for i in range(b * q)]
 
 
 @torch.no_grad()
-def evaluate(predict: Predictor, batches: Iterable[EpisodeBatch], device: torch.device | str) -> PCKSummary:
+def evaluate(
+    predict: Predictor, batches: Iterable[EpisodeBatch], device: torch.device | str, examples: list | None = None,
+    max_examples: int = 0,
+) -> PCKSummary:
+    """PCK of ``predict`` over ``batches``; the first ``max_examples`` queries are appended to ``examples``."""
     accumulator = PCKAccumulator()
     for batch in batches:
         batch = batch.to(device)
-        score_batch(accumulator, predict(batch), batch)
+        scored = score_batch(accumulator, predict(batch), batch)
+        if examples is not None and len(examples) < max_examples:
+            examples.extend(scored[: max_examples - len(examples)])
     return accumulator.summary()
 
 

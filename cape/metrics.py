@@ -37,6 +37,7 @@ __all__ = [
     "PCKAccumulator",
     "PCKSummary",
     "bbox_norm",
+    "correct_keypoints",
     "countable_mask",
     "pad_keypoints",
     "pck_curve",
@@ -163,6 +164,25 @@ def _validated_alphas(alphas: Sequence[float]) -> np.ndarray:
     return a
 
 
+def _distance_ratio(p: np.ndarray, g: np.ndarray, m: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """``||pred - gt|| / norm`` per keypoint, ``[N, K]`` (0 where not counted)."""
+    # Subtract only at counted positions: padding may hold NaN/inf and must not raise warnings.
+    diff = np.zeros_like(p)
+    np.subtract(p, g, out=diff, where=m[..., None])
+    # Divide (rather than compare dist < alpha * norm) so that dist exactly alpha * norm gives
+    # the correctly rounded ratio == alpha and the strict "<" holds as defined.
+    return np.sqrt(np.sum(diff * diff, axis=2)) / n[:, None]
+
+
+def correct_keypoints(pred: Any, gt: Any, mask: Any, norm: Any, alpha: float = PCK_ALPHA) -> np.ndarray:
+    """Which keypoints are correct at ``alpha``: bool ``[N, K]``, counted and ``dist / norm < alpha``.
+
+    Shapes and units as in :func:`pck_curve`.
+    """
+    p, g, m, n = _validated(pred, gt, mask, norm)
+    return (_distance_ratio(p, g, m, n) < alpha) & m
+
+
 def pck_curve(pred: Any, gt: Any, mask: Any, norm: Any, alphas: Sequence[float] = ALPHAS) -> np.ndarray:
     """Per-query PCK at several thresholds, distances computed once.
 
@@ -181,13 +201,7 @@ def pck_curve(pred: Any, gt: Any, mask: Any, norm: Any, alphas: Sequence[float] 
     """
     p, g, m, n = _validated(pred, gt, mask, norm)
     a = _validated_alphas(alphas)
-    # Subtract only at counted positions: padding may hold NaN/inf and must not raise warnings.
-    diff = np.zeros_like(p)
-    np.subtract(p, g, out=diff, where=m[..., None])
-    # Divide (rather than compare dist < alpha * norm) so that dist exactly alpha * norm gives
-    # the correctly rounded ratio == alpha and the strict "<" holds as defined.
-    ratio = np.sqrt(np.sum(diff * diff, axis=2)) / n[:, None]  # [N, K]
-    correct = (ratio[:, :, None] < a) & m[:, :, None]  # [N, K, A]
+    correct = (_distance_ratio(p, g, m, n)[:, :, None] < a) & m[:, :, None]  # [N, K, A]
     counted = m.sum(axis=1)  # [N]
     out = np.full((p.shape[0], a.size), np.nan)
     has = counted > 0

@@ -1,5 +1,9 @@
-"""The human-readable files of a run in its output folder: ``config.json``, ``metrics.jsonl`` (one EpochRecord a
-line) and, in full mode, ``test_metrics.json``. Torch-free. Checkpoints are in cape/checkpoints.py."""
+"""The files of a run in its output folder, and where each lies. Torch-free: the API reads some of them.
+
+``config.json``, ``metrics.jsonl`` (one EpochRecord a line), ``test_metrics.json`` (full mode), ``log.txt`` (a
+job's log, written by the worker), ``inputs.png`` and ``epochs/<n>/predictions.{png,json}`` (cape/pictures.py).
+Checkpoints are cape/checkpoints.py's.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,33 @@ from pathlib import Path
 from cape.config import TrainConfig
 from cape.epoch_record import EpochRecord
 
-METRICS, CONFIG, TEST_METRICS = "metrics.jsonl", "config.json", "test_metrics.json"
+METRICS, CONFIG, TEST_METRICS, LOG = "metrics.jsonl", "config.json", "test_metrics.json", "log.txt"
+INPUTS, EPOCHS, PREDICTIONS_PNG, PREDICTIONS_JSON = "inputs.png", "epochs", "predictions.png", "predictions.json"
+
+
+def epoch_folder(run_folder: Path, epoch: int) -> Path:
+    return run_folder / EPOCHS / str(epoch)
+
+
+def picture_epochs(run_folder: Path) -> list[int]:
+    """The epochs whose prediction pictures are complete (the JSON is written last), in order."""
+    folder = run_folder / EPOCHS
+    if not folder.is_dir():
+        return []
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and (p / PREDICTIONS_JSON).is_file())
+
+
+def never_correct(run_folder: Path) -> list[int] | None:
+    """Keypoints of the first validation query that no epoch's prediction got right (counted ones only); None
+    when no epoch was drawn. For the single-image verdict: there the first query is the one image."""
+    correct_once: set[int] = set()
+    counted: set[int] = set()
+    epochs = picture_epochs(run_folder)
+    for epoch in epochs:
+        first = json.loads((epoch_folder(run_folder, epoch) / PREDICTIONS_JSON).read_text())["queries"][0]
+        counted |= {i for i, c in enumerate(first["counted"]) if c}
+        correct_once |= {i for i, c in enumerate(first["correct"]) if c}
+    return sorted(counted - correct_once) if epochs else None
 
 
 def json_safe(x):

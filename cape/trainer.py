@@ -39,6 +39,7 @@ from cape.evaluation import copy_support, evaluate, model_predictor
 from cape.losses import keypoint_losses
 from cape.metrics import PCKSummary
 from cape.model import CapeModel
+from cape.pictures import MAX_QUERIES, Pictures
 from cape.run_files import RunFiles
 
 # Fields a resumed run may change without changing what it computes.
@@ -109,6 +110,7 @@ class Trainer:
         self.device = resolve_device(config.device)
         self.amp_dtype = autocast_dtype(config.use_amp, self.device)
         self.data = RunData(config, catalog)
+        self.pictures = Pictures(self.output_dir, self.data.catalog) if self.output_dir else None
         torch.manual_seed(config.seed)
         random.seed(config.seed)
         np.random.seed(config.seed)
@@ -233,11 +235,17 @@ class Trainer:
         if not self.progress:
             self.log(f"epoch {epoch} step {progress.step}/{self.steps_per_epoch} " + " ".join(f"{k} {v:.4f}" for k, v in running.items()))
 
-    def validate(self, episodes: Sequence[Episode] | None = None) -> PCKSummary:
-        """PCK of autoregressive decoding: the model sees only its own previous predictions."""
+    def validate(self, episodes: Sequence[Episode] | None = None, examples: list | None = None) -> PCKSummary:
+        """PCK of autoregressive decoding: the model sees only its own previous predictions. The first queries'
+        results are appended to ``examples`` when it is given (the pictures)."""
         self.model.eval()
         episodes = self.data.val_episodes if episodes is None else episodes
-        return evaluate(model_predictor(self.model, self.amp_dtype), self.data.eval_batches(episodes), self.device)
+        predict = model_predictor(self.model, self.amp_dtype)
+        return evaluate(predict, self.data.eval_batches(episodes), self.device, examples, MAX_QUERIES)
+
+    def _draws_pictures(self, epoch: int) -> bool:
+        c = self.config
+        return self.pictures is not None and (c.mode != "full" or epoch % c.picture_every == 0 or epoch == c.epochs)
 
     # --- the run -------------------------------------------------------------------------------------------------
 
@@ -248,6 +256,8 @@ class Trainer:
             self.log(line)
         if resume:
             self.log(f"resumed from {resume} at epoch {completed + 1}, step {progress.step}")
+        if self.pictures:
+            self.log(self.pictures.inputs(self.data.train_dataset(1, 0)[0]))
 
         for epoch in range(completed + 1, self.config.epochs + 1):
             if not self.train_epoch(epoch, progress):
@@ -263,7 +273,11 @@ class Trainer:
 
     def _end_epoch(self, epoch: int, progress: EpochProgress) -> EpochRecord:
         """Validate, report the epoch (log, metrics.jsonl, callbacks), then checkpoint it."""
-        summary = self.validate()
+        examples = [] if self._draws_pictures(epoch) else None
+        summary = self.validate(examples=examples)
+        if examples:
+            # Drawn before the epoch is reported: whoever sees its row can fetch its pictures.
+            self.pictures.predictions(epoch, self.data.val_episodes, examples)
         record = EpochRecord(
             epoch=epoch,
             **{name: progress.sums[name] / self.steps_per_epoch for name in LOSSES},
@@ -306,7 +320,9 @@ class Trainer:
             "pck": model.category_mean_pck,
             "mpck": model.category_mean_mpck,
             "baseline_copy_support_pck": baseline.category_mean_pck,
-            "per_category": {str(k): v for k, v in model.per_category.items()},
+            "per_category": {
+                str(k): {"name": self.data.catalog.category(k).name, **v} for k, v in model.per_category.items()
+            },
         }
         self.log(
             f"test ({len(self.data.catalog.category_ids('test'))} unseen categories): PCK@0.2 {100 * model.category_mean_pck:.2f}% "

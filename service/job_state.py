@@ -12,6 +12,8 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session
 
 from cape.epoch_record import EpochRecord
+from cape.verdict import is_memorised
+from service import notify
 from service.models import EpochMetric, Job, JobStatus, utcnow
 
 ACTIVE = (JobStatus.running, JobStatus.cancelling)
@@ -29,6 +31,7 @@ def _transition(
     return result.rowcount == 1
 
 
+@notify.publishes  # after the commit: the job's event streams look again
 def claim(session: Session, job_id: uuid.UUID, worker: str) -> bool:
     """queued -> running for this worker. False when the job is gone, already claimed, cancelled or finished."""
     now = utcnow()
@@ -57,6 +60,7 @@ def request_handoff(session: Session, worker: str) -> int:
     return result.rowcount
 
 
+@notify.publishes
 def requeue_after_handoff(session: Session, job_id: uuid.UUID, worker: str) -> bool:
     """running -> queued after a graceful stop; the try is given back, since nothing was lost."""
     return _transition(
@@ -65,6 +69,7 @@ def requeue_after_handoff(session: Session, job_id: uuid.UUID, worker: str) -> b
     )
 
 
+@notify.publishes
 def request_cancel(session: Session, job_id: uuid.UUID) -> bool:
     """queued -> cancelled at once (no worker will train it); running -> cancelling (its worker stops it).
 
@@ -78,6 +83,7 @@ def request_cancel(session: Session, job_id: uuid.UUID) -> bool:
     )
 
 
+@notify.publishes
 def finish(
     session: Session, job_id: uuid.UUID, status: JobStatus, error: str | None = None, worker: str | None = None
 ) -> bool:
@@ -110,6 +116,7 @@ def heartbeat(session: Session, job_id: uuid.UUID, worker: str) -> bool:
     return _transition(session, job_id, ACTIVE, held_by=worker, heartbeat_at=utcnow())
 
 
+@notify.publishes
 def record_epoch(session: Session, job_id: uuid.UUID, record: EpochRecord, worker: str | None = None) -> bool:
     """Insert the epoch's row (once: a repeated epoch is ignored) and move the job's progress. True if new.
 
@@ -128,7 +135,18 @@ def record_epoch(session: Session, job_id: uuid.UUID, record: EpochRecord, worke
     progress = dict(current_epoch=values["epoch"], latest_loss=values["loss"], latest_pck=pck, heartbeat_at=utcnow())
     if pck is not None:
         progress["best_pck"] = case((Job.best_pck.is_(None) | (Job.best_pck < pck), pck), else_=Job.best_pck)
+    if is_memorised(record.loss, pck):
+        progress["memorised_epoch"] = func.coalesce(Job.memorised_epoch, values["epoch"])
     # A finished job's progress stays as it ended, even if a late duplicate of an epoch arrives. The row and the
     # progress are committed together.
     _transition(session, job_id, ACTIVE, held_by=worker, **progress)
     return inserted
+
+
+@notify.publishes
+def record_outcome(
+    session: Session, job_id: uuid.UUID, worker: str, test_result: dict | None, never_correct: list[int] | None
+) -> bool:
+    """What a finished run leaves beside its rows: the test result (full mode), and for a single-image run that was
+    not memorised, the keypoints that were never correct. Only while ``worker`` holds the job."""
+    return _transition(session, job_id, ACTIVE, held_by=worker, test_result=test_result, never_correct=never_correct)

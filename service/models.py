@@ -9,7 +9,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime, timezone
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, create_model
 from pydantic import Field as PydanticField
@@ -18,6 +18,7 @@ from sqlmodel import Field, SQLModel
 
 from cape.config import TrainConfig
 from cape.epoch_record import EpochRecord
+from cape.verdict import Verdict, single_image_verdict
 
 
 def utcnow() -> datetime:
@@ -34,6 +35,7 @@ class JobStatus(StrEnum):
 
 
 TERMINAL = (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
+NAME_MAX, TAG_MAX, TAGS_MAX = 100, 40, 10
 
 
 class UTCDateTime(TypeDecorator):
@@ -68,9 +70,18 @@ class Job(SQLModel, table=True):
     image_file: str | None = Field(default=None, max_length=512)
     image_annotation_id: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))  # MP-100 ids exceed 2**31
     config: dict = Field(sa_column=Column(JSON, nullable=False))
+    name: str | None = Field(default=None, max_length=NAME_MAX)
+    # A sweep is the jobs that share a tag (GET /jobs?tag=...).
+    tags: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False, server_default="[]"))
     current_epoch: int = 0
     total_epochs: int
     best_pck: float | None = None
+    # single_image: the first epoch at which it was memorised (cape.verdict), and when it finished without, the
+    # keypoints that were never correct
+    memorised_epoch: int | None = None
+    never_correct: list[int] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    # full mode: PCK on the split's unseen test categories at the end, with the copy-the-support baseline
+    test_result: dict | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     latest_pck: float | None = None
     latest_loss: float | None = None
     error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
@@ -112,8 +123,18 @@ class EpochMetric(EpochMetricBase, table=True):
 CLIENT_FIELDS = (
     "mode", "category_id", "image_index", "split", "preset", "epochs", "episodes_per_epoch", "batch_size", "num_shots",
     "num_queries_per_episode", "lr", "weight_decay", "warmup_epochs", "clip_max_norm", "use_amp", "augment",
-    "val_episodes_per_category", "val_queries_per_episode", "test_episodes_per_category", "seed",
+    "val_episodes_per_category", "val_queries_per_episode", "test_episodes_per_category", "picture_every", "seed",
 )
+
+
+Tag = Annotated[str, PydanticField(pattern=r"^[A-Za-z0-9_.:-]+$", min_length=1, max_length=TAG_MAX)]
+# Fields of a job that are not the run's: how the job is filed, not what it computes.
+JOB_FIELDS = {
+    "dataset": (str | None, PydanticField(default=None, description="dataset name; the server's default when unset")),
+    "name": (str | None, PydanticField(default=None, min_length=1, max_length=NAME_MAX, description="a name for people")),
+    "tags": (list[Tag], PydanticField(default_factory=list, max_length=TAGS_MAX,
+                                      description="labels to find it by (GET /jobs?tag=...): a sweep shares one")),
+}
 
 
 def job_create_model(config: type[TrainConfig] = TrainConfig) -> type[BaseModel]:
@@ -122,7 +143,7 @@ def job_create_model(config: type[TrainConfig] = TrainConfig) -> type[BaseModel]
         "JobCreate",
         __config__=ConfigDict(extra="forbid"),
         __doc__="A training job: its mode, category and image, and the TrainConfig fields a client may set.",
-        dataset=(str | None, PydanticField(default=None, description="dataset name; the server's default when unset")),
+        **JOB_FIELDS,
         **{name: (fields[name].annotation, fields[name]) for name in CLIENT_FIELDS},
     )
 
@@ -139,6 +160,8 @@ class ImagePublic(SQLModel):
 class JobPublic(SQLModel):
     id: uuid.UUID
     status: JobStatus
+    name: str | None
+    tags: list[str]
     mode: str
     dataset: str
     split: int
@@ -150,6 +173,11 @@ class JobPublic(SQLModel):
     latest_pck: float | None
     best_pck: float | None
     latest_loss: float | None
+    verdict: Verdict | None = PydanticField(description="single_image: memorised, not yet, or not memorised")
+    test_result: dict | None = PydanticField(
+        description="full: PCK@0.2 and mPCK on the unseen test categories, overall and per category, with the "
+        "copy-the-support baseline"
+    )
     attempts: int
     worker: str | None
     cancel_requested: bool
@@ -168,6 +196,11 @@ class JobPublic(SQLModel):
         data = job.model_dump()
         data["image"] = image
         data["progress"] = job.current_epoch / job.total_epochs if job.total_epochs else 0.0
+        data["verdict"] = None
+        if job.mode == "single_image":
+            # Only a run that did all its epochs can be judged not memorised; one stopped early is "not yet".
+            ran_all = job.status == JobStatus.succeeded
+            data["verdict"] = single_image_verdict(job.memorised_epoch, job.current_epoch, ran_all, job.never_correct)
         return cls.model_validate(data)
 
 

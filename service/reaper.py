@@ -18,7 +18,7 @@ from datetime import timedelta
 from sqlalchemy import or_, select, update
 from sqlmodel import Session
 
-from service import job_state
+from service import job_state, notify
 from service.models import Job, JobStatus, utcnow
 from service.settings import Settings
 
@@ -60,6 +60,7 @@ def reap(session: Session, dispatcher, settings: Settings) -> ReapReport:
         if session.execute(update(Job).where(*still_lost).values(**values)).rowcount == 1:
             target.append(job_id)
         session.commit()
+        notify.publish(job_id)  # the job's event streams look again
 
     resend_before = now - timedelta(seconds=settings.redispatch_after_s)
     waiting = session.execute(

@@ -62,6 +62,9 @@ def test_create_single_image_job(client, catalog, dispatched):
         ({"mode": "category", "num_queries_per_episode": 30}, "body.num_queries_per_episode: 1 supports + 30 queries need 31"),
         ({"mode": "category", "val_queries_per_episode": 30}, "body.val_queries_per_episode: 1 supports + 30 queries need 31"),
         ({"mode": "category", "category_id": 4242}, "body.category_id: category 4242 does not exist in split 1"),
+        ({"tags": ["lr sweep"]}, "body.tags.0: String should match pattern"),
+        ({"tags": [f"t{i}" for i in range(11)]}, "body.tags: List should have at most 10 items"),
+        ({"name": "x" * 101}, "body.name: String should have at most 100 characters"),
     ],
 )
 def test_invalid_jobs_get_422_naming_the_valid_range(client, catalog, dispatched, overrides, expected):

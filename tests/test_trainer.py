@@ -236,7 +236,7 @@ class PCKSequence:
     def __init__(self, values):
         self.values = list(values)
 
-    def __call__(self, episodes=None):
+    def __call__(self, episodes=None, examples=None):
         from cape.metrics import PCKSummary
 
         value = self.values.pop(0)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -17,7 +19,9 @@ from sqlmodel import Session
 
 from cape.epoch_record import EpochRecord
 from cape.errors import CapeError
+from cape.run_files import LOG, json_safe, never_correct
 from service import job_state
+from service.artifacts import run_folder
 from service.db import get_engine
 from service.dispatch import RUN_JOB_TASK, dispatch
 from service.models import Job, JobStatus
@@ -78,10 +82,6 @@ def failure_reason(exc: Exception) -> str:
     return str(exc) if isinstance(exc, CapeError) else f"{type(exc).__name__}: {exc}"
 
 
-def run_dir(job_id: uuid.UUID) -> Path:
-    return get_settings().artifacts_dir / str(job_id)
-
-
 @app.task(name=RUN_JOB_TASK, bind=True)
 def run_job(self, job_id: str) -> str:
     job_uuid = uuid.UUID(job_id)
@@ -96,15 +96,33 @@ def run_job(self, job_id: str) -> str:
         config_fields, dataset, attempt = dict(job.config), job.dataset, job.attempts
 
     callbacks = JobCallbacks(job_uuid, worker)
-    with Heartbeat(job_uuid, worker, settings.heartbeat_interval_s):
+    with Heartbeat(job_uuid, worker, settings.heartbeat_interval_s), job_log(run_folder(job_uuid)):
         try:
             result = _train(job_uuid, config_fields, dataset, attempt, callbacks)
         except Exception as exc:  # the job failed, not the worker: record why and take the next job
-            log.exception("job %s failed", job_id)
+            log.exception("job %s failed: %s", job_id, failure_reason(exc))
             with Session(get_engine()) as session:
                 job_state.finish(session, job_uuid, JobStatus.failed, error=failure_reason(exc), worker=worker)
             return "failed"
-    return _conclude(job_uuid, worker, result, callbacks)
+        return _conclude(job_uuid, worker, result, callbacks)
+
+
+@contextmanager
+def job_log(folder: Path) -> Iterator[None]:
+    """Everything this process logs while it runs the job (the trainer's banner and epoch lines, warnings, the
+    error with its traceback) also goes to the job's own log, which GET /jobs/{id}/logs serves. A pool process
+    runs one task at a time, so the root logger's records in that time are the job's."""
+    folder.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(folder / LOG, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    handler.setLevel(logging.INFO)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
 
 
 def _train(job_id: uuid.UUID, config_fields: dict, dataset: str, attempt: int, callbacks: JobCallbacks):
@@ -116,10 +134,10 @@ def _train(job_id: uuid.UUID, config_fields: dict, dataset: str, attempt: int, c
     if dataset not in settings.datasets:
         raise ValueError(f"dataset {dataset!r} is not configured on this worker (CAPE_DATASETS: {sorted(settings.datasets)})")
     config = TrainConfig(**config_fields, dataset_root=settings.datasets[dataset], device=settings.device)
-    output = run_dir(job_id)
+    output = run_folder(job_id)
     resume = output / LAST if (output / LAST).is_file() else None  # a job that ran before continues where it was
     log.info("job %s: attempt %d, %s on %s (%s)", job_id, attempt, config.mode, dataset, "resuming" if resume else "fresh")
-    trainer = Trainer(config, output, callbacks=[callbacks], log=lambda line: log.info("job %s: %s", job_id, line))
+    trainer = Trainer(config, output, callbacks=[callbacks], log=log.info)
     return trainer.fit(resume)
 
 
@@ -138,5 +156,8 @@ def _conclude(job_id: uuid.UUID, worker: str, result, callbacks: JobCallbacks) -
         if result.status == "stopped" or cancel:
             job_state.finish(session, job_id, JobStatus.cancelled, worker=worker)
             return "cancelled"
+        # Stored before the job ends: a client that sees it succeeded finds its results there.
+        test = json_safe(result.test) if result.test else None
+        job_state.record_outcome(session, job_id, worker, test, never_correct(run_folder(job_id)))
         job_state.finish(session, job_id, JobStatus.succeeded, worker=worker)
     return "succeeded"

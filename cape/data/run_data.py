@@ -17,6 +17,7 @@ from cape.data.catalog import MP100Catalog
 from cape.data.episodes import PROTOCOL_QUERIES, Episode, EpisodeSampler, fixed_episodes, single_image_episode
 from cape.data.instances import InstanceLoader
 from cape.data.transforms import train_augmentation
+from cape.verdict import EXPECTED_EPOCHS, MEMORISED_LOSS
 
 EVAL_BATCH = 8  # episodes per validation / test batch
 
@@ -93,7 +94,8 @@ class RunData:
                 f"(annotation {x.id}), index {c.image_index} of {n} train images (0..{n - 1})",
                 f"support = query = that image, no augmentation, {c.episodes_per_epoch} episodes per epoch, "
                 f"validation: autoregressive on the same image",
-                "expected of a healthy model: loss < 0.1 and Val PCK@0.2 = 100% within about 20 epochs",
+                f"expected of a healthy model: loss < {MEMORISED_LOSS} and Val PCK@0.2 = 100% within about "
+                f"{EXPECTED_EPOCHS} epochs",
             ]
         elif c.mode == "category":
             cat = self.catalog.category(c.category_id)

@@ -10,7 +10,8 @@ from typing import Annotated
 from fastapi import APIRouter, Header, HTTPException, Query, Response
 from pydantic import ValidationError
 from pydantic_core import to_json
-from sqlalchemy import bindparam
+from sqlalchemy import bindparam, cast, exists
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, func, select
 
@@ -26,6 +27,7 @@ from service.dispatch import DispatchDep
 from service.errors import not_found, responses, unprocessable
 from service.models import (
     CLIENT_FIELDS,
+    JOB_FIELDS,
     EpochMetric,
     EpochMetricPublic,
     Job,
@@ -34,17 +36,19 @@ from service.models import (
     JobPublic,
     JobStatus,
     MetricList,
+    TAG_MAX,
 )
 from service.settings import get_settings
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 # Bounds on query integers: beyond them nothing can exist, and an unbounded one overflows the database's integers.
 MAX_OFFSET = 1_000_000
+MAX_LOG_OFFSET = 2**40
 
 
 def _train_config(body: JobCreate, root: str) -> TrainConfig:
     try:
-        return TrainConfig(**body.model_dump(exclude={"dataset"}), dataset_root=root)
+        return TrainConfig(**body.model_dump(exclude=set(JOB_FIELDS)), dataset_root=root)
     except ValidationError as exc:
         detail = [
             {"loc": ["body", *err["loc"]], "msg": err["msg"].removeprefix("Value error, "), "type": err["type"]}
@@ -62,6 +66,14 @@ def _check_against_dataset(config: TrainConfig, catalog: MP100Catalog) -> dict:
     if instance is None:
         return {}
     return dict(image_index=config.image_index, image_file=instance.file_name, image_annotation_id=instance.id)
+
+
+def has_tag(session: Session, tag: str):
+    """A job's ``tags`` (a JSON list) holds ``tag``: each backend spells JSON membership its own way."""
+    if session.get_bind().dialect.name == "postgresql":
+        return cast(Job.tags, JSONB).contains([tag])
+    members = func.json_each(Job.tags).table_valued("value")
+    return exists(select(1).select_from(members).where(members.c.value == tag))
 
 
 def _replay(session: Session, owner: str, key: str, request_hash: str, response: Response) -> JobPublic | None:
@@ -105,6 +117,8 @@ def create_job(
         dataset=dataset,
         split=config.split,
         category_id=config.category_id,
+        name=body.name,
+        tags=body.tags,
         config=config.model_dump(mode="json", include=set(CLIENT_FIELDS)),
         total_epochs=config.epochs,
         owner=owner,
@@ -132,19 +146,23 @@ def list_jobs(
     session: SessionDep,
     owner: OwnerDep,
     status: JobStatus | None = None,
+    tag: Annotated[str | None, Query(max_length=TAG_MAX, description="only jobs with this tag")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> JobList:
     """Newest first."""
-    query = select(Job).where(Job.owner == owner)
-    count = select(func.count()).select_from(Job).where(Job.owner == owner)
+    conditions = [Job.owner == owner]
     if status is not None:
-        query, count = query.where(Job.status == status), count.where(Job.status == status)
+        conditions.append(Job.status == status)
+    if tag is not None:
+        conditions.append(has_tag(session, tag))
+    query = select(Job).where(*conditions)
+    count = select(func.count()).select_from(Job).where(*conditions)
     rows = session.exec(query.order_by(Job.created_at.desc(), Job.id.desc()).offset(offset).limit(limit)).all()
     return JobList(items=[JobPublic.of(j) for j in rows], total=session.exec(count).one(), limit=limit, offset=offset)
 
 
-def _job(session: Session, job_id: uuid.UUID, owner: str) -> Job:
+def owned_job(session: Session, job_id: uuid.UUID, owner: str) -> Job:
     job = session.get(Job, job_id)
     if job is None or job.owner != owner:  # another key's job answers like a missing one
         raise not_found(f"job {job_id}")
@@ -153,7 +171,7 @@ def _job(session: Session, job_id: uuid.UUID, owner: str) -> Job:
 
 @router.get("/{job_id}", response_model=JobPublic, responses=responses(401, 404, 503))
 def get_job(job_id: uuid.UUID, session: SessionDep, owner: OwnerDep) -> JobPublic:
-    return JobPublic.of(_job(session, job_id, owner))
+    return JobPublic.of(owned_job(session, job_id, owner))
 
 
 # What a poll answers, in one statement built once. One statement: one round trip to PostgreSQL (each extra one
@@ -204,7 +222,7 @@ async def get_metrics(
 @router.post("/{job_id}/cancel", response_model=JobPublic, responses=responses(401, 404, 409, 503))
 def cancel_job(job_id: uuid.UUID, session: SessionDep, owner: OwnerDep) -> JobPublic:
     """A queued job is cancelled at once; a running one becomes ``cancelling`` until its worker stops it."""
-    job = _job(session, job_id, owner)
+    job = owned_job(session, job_id, owner)
     if not job_state.request_cancel(session, job_id):
         raise HTTPException(status_code=409, detail=f"job {job_id} is already {job.status}: a finished job cannot be cancelled")
     session.refresh(job)
