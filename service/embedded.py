@@ -84,6 +84,7 @@ def main() -> int:
                     else "OPEN: no API keys configured (set CAPE_API_KEYS to require them)")
             print(
                 f"\nCAPE training service running at {base} (docs: {base}/docs), API access: {auth}\n"
+                f"page: {base}/\n"
                 f"dataset {settings.default_dataset!r} at {root}, one worker, broker {settings.broker_url}\n\n"
                 f"  curl -s{header} '{base}/categories?split=1' | head -c 400\n"
                 f"  curl -s{header} -X POST {base}/jobs -H 'Content-Type: application/json' \\\n"

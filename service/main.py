@@ -13,7 +13,8 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from service.db import dispose_loop_engines
 from service.limits import BodySizeLimit
-from service.routes import categories, health, jobs
+from service.routes import artifacts, categories, health, jobs
+from service.routes import events, pages
 from service.settings import get_settings
 
 
@@ -24,7 +25,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # (measured with benchmarks/api.py).
     gc.collect()
     gc.freeze()
+    await events.start(app)  # the event streams' feeds and their one Redis subscription
     yield
+    await events.stop(app)
     gc.unfreeze()
     await dispose_loop_engines()  # the asyncio connections of the read path close with the loop they belong to
 
@@ -37,8 +40,11 @@ def create_app() -> FastAPI:
         version="0.1.0",
     )
     app.include_router(jobs.router)
+    app.include_router(events.router)
+    app.include_router(artifacts.router)
     app.include_router(categories.router)
     app.include_router(health.router)
+    app.include_router(pages.router)  # the page: /, /new, /runs/{id}, /compare, /static (not in the OpenAPI schema)
     app.add_middleware(BodySizeLimit, max_bytes=get_settings().max_body_bytes)
     app.add_exception_handler(PoolTimeout, _database_unavailable)
     app.add_exception_handler(OperationalError, _database_unavailable)

@@ -1,0 +1,117 @@
+// A small wrapper around Plotly (loaded by the page from /static/vendor/plotly.min.js, the installed wheel's copy).
+//
+// A chart is a set of named line traces over epochs. New epochs are appended with Plotly.extendTraces; a redraw
+// uses Plotly.react with a constant uirevision. Either way the user's zoom, pan and hidden traces survive live
+// updates.
+
+const Plotly = window.Plotly;
+
+export const COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
+                       "#7f7f7f", "#bcbd22"];
+
+const EMPTY = {xref: "paper", yref: "paper", x: 0.5, y: 0.5, text: "no epochs yet", showarrow: false,
+               font: {size: 13, color: "#999"}};
+
+const CONFIG = {responsive: true, displaylogo: false, modeBarButtonsToRemove: ["select2d", "lasso2d"]};
+
+export function available() {
+  return Boolean(Plotly);
+}
+
+export class LineChart {
+  /**
+   * el: the container; title; yTitle; traces: [{name, color?, dash?, width?, rank?}]; percent: y is a fraction in %;
+   * log: logarithmic y; guide: {y, text}: a dotted horizontal line (a target).
+   */
+  constructor(el, {title, yTitle, traces = [], percent = false, log = false, guide = null}) {
+    this.el = el;
+    this.traces = traces.map((t, i) => this.trace(t, i));
+    this.layout = {
+      title: {text: title, font: {size: 14}, x: 0.02, xanchor: "left"},
+      uirevision: "keep",  // a react() keeps what the user did to the axes and legend
+      margin: {l: 56, r: 16, t: 36, b: 40},
+      height: 300,
+      xaxis: {title: {text: "epoch"}, rangemode: "tozero", zeroline: false, automargin: true},
+      yaxis: {title: {text: yTitle}, type: log ? "log" : "linear", automargin: true, ...(log ? {dtick: 1} : {}),
+              ...(percent ? {tickformat: ".0%", range: [0, 1.05]} : {})},
+      showlegend: true,
+      legend: {orientation: "h", y: -0.25, x: 0},
+      hovermode: "x unified",
+      shapes: guide ? [{type: "line", xref: "paper", x0: 0, x1: 1, y0: guide.y, y1: guide.y,
+                        line: {dash: "dot", width: 1, color: "#888"}}] : [],
+      annotations: [
+        ...(guide ? [{xref: "paper", x: 1, y: log ? Math.log10(guide.y) : guide.y, text: guide.text,
+                      showarrow: false, xanchor: "right", yanchor: "bottom", font: {size: 10, color: "#666"}}] : []),
+        EMPTY,
+      ],
+      paper_bgcolor: "rgba(0,0,0,0)",
+      plot_bgcolor: "#fff",
+    };
+    this.fit();
+    this.ready = Plotly.newPlot(el, this.traces, this.layout, CONFIG);
+  }
+
+  /** Layout that depends on the data: "no epochs yet" on an empty chart; a tick per epoch while there are few. */
+  fit() {
+    const points = (this.el.data || this.traces).flatMap((t) => Array.from(t.x || []));
+    const last = points.length ? Math.max(...points) : 0;
+    const changed = [];
+    const empty = points.length === 0;
+    const annotations = this.layout.annotations.filter((a) => a !== EMPTY).concat(empty ? [EMPTY] : []);
+    if (annotations.length !== this.layout.annotations.length) {
+      this.layout.annotations = annotations;
+      changed.push("annotations");
+    }
+    const dtick = last <= 12 ? 1 : undefined; // no "epoch 2.5"
+    if (this.layout.xaxis.dtick !== dtick) {
+      this.layout.xaxis.dtick = dtick;
+      changed.push("xaxis");
+    }
+    return changed.length > 0;
+  }
+
+  trace({name, color, dash, width = 2, rank = 1000, x = [], y = []}, index) {
+    // rank: the legend's order (lower first), so that the trace drawn last (on top) can still come first there
+    return {type: "scatter", mode: "lines+markers", name, x: [...x], y: [...y], marker: {size: 5}, legendrank: rank,
+            line: {color: color || COLORS[index % COLORS.length], dash: dash || "solid", width},
+            connectgaps: false};
+  }
+
+  /** Appends points: columns[i] = {x: [...], y: [...]} for trace i (null: nothing for that trace). */
+  async extend(columns) {
+    await this.ready;
+    const indices = [], xs = [], ys = [];
+    columns.forEach((column, i) => {
+      if (column && column.x.length) {
+        indices.push(i);
+        xs.push(column.x);
+        ys.push(column.y);
+      }
+    });
+    if (!indices.length) return;
+    await Plotly.extendTraces(this.el, {x: xs, y: ys}, indices);
+    if (this.fit()) await Plotly.relayout(this.el, {annotations: this.layout.annotations, "xaxis.dtick": this.layout.xaxis.dtick ?? null});
+  }
+
+  /** Replaces every trace (a new job in a comparison, say), keeping the user's zoom. */
+  async set(traces) {
+    await this.ready;
+    this.traces = traces.map((t, i) => this.trace(t, i));
+    this.fit();
+    await Plotly.react(this.el, this.traces, this.layout, CONFIG);
+  }
+
+  /** How many points each trace has: what the page shows right now. */
+  counts() {
+    return (this.el.data || []).map((trace) => trace.x.length);
+  }
+}
+
+/** Columns for LineChart.extend from metric rows: one per field, null where a value is missing. */
+export function columns(rows, fields) {
+  return fields.map((field) => ({x: rows.map((r) => r.epoch), y: rows.map((r) => finite(r[field]))}));
+}
+
+function finite(value) {
+  return typeof value === "number" && Number.isFinite(value) ? value : null;
+}

@@ -1,0 +1,104 @@
+// GET / : the jobs, newest first, with live updates; filter by status and tag; pick jobs to compare.
+
+import {getJSON} from "/static/api.js";
+import {$, categoryLabel, h, header, jobTitle, pct, progressBar, shortId, showError, statusBadge, verdictBadge, when,
+        whenVisible} from "/static/ui.js";
+
+const PAGE = 50;
+const params = new URLSearchParams(location.search);
+const state = {status: params.get("status") || "", tag: params.get("tag") || "", offset: Number(params.get("offset")) || 0};
+const selected = new Set();
+let rendered = "";
+
+header("jobs");
+$("#filter-status").value = state.status;
+$("#filter-tag").value = state.tag;
+
+$("#filters").addEventListener("submit", (event) => {
+  event.preventDefault();
+  state.status = $("#filter-status").value;
+  state.tag = $("#filter-tag").value.trim();
+  state.offset = 0;
+  navigate();
+});
+$("#filter-status").addEventListener("change", () => $("#filters").requestSubmit());
+$("#prev").addEventListener("click", () => { state.offset = Math.max(0, state.offset - PAGE); navigate(); });
+$("#next").addEventListener("click", () => { state.offset += PAGE; navigate(); });
+$("#compare-selected").addEventListener("click", () => {
+  location.href = `/compare?ids=${[...selected].join(",")}`;
+});
+
+function navigate() {
+  // The filters live in the URL: a filtered list is a link to share or bookmark.
+  const query = new URLSearchParams();
+  if (state.status) query.set("status", state.status);
+  if (state.tag) query.set("tag", state.tag);
+  if (state.offset) query.set("offset", state.offset);
+  history.replaceState(null, "", query.size ? `/?${query}` : "/");
+  load();
+}
+
+function updateCompare() {
+  const button = $("#compare-selected");
+  button.disabled = selected.size < 1;
+  button.textContent = selected.size ? `Compare selected (${selected.size})` : "Compare selected";
+  const byTag = $("#compare-tag");
+  byTag.hidden = !state.tag;
+  byTag.href = `/compare?tag=${encodeURIComponent(state.tag)}`;
+}
+
+function row(job) {
+  const box = h("input", {type: "checkbox", class: "select", value: job.id, checked: selected.has(job.id),
+                          "aria-label": `select ${job.id}`});
+  box.addEventListener("change", () => {
+    if (box.checked) selected.add(job.id);
+    else selected.delete(job.id);
+    updateCompare();
+  });
+  const category = h("td", {class: "category"}, job.category_id ?? "all");
+  categoryLabel(job).then((label) => category.replaceChildren(label));
+  const tags = job.tags.map((tag) => h("a", {class: "tag", href: `/?tag=${encodeURIComponent(tag)}`}, tag));
+  return h("tr", {dataset: {jobId: job.id, status: job.status}},
+    h("td", {}, box),
+    h("td", {}, h("a", {class: "job-link", href: `/runs/${job.id}`}, jobTitle(job)),
+      job.name ? h("div", {class: "muted small mono"}, shortId(job.id)) : null),
+    h("td", {class: "status"}, statusBadge(job.status), progressBar(job)),
+    h("td", {}, job.mode),
+    category,
+    h("td", {class: "num latest-pck"}, pct(job.latest_pck)),
+    h("td", {class: "num best-pck"}, pct(job.best_pck)),
+    h("td", {class: "verdict"}, verdictBadge(job)),
+    h("td", {class: "tags"}, tags),
+    h("td", {class: "nowrap"}, when(job.created_at)),
+  );
+}
+
+async function load() {
+  const query = new URLSearchParams({limit: PAGE, offset: state.offset});
+  if (state.status) query.set("status", state.status);
+  if (state.tag) query.set("tag", state.tag);
+  try {
+    const list = await getJSON(`/jobs?${query}`);
+    $("#message").replaceChildren();
+    const text = JSON.stringify(list);
+    if (text === rendered) return; // nothing changed: the rows (and a click on them) stay as they are
+    rendered = text;
+    const body = $("#jobs tbody");
+    body.replaceChildren(...list.items.map(row));
+    if (!list.items.length) {
+      body.append(h("tr", {}, h("td", {colspan: 10, class: "muted empty"},
+        state.status || state.tag ? "No job matches these filters." : "No jobs yet: ", state.status || state.tag ? null : h("a", {href: "/new"}, "submit one"))));
+    }
+    const last = Math.min(list.total, list.offset + list.items.length);
+    $("#count").textContent = list.total ? `${list.offset + 1}–${last} of ${list.total}` : "";
+    $("#prev").disabled = state.offset === 0;
+    $("#next").disabled = last >= list.total;
+    document.body.dataset.loaded = "true";
+  } catch (error) {
+    showError($("#message"), error);
+  }
+  updateCompare();
+}
+
+await load();
+whenVisible(load, 3000); // live: the list refreshes every 3 s while the tab is visible

@@ -1,0 +1,319 @@
+// GET /new (and /new?clone=<job id>): the new-job form. Every choice is checked by the API: a 422 answer's message
+// appears next to the field it names.
+
+import {ApiError, blobURL, getJSON, openapi, postJSON} from "/static/api.js";
+import {$, h, header, jobTitle} from "/static/ui.js";
+
+header("new");
+
+// [field, label]; bounds, defaults and help text come from the API's own schema (JobCreate in /openapi.json).
+const HYPER = [
+  ["epochs", "Epochs"], ["batch_size", "Batch size (episodes per step)"], ["num_shots", "Shots (support images)"],
+  ["num_queries_per_episode", "Queries per episode"], ["episodes_per_epoch", "Episodes per epoch"],
+  ["lr", "Learning rate"], ["weight_decay", "Weight decay"], ["warmup_epochs", "Warm-up epochs"],
+  ["clip_max_norm", "Gradient clipping (max norm, 0: off)"], ["seed", "Seed"], ["preset", "Model preset"],
+  ["augment", "Augmentation"], ["use_amp", "bf16 autocast (CUDA only)"],
+];
+const MORE = [
+  ["val_episodes_per_category", "Validation episodes per category"],
+  ["val_queries_per_episode", "Validation queries per episode"],
+  ["test_episodes_per_category", "Test episodes per unseen category (full mode)"],
+];
+// The single-image guide: memorise one image with batch 1, one query, 20 episodes per epoch, 20 epochs.
+const GUIDE = {epochs: 20, batch_size: 1, num_queries_per_episode: 1, episodes_per_epoch: 20};
+
+const form = $("#job-form");
+const spec = await openapi();
+const props = spec.components?.schemas?.JobCreate?.properties || {};
+const fields = new Map(); // name -> {input, kind}
+
+function numberish(prop) {
+  const types = prop.anyOf ? prop.anyOf.map((p) => p.type) : [prop.type];
+  return types.includes("integer") ? "int" : types.includes("number") ? "float" : null;
+}
+
+function makeField([name, label], where) {
+  const prop = props[name] || {};
+  let input, kind;
+  if (prop.enum) {
+    kind = "enum";
+    input = h("select", {id: name, name}, prop.enum.map((v) => h("option", {value: v}, v)));
+    if (prop.default != null) input.value = prop.default;
+  } else if (prop.type === "boolean") {
+    kind = "bool";
+    input = h("input", {id: name, name, type: "checkbox", checked: prop.default ?? true});
+  } else {
+    kind = numberish(prop) || "float";
+    input = h("input", {id: name, name, type: "number", step: kind === "int" ? "1" : "any", inputmode: "decimal"});
+    if (prop.default != null) input.value = prop.default;
+    if (prop.minimum != null) input.min = prop.minimum;
+    if (prop.maximum != null) input.max = prop.maximum;
+  }
+  const wrapper = h("label", {class: `field ${kind === "bool" ? "check" : ""}`, dataset: {field: name}, title: prop.description || ""},
+    kind === "bool" ? [input, " ", label] : [label, input],
+    prop.description ? h("small", {class: "help"}, prop.description) : null,
+    h("small", {class: "error", dataset: {errorFor: name}}),
+  );
+  fields.set(name, {input, kind});
+  where.append(wrapper);
+}
+HYPER.forEach((f) => makeField(f, $("#hyper")));
+MORE.forEach((f) => makeField(f, $("#hyper-more")));
+
+$("#guide-values").addEventListener("click", () => {
+  $("#mode").value = "single_image";
+  for (const [name, value] of Object.entries(GUIDE)) fields.get(name).input.value = value;
+  modeChanged();
+});
+
+// --- mode, dataset, split and the category picker ----------------------------------------------------------------
+
+let categories = [];
+
+function modeChanged() {
+  const mode = $("#mode").value;
+  $("#category-section").hidden = mode === "full";
+  $("#image-section").hidden = mode !== "single_image";
+  if (mode === "single_image") preview();
+}
+$("#mode").addEventListener("change", modeChanged);
+
+function clearError(name) {
+  const slot = form.querySelector(`[data-error-for="${name}"]`);
+  if (slot) slot.textContent = "";
+  form.querySelector(`[data-field="${name}"]`)?.classList.remove("invalid");
+}
+
+function setError(name, message) {
+  const slot = form.querySelector(`[data-error-for="${CSS.escape(name)}"]`) || $("#form-error");
+  if (slot.textContent.split("; ").includes(message)) return slot;
+  slot.textContent = slot.textContent ? `${slot.textContent}; ${message}` : message;
+  slot.closest("[data-field]")?.classList.add("invalid");
+  return slot;
+}
+
+async function loadCategories(selectId = null) {
+  clearError("dataset");
+  clearError("split");
+  const query = new URLSearchParams({split: $("#split").value});
+  if ($("#dataset").value.trim()) query.set("dataset", $("#dataset").value.trim());
+  const select = $("#category_id");
+  const keep = selectId ?? (select.value ? Number(select.value) : null);
+  try {
+    const list = await getJSON(`/categories?${query}`);
+    $("#dataset").placeholder = `server default (${list.dataset})`;
+    categories = list.items.filter((c) => c.subset === "train" && c.instances.train > 0);
+  } catch (error) {
+    categories = [];
+    if (error instanceof ApiError && error.status === 422) {
+      for (const [field, message] of Object.entries(error.fieldErrors())) setError(field || "dataset", message);
+    } else {
+      setError("category_id", error.message);
+    }
+  }
+  renderCategories(keep);
+}
+
+function renderCategories(keep) {
+  const select = $("#category_id");
+  const filter = $("#category-filter").value.trim().toLowerCase();
+  const shown = categories.filter((c) => !filter || String(c.id).startsWith(filter) || c.name.toLowerCase().includes(filter));
+  select.replaceChildren(...shown.map((c) => h("option", {value: c.id, dataset: {k: c.num_keypoints, train: c.instances.train}},
+    `${c.id} · ${c.name} · K=${c.num_keypoints} · ${c.instances.train} train images`)));
+  if (keep != null && shown.some((c) => c.id === keep)) select.value = keep;
+  else if (shown.length && !select.value) select.value = shown[0].id;
+  categoryChanged();
+}
+
+function categoryChanged() {
+  clearError("category_id");
+  const category = categories.find((c) => c.id === Number($("#category_id").value));
+  $("#image-range").textContent = category ? `(0..${category.instances.train - 1})` : "";
+  if (category) $("#image_index").max = category.instances.train - 1;
+  preview();
+}
+
+$("#category_id").addEventListener("change", categoryChanged);
+$("#category-filter").addEventListener("input", () => renderCategories(Number($("#category_id").value) || null));
+$("#split").addEventListener("change", () => loadCategories());
+$("#dataset").addEventListener("change", () => loadCategories());
+
+// --- the chosen instance's preview --------------------------------------------------------------------------------
+
+let previewTimer = null;
+let previewSeq = 0;
+$("#image_index").addEventListener("input", () => {
+  $("#preview").classList.add("stale"); // what it shows is not the new index's (yet)
+  clearTimeout(previewTimer);
+  previewTimer = setTimeout(preview, 250);
+});
+
+async function preview() {
+  const seq = ++previewSeq;
+  const canvas = $("#preview");
+  const caption = $("#preview-caption");
+  const cid = $("#category_id").value;
+  const index = $("#image_index").value;
+  if ($("#mode").value !== "single_image" || cid === "" || index === "") return;
+  const query = new URLSearchParams({split: $("#split").value, subset: "train"});
+  if ($("#dataset").value.trim()) query.set("dataset", $("#dataset").value.trim());
+  const base = `/categories/${cid}/instances/${encodeURIComponent(index)}`;
+  try {
+    const instance = await getJSON(`${base}?${query}`);
+    const url = await blobURL(`${base}/image?${query}`);
+    if (seq !== previewSeq) return;
+    clearError("image_index");
+    if (!url) throw new Error("the image file is missing");
+    const image = new Image();
+    image.src = url;
+    await image.decode();
+    if (seq !== previewSeq) return;
+    draw(canvas, image, instance);
+    URL.revokeObjectURL(url);
+    canvas.hidden = false;
+    canvas.classList.remove("stale");
+    canvas.dataset.instance = `${cid}/${index}`;
+    caption.textContent = `${instance.file_name} · annotation ${instance.annotation_id} · ${instance.width}×${instance.height} px · `
+      + `${instance.keypoints.filter((k) => k[2] > 0).length} of ${instance.keypoints.length} keypoints labelled (the model's crop)`;
+  } catch (error) {
+    if (seq !== previewSeq) return;
+    canvas.hidden = true;
+    delete canvas.dataset.instance;
+    if (error instanceof ApiError && error.status === 422) {
+      caption.textContent = "";
+      clearError("image_index");
+      for (const [field, message] of Object.entries(error.fieldErrors())) setError(field === "index" ? "image_index" : field || "image_index", message);
+    } else {
+      caption.textContent = `No preview: ${error.message}`;
+    }
+  }
+}
+
+function draw(canvas, image, instance) {
+  // The crop the model sees: the bbox's square enlarged x1.25 around its centre.
+  const [bx, by, bw, bh] = instance.bbox;
+  const side = 1.25 * Math.max(bw, bh);
+  const sx = bx + bw / 2 - side / 2, sy = by + bh / 2 - side / 2;
+  const size = 280;
+  canvas.width = size;
+  canvas.height = size;
+  const ctx = canvas.getContext("2d");
+  ctx.fillStyle = "#ddd";
+  ctx.fillRect(0, 0, size, size);
+  ctx.drawImage(image, sx, sy, side, side, 0, 0, size, size);
+  const at = ([x, y]) => [(x - sx) / side * size, (y - sy) / side * size];
+  const kp = instance.keypoints;
+  ctx.lineWidth = 2;
+  ctx.strokeStyle = "rgba(255, 255, 255, 0.85)";
+  for (const [a, b] of instance.skeleton || []) {
+    if (!kp[a] || !kp[b] || kp[a][2] <= 0 || kp[b][2] <= 0) continue;
+    ctx.beginPath();
+    ctx.moveTo(...at(kp[a]));
+    ctx.lineTo(...at(kp[b]));
+    ctx.stroke();
+  }
+  ctx.font = "bold 10px system-ui, sans-serif";
+  kp.forEach((point, i) => {
+    if (point[2] <= 0) return;
+    const [x, y] = at(point);
+    ctx.beginPath();
+    ctx.arc(x, y, 4.5, 0, 2 * Math.PI);
+    ctx.fillStyle = `hsl(${(i * 360) / kp.length}, 90%, 50%)`;
+    ctx.fill();
+    ctx.strokeStyle = "#000";
+    ctx.lineWidth = 1;
+    ctx.stroke();
+    ctx.fillStyle = "#fff";
+    ctx.fillText(String(i), x + 6, y - 4);
+  });
+}
+
+// --- clone, submit ------------------------------------------------------------------------------------------------
+
+function value(name) {
+  const {input, kind} = fields.get(name);
+  if (kind === "bool") return input.checked;
+  if (kind === "enum") return input.value;
+  const text = input.value.trim();
+  if (text === "") return undefined; // the server's default
+  const number = Number(text);
+  return Number.isFinite(number) ? number : text; // the API words the error for a non-number
+}
+
+function body() {
+  const mode = $("#mode").value;
+  const out = {mode, split: Number($("#split").value)};
+  const dataset = $("#dataset").value.trim();
+  if (dataset) out.dataset = dataset;
+  if (mode !== "full") out.category_id = $("#category_id").value === "" ? null : Number($("#category_id").value);
+  if (mode === "single_image") {
+    const index = $("#image_index").value.trim();
+    if (index !== "") out.image_index = Number(index);
+  }
+  for (const name of fields.keys()) {
+    const v = value(name);
+    if (v !== undefined) out[name] = v;
+  }
+  if ($("#name").value.trim()) out.name = $("#name").value.trim();
+  const tags = $("#tags").value.split(/[\s,]+/).filter(Boolean);
+  if (tags.length) out.tags = tags;
+  return out;
+}
+
+form.addEventListener("submit", async (event) => {
+  event.preventDefault();
+  form.querySelectorAll("[data-error-for]").forEach((slot) => { slot.textContent = ""; });
+  form.querySelectorAll(".invalid").forEach((el) => el.classList.remove("invalid"));
+  const submit = $("#submit");
+  submit.disabled = true; // one click, one job
+  try {
+    const job = await postJSON("/jobs", body());
+    location.href = `/runs/${job.id}`;
+  } catch (error) {
+    submit.disabled = false;
+    if (error instanceof ApiError && error.status === 422) {
+      let first = null;
+      for (const [field, message] of Object.entries(error.fieldErrors())) {
+        const slot = setError(field, message);
+        first = first || slot;
+      }
+      first?.scrollIntoView({block: "center"});
+    } else {
+      setError("", error.message);
+    }
+  }
+});
+
+async function fillFromClone(id) {
+  const job = await getJSON(`/jobs/${encodeURIComponent(id)}`);
+  const note = $("#clone-note");
+  note.replaceChildren("Settings of ", h("a", {href: `/runs/${job.id}`}, jobTitle(job)), ": change what you want to try, then submit.");
+  note.hidden = false;
+  $("#mode").value = job.mode;
+  $("#dataset").value = job.dataset;
+  $("#split").value = String(job.split);
+  for (const [name, {input, kind}] of fields) {
+    if (!(name in job.config)) continue;
+    if (kind === "bool") input.checked = Boolean(job.config[name]);
+    else input.value = job.config[name];
+  }
+  $("#image_index").value = job.image?.index ?? job.config.image_index ?? 0;
+  if (job.name) $("#name").value = job.name;
+  $("#tags").value = job.tags.join(", ");
+  document.title = `Clone of ${jobTitle(job)} · CAPE training`;
+  return job.category_id;
+}
+
+const cloneId = new URLSearchParams(location.search).get("clone");
+let selectCategory = null;
+$("#mode").value = "single_image";
+if (cloneId) {
+  try {
+    selectCategory = await fillFromClone(cloneId);
+  } catch (error) {
+    setError("", `Could not load job ${cloneId} to clone: ${error.message}`);
+  }
+}
+modeChanged();
+await loadCategories(selectCategory);
+document.body.dataset.ready = "true";
