@@ -30,7 +30,6 @@ uvicorn's CPU per request is what to compare between runs on a noisy machine.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -54,7 +53,7 @@ from service import job_state
 from service.db import make_engine
 from service.local_servers import (
     MissingBinary, RedisServer, Server, celery_worker, fresh_database, postgres_binaries, postgres_server, redis_binary,
-    uvicorn_server,
+    stack_env, uvicorn_server,
 )
 from service.migrate import upgrade
 from service.models import TERMINAL, JobStatus
@@ -108,15 +107,7 @@ def worker(env: dict, log: Path, name: str):
 
 
 def service_env(database_url: str, broker_url: str, root: Path, tmp: Path) -> dict:
-    return {
-        "CAPE_DATABASE_URL": database_url,
-        "CAPE_BROKER_URL": broker_url,
-        "CAPE_DATASETS": json.dumps({"synthetic": str(root)}),
-        "CAPE_DEFAULT_DATASET": "synthetic",
-        "CAPE_ARTIFACTS_DIR": str(tmp / "artifacts"),
-        "CAPE_DEVICE": "cpu",
-        "CAPE_API_KEYS": "",  # an open API, whatever this shell exports: no request is refused for its key
-    }
+    return stack_env(database_url, broker_url, {"synthetic": root}, tmp)
 
 
 def single_image_job(category: int, **overrides) -> dict:

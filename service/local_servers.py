@@ -11,6 +11,7 @@ the benchmarks and ``make run`` exit with the message).
 from __future__ import annotations
 
 import glob
+import json
 import os
 import shutil
 import signal
@@ -301,3 +302,20 @@ def uvicorn_server(env: Mapping[str, str] | None = None, log: Path | None = None
             yield Server(process, base)
         finally:
             stop(process, name="uvicorn")
+
+
+def stack_env(database_url: str, broker_url: str, datasets: dict[str, Path], folder: Path, **more: str) -> dict:
+    """The environment of an API and its workers on one machine: the database, the broker, the datasets (the first
+    is the default), artifacts in ``folder``, the CPU, an open API whatever the calling shell exports; ``more``
+    adds or overrides CAPE_ variables (``heartbeat_interval_s="1"``)."""
+    env = {
+        "CAPE_DATABASE_URL": database_url,
+        "CAPE_BROKER_URL": broker_url,
+        "CAPE_DATASETS": json.dumps({name: str(root) for name, root in datasets.items()}),
+        "CAPE_DEFAULT_DATASET": next(iter(datasets)),
+        "CAPE_ARTIFACTS_DIR": str(folder / "artifacts"),
+        "CAPE_DEVICE": "cpu",
+        "CAPE_API_KEYS": "",
+    }
+    return env | {f"CAPE_{name.upper()}": value for name, value in more.items()}
+

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import time
 
@@ -10,6 +9,7 @@ import httpx
 import pytest
 
 from cape.data.catalog import MP100Catalog
+from service.local_servers import stack_env
 from service.migrate import upgrade
 from service.models import TERMINAL
 from tests.servers import celery_worker, fresh_database, postgres_server, redis_server, uvicorn_server
@@ -43,15 +43,9 @@ def stack(request, tmp_path, redis_url, synthetic_root, broken_dataset):
     else:
         database = fresh_database(request.getfixturevalue("postgres"), f"e2e_{tmp_path.name[-20:].lower()}")
     broker_db = abs(hash(tmp_path.name)) % 15 + 1  # a fresh Redis database per test: no stale messages
-    env = {
-        "CAPE_DATABASE_URL": database,
-        "CAPE_BROKER_URL": redis_url.rsplit("/", 1)[0] + f"/{broker_db}",
-        "CAPE_DATASETS": json.dumps({"synthetic": str(synthetic_root), "broken": str(broken_dataset)}),
-        "CAPE_DEFAULT_DATASET": "synthetic",
-        "CAPE_ARTIFACTS_DIR": str(tmp_path / "artifacts"),
-        "CAPE_DEVICE": "cpu",
-        "CAPE_HEARTBEAT_INTERVAL_S": "1",
-    }
+    broker = redis_url.rsplit("/", 1)[0] + f"/{broker_db}"
+    datasets = {"synthetic": synthetic_root, "broken": broken_dataset}
+    env = stack_env(database, broker, datasets, tmp_path, heartbeat_interval_s="1")
     upgrade(database)
     with celery_worker(env, tmp_path / "worker.log"), uvicorn_server(env, tmp_path / "api.log") as base:
         yield base, tmp_path

@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from cape.data.catalog import MP100Catalog
+from service.local_servers import stack_env
 from service.migrate import upgrade
 from tests.servers import celery_worker, redis_server, uvicorn_server
 
@@ -52,15 +53,7 @@ def stack(tmp_path_factory, synthetic_root):
     tmp = tmp_path_factory.mktemp("page")
     with redis_server(tmp / "redis") as redis_url:
         database = f"sqlite:///{tmp / 'cape.sqlite3'}"
-        env = {
-            "CAPE_DATABASE_URL": database,
-            "CAPE_BROKER_URL": redis_url,
-            "CAPE_DATASETS": json.dumps({"synthetic": str(synthetic_root)}),
-            "CAPE_DEFAULT_DATASET": "synthetic",
-            "CAPE_ARTIFACTS_DIR": str(tmp / "artifacts"),
-            "CAPE_DEVICE": "cpu",
-            "CAPE_HEARTBEAT_INTERVAL_S": "1",
-        }
+        env = stack_env(database, redis_url, {"synthetic": synthetic_root}, tmp, heartbeat_interval_s="1")
         upgrade(database)
         with celery_worker(env, tmp / "worker.log"), uvicorn_server(env, tmp / "api.log") as base:
             yield SimpleNamespace(base=base, env=env, tmp=tmp)

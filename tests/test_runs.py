@@ -3,13 +3,13 @@ the job's log, the pictures and their data, the test result of a full job, names
 
 from __future__ import annotations
 
-import json
 import struct
 
 import httpx
 import pytest
 
 from cape.data.catalog import MP100Catalog
+from service.local_servers import stack_env
 from service.migrate import upgrade
 from tests.servers import celery_worker, redis_server, uvicorn_server
 from tests.test_e2e import poll, single_image
@@ -28,14 +28,7 @@ def stack(tmp_path_factory, synthetic_root):
     tmp = tmp_path_factory.mktemp("runs")
     database = f"sqlite:///{tmp / 'cape.sqlite3'}"
     with redis_server(tmp) as redis_url:
-        env = {
-            "CAPE_DATABASE_URL": database,
-            "CAPE_BROKER_URL": redis_url,
-            "CAPE_DATASETS": json.dumps({"synthetic": str(synthetic_root)}),
-            "CAPE_DEFAULT_DATASET": "synthetic",
-            "CAPE_ARTIFACTS_DIR": str(tmp / "artifacts"),
-            "CAPE_DEVICE": "cpu",
-        }
+        env = stack_env(database, redis_url, {"synthetic": synthetic_root}, tmp)
         upgrade(database)
         with celery_worker(env, tmp / "worker.log"), uvicorn_server(env, tmp / "api.log") as base:
             with httpx.Client(base_url=base, timeout=30) as client:
