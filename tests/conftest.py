@@ -73,3 +73,26 @@ def client(service_env, dispatched):
     app.dependency_overrides[get_dispatcher] = lambda: record
     with TestClient(app) as test_client:
         yield test_client
+
+
+KEY_A, KEY_B = "key-a-0123456789", "key-b-9876543210"
+
+
+@pytest.fixture
+def secured(service_env, monkeypatch):
+    """The API through TestClient with two API keys, KEY_A and KEY_B (see auth)."""
+    from fastapi.testclient import TestClient
+
+    from service.dispatch import get_dispatcher
+    from service.main import create_app
+
+    monkeypatch.setenv("CAPE_API_KEYS", f"{KEY_A}, {KEY_B}")
+    reset_service_caches()
+    app = create_app()
+    app.dependency_overrides[get_dispatcher] = lambda: (lambda job_id: True)
+    with TestClient(app) as client:
+        yield client
+
+
+def auth(key):
+    return {"Authorization": f"Bearer {key}"}

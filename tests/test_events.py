@@ -28,7 +28,7 @@ from service.models import JobStatus
 from service.routes import events
 from tests.conftest import reset_service_caches
 from tests.servers import REPO, RestartableRedis, fresh_database, postgres_server, uvicorn_server
-from tests.test_security import KEY_A, KEY_B, auth
+from tests.conftest import KEY_A, KEY_B, auth
 
 WAIT_S = 10.0  # a test gives up on an event after this long
 
@@ -257,16 +257,6 @@ def test_postgresql_replays_and_follows_on_the_asyncio_driver(postgres, service_
         metrics = client.get(f"/jobs/{job_id}/metrics", params={"after_epoch": 2}).json()["items"]
         assert [e["data"] for e in stream if e["event"] == "epoch"] == metrics
     reset_service_caches()
-
-
-@pytest.fixture
-def secured(service_env, monkeypatch):
-    monkeypatch.setenv("CAPE_API_KEYS", f"{KEY_A}, {KEY_B}")
-    reset_service_caches()
-    app = create_app()
-    app.dependency_overrides[get_dispatcher] = lambda: (lambda job_id: True)
-    with TestClient(app) as client:
-        yield client
 
 
 # --- real HTTP: uvicorn, redis-server, SQLite -----------------------------------------------------------------

@@ -1,30 +1,10 @@
 """API keys, ownership, idempotent submission and hostile input, through TestClient."""
 
 import pytest
-from fastapi.testclient import TestClient
 
 from cape.data.catalog import MP100Catalog
 from service.auth import key_id
-from service.dispatch import get_dispatcher
-from service.main import create_app
-from tests.conftest import reset_service_caches
-
-KEY_A, KEY_B = "key-a-0123456789", "key-b-9876543210"
-
-
-@pytest.fixture
-def secured(service_env, monkeypatch):
-    monkeypatch.setenv("CAPE_API_KEYS", f"{KEY_A}, {KEY_B}")
-    reset_service_caches()
-    app = create_app()
-    app.dependency_overrides[get_dispatcher] = lambda: (lambda job_id: True)
-    with TestClient(app) as client:
-        yield client
-
-
-def auth(key):
-    return {"Authorization": f"Bearer {key}"}
-
+from tests.conftest import KEY_A, KEY_B, auth
 
 @pytest.fixture(scope="module")
 def body(synthetic_root):
