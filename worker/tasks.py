@@ -118,6 +118,7 @@ def job_log(folder: Path) -> Iterator[None]:
     handler.setLevel(logging.INFO)
     root = logging.getLogger()
     root.addHandler(handler)
+    logging.captureWarnings(True)  # Python's warnings (a deprecation, a data-loader hint) reach the log too
     try:
         yield
     finally:
