@@ -15,7 +15,7 @@ import importlib.util
 from functools import lru_cache
 from pathlib import Path
 
-from fastapi import APIRouter, Header, HTTPException
+from fastapi import APIRouter, Header
 from fastapi.responses import FileResponse, HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.types import Scope
@@ -30,9 +30,9 @@ FOREVER = {"Cache-Control": "public, max-age=31536000, immutable"}
 router = APIRouter(include_in_schema=False)
 
 
-@lru_cache
 def plotly_js() -> tuple[Path, str]:
-    """The plotly.min.js of the installed wheel and the wheel's version, found without importing plotly."""
+    """The plotly.min.js of the installed wheel and the wheel's version, found without importing plotly. A declared
+    dependency: without it the API does not start, rather than serve pages whose charts cannot load."""
     spec = importlib.util.find_spec("plotly")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("the plotly package is not installed (pip install plotly)")
@@ -43,14 +43,13 @@ def plotly_js() -> tuple[Path, str]:
     raise FileNotFoundError("the installed plotly package has no package_data/plotly.min.js")
 
 
+PLOTLY_FILE, PLOTLY_VERSION = plotly_js()
+
+
 def _page(name: str) -> HTMLResponse:
     # Read per request (a few kB, rarely asked for): an edited page shows on reload, without a restart.
     html = (STATIC / f"{name}.html").read_text(encoding="utf-8")
-    try:
-        version = plotly_js()[1]
-    except FileNotFoundError:
-        version = "missing"
-    html = html.replace(f'src="{PLOTLY_PATH}"', f'src="{PLOTLY_PATH}?v={version}"')
+    html = html.replace(f'src="{PLOTLY_PATH}"', f'src="{PLOTLY_PATH}?v={PLOTLY_VERSION}"')
     return HTMLResponse(html, headers=REVALIDATE)
 
 
@@ -77,19 +76,15 @@ def compare_page() -> HTMLResponse:
 @lru_cache
 def _plotly_gzip() -> bytes:
     # 4.8 MB as it ships, 1.4 MB compressed: compressed once, on the first request that accepts gzip.
-    return gzip.compress(plotly_js()[0].read_bytes(), compresslevel=6, mtime=0)
+    return gzip.compress(PLOTLY_FILE.read_bytes(), compresslevel=6, mtime=0)
 
 
 @router.get(PLOTLY_PATH)
 def plotly(accept_encoding: str = Header(default="")) -> Response:
-    try:
-        path, _ = plotly_js()
-    except FileNotFoundError as exc:
-        raise HTTPException(status_code=404, detail=str(exc)) from None
     headers = {**FOREVER, "Vary": "Accept-Encoding"}
     if "gzip" in accept_encoding:
         return Response(_plotly_gzip(), media_type="text/javascript", headers={**headers, "Content-Encoding": "gzip"})
-    return FileResponse(path, media_type="text/javascript", headers=headers)
+    return FileResponse(PLOTLY_FILE, media_type="text/javascript", headers=headers)
 
 
 class _Static(StaticFiles):
