@@ -14,8 +14,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cape import checkpoints
-from cape.config import TrainConfig
 from cape.data.batch import EpisodeBatch
 from cape.data.catalog import MP100Catalog
 from cape.data.episodes import fixed_episodes
@@ -23,7 +21,7 @@ from cape.data.instances import InstanceLoader
 from cape.data.run_data import eval_batches
 from cape.device import autocast_dtype, resolve_device
 from cape.metrics import PCKAccumulator, PCKSummary, correct_keypoints, countable_mask
-from cape.model import CapeModel
+from cape.trained import load_trained
 
 Predictor = Callable[[EpisodeBatch], torch.Tensor]  # -> [B, Q, K, 2] in [0, 1] of each query crop
 
@@ -117,16 +115,13 @@ def evaluate_checkpoint(
     baseline: bool = False,
 ) -> tuple[PCKSummary, dict[int, str]]:
     """The MP-100 protocol on a checkpoint: fixed seeded episodes on every category of ``subset``."""
-    state = checkpoints.load(path)
-    config = TrainConfig(**state["config"])
+    dev = resolve_device(device)
+    trained = load_trained(path, dev)
+    config, model = trained.config, trained.model
     if dataset_root:
         config = config.model_copy(update={"dataset_root": dataset_root})
-    dev = resolve_device(device)
     catalog = MP100Catalog(config.dataset_root, config.split, config.category_split_file)
     model_config = config.resolved_model
-    model = CapeModel(model_config.model_copy(update={"backbone_weights": None})).to(dev)
-    model.load_state_dict(state["model"])
-    model.eval()
     categories = catalog.category_ids(subset)
     episodes = fixed_episodes(catalog, categories, subset, shots, queries_per_episode, episodes_per_category, seed)
     batches = eval_batches(catalog, episodes, InstanceLoader(catalog, model_config.input_size))

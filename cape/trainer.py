@@ -122,8 +122,11 @@ class Trainer:
 
     # --- checkpoints ---------------------------------------------------------------------------------------------
 
-    def save(self, epoch: int, progress: EpochProgress | None = None, best: bool = False) -> Path | None:
-        """Write checkpoint_last (and checkpoint_best): ``epoch`` epochs done, plus ``progress`` into the next one."""
+    def save(
+        self, epoch: int, progress: EpochProgress | None = None, best: bool = False, val_pck: float | None = None
+    ) -> Path | None:
+        """Write checkpoint_last (and checkpoint_best): ``epoch`` epochs done, plus ``progress`` into the next one.
+        ``val_pck``: the validation PCK of these weights (None when not validated), for whoever uses them later."""
         if self.output_dir is None:
             return None
         progress = progress or EpochProgress()
@@ -136,6 +139,7 @@ class Trainer:
             "step": progress.step,  # training steps done in epoch + 1 (0 at an epoch boundary)
             "partial": progress.sums,  # running sums of the unfinished epoch
             "best_pck": self.best_pck,
+            "val_pck": val_pck,
             "rng": checkpoints.rng_state(),
         }
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -297,7 +301,7 @@ class Trainer:
         self.log(self._epoch_line(record))
         for cb in self.callbacks:
             cb.on_epoch_end(record)
-        self.save(epoch, best=improved)
+        self.save(epoch, best=improved, val_pck=record.pck)
         return record
 
     def _epoch_line(self, r: EpochRecord) -> str:

@@ -112,3 +112,25 @@ def test_backbone_weights_load_from_a_local_file(tmp_path):
     torch.save(resnet.state_dict(), path)
     model = CapeModel(TINY.model_copy(update={"backbone_weights": str(path)}))
     assert torch.equal(model.backbone.body[0].weight, resnet.conv1.weight)
+
+
+def test_a_checkpoint_of_a_pretrained_backbone_loads_without_the_weights_file(tmp_path):
+    """Evaluation and prediction rebuild the model from the checkpoint alone: the weights file may be elsewhere."""
+    import torchvision
+
+    from cape import checkpoints
+    from cape.config import TrainConfig
+    from cape.trained import load_trained
+
+    weights = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
+    config = TrainConfig(model=TINY.model_copy(update={"backbone_weights": str(weights)}))
+    model = CapeModel(config.resolved_model)
+    checkpoints.save({"config": config.model_dump(), "model": model.state_dict(), "epoch": 3, "val_pck": 0.5},
+                     tmp_path / "c.pt")
+    weights.unlink()
+    trained = load_trained(tmp_path / "c.pt", torch.device("cpu"))
+    assert (trained.epoch, trained.val_pck) == (3, 0.5)
+    assert not trained.model.training
+    for (name, a), b in zip(model.state_dict().items(), trained.model.state_dict().values()):
+        assert torch.equal(a, b), name

@@ -22,12 +22,14 @@ _CHANNELS = {
 
 
 class Backbone(nn.Module):
-    def __init__(self, name: str, layer: str, weights_path: str | None = None):
+    def __init__(self, name: str, layer: str, weights_path: str | None = None, load_weights: bool = True):
+        """``load_weights=False`` builds the same modules without reading ``weights_path``: for a model whose trained
+        state comes from a checkpoint, on a machine that may not have the weights file."""
         super().__init__()
         # Pretrained weights come with batch statistics worth keeping (DETR freezes them); random ones must learn them.
         norm = FrozenBatchNorm2d if weights_path else nn.BatchNorm2d
         resnet = getattr(models, name)(weights=None, norm_layer=norm)
-        if weights_path:
+        if weights_path and load_weights:
             _load_weights(resnet, weights_path)
         stages = [resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool, resnet.layer1, resnet.layer2]
         if layer == "layer3":

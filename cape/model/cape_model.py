@@ -46,11 +46,11 @@ class Encoded:
 
 
 class CapeModel(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, load_backbone_weights: bool = True):
         super().__init__()
         self.config = config
         d = config.d_model
-        self.backbone = Backbone(config.backbone, config.feature_layer, config.backbone_weights)
+        self.backbone = Backbone(config.backbone, config.feature_layer, config.backbone_weights, load_backbone_weights)
         self.input_proj = nn.Conv2d(self.backbone.out_channels, d, kernel_size=1)
         self.support_encoder = SupportEncoder(d, config.graph_layers)
         self.matcher = AppearanceMatcher(d)
