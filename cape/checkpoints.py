@@ -15,8 +15,9 @@ import numpy as np
 import torch
 
 from cape.errors import CheckpointError
+from cape.run_files import CHECKPOINT_FILES
 
-LAST, BEST = "checkpoint_last.pt", "checkpoint_best.pt"
+LAST, BEST = CHECKPOINT_FILES["last"], CHECKPOINT_FILES["best"]
 
 
 def save(state: dict, path: Path) -> None:

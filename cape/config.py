@@ -11,6 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Mode = Literal["single_image", "category", "full"]
 MAX_EPOCHS = 1000
+# The most keypoints a model is asked to predict at once. MP-100's largest category has 68 (human faces); a support
+# with more is refused rather than run as a decoding of hundreds of autoregressive steps.
+MAX_KEYPOINTS = 100
 Preset = Literal["small", "base"]
 
 

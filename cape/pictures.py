@@ -12,13 +12,14 @@ Drawn with torchvision.utils.draw_keypoints (the skeleton as ``connectivity``); 
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from PIL import ImageDraw
-from torchvision.transforms.v2.functional import pil_to_tensor, to_pil_image
+from torchvision.transforms.v2.functional import pil_to_tensor, resize, to_pil_image
 from torchvision.utils import draw_keypoints, make_grid
 
 from cape.data.batch import EpisodeSamples
@@ -30,6 +31,7 @@ from cape.evaluation import ScoredQuery
 from cape.run_files import INPUTS, PREDICTIONS_JSON, PREDICTIONS_PNG, epoch_folder
 
 DISPLAY_SIZE = 256  # pixels of each panel: larger than the small preset's input, so the marks stay readable
+PREDICTION_MAX_SIDE = 1024  # a drawn prediction on a photo: large enough to check, small enough to send
 MAX_QUERIES = 8
 GT, CORRECT, WRONG, SUPPORT = (255, 255, 255), (40, 200, 60), (230, 40, 40), (60, 140, 255)
 
@@ -50,6 +52,22 @@ def _draw(image: torch.Tensor, points: torch.Tensor, shown: torch.Tensor, skelet
         image, points[None], connectivity=list(skeleton) or None, colors=colour, radius=radius, width=2,
         visibility=shown[None],
     )
+
+
+def draw_prediction(image: torch.Tensor, keypoints: torch.Tensor, skeleton) -> bytes:
+    """PNG of ``image`` ([3, H, W] uint8) with ``keypoints`` ([K, 2] in its pixels) numbered and the skeleton drawn,
+    scaled down to PREDICTION_MAX_SIDE on its longer side."""
+    height, width = image.shape[-2:]
+    scale = min(1.0, PREDICTION_MAX_SIDE / max(height, width))
+    if scale < 1:
+        image = resize(image, [max(1, round(height * scale)), max(1, round(width * scale))], antialias=True)
+    points = keypoints.float() * scale
+    radius = max(3, round(max(image.shape[-2:]) / 150))
+    shown = torch.ones(len(points), dtype=torch.bool)
+    drawn = _numbered(_draw(image, points, shown, skeleton, CORRECT, radius), points, shown, (255, 255, 0))
+    out = io.BytesIO()
+    to_pil_image(drawn).save(out, format="PNG")
+    return out.getvalue()
 
 
 class Pictures:

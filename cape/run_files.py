@@ -2,7 +2,8 @@
 
 ``config.json``, ``metrics.jsonl`` (one EpochRecord a line), ``test_metrics.json`` (full mode), ``log.txt`` (a
 job's log, written by the worker), ``inputs.png`` and ``epochs/<n>/predictions.{png,json}`` (cape/pictures.py).
-Checkpoints are cape/checkpoints.py's.
+Checkpoints are written and read by cape/checkpoints.py; their file names are here, with the names users choose
+them by, so that the API can find them without torch.
 """
 
 from __future__ import annotations
@@ -10,12 +11,15 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Literal
 
 from cape.config import TrainConfig
 from cape.epoch_record import EpochRecord
 
 METRICS, CONFIG, TEST_METRICS, LOG = "metrics.jsonl", "config.json", "test_metrics.json", "log.txt"
 INPUTS, EPOCHS, PREDICTIONS_PNG, PREDICTIONS_JSON = "inputs.png", "epochs", "predictions.png", "predictions.json"
+CheckpointName = Literal["best", "last"]  # the best validation PCK so far, the latest epoch
+CHECKPOINT_FILES: dict[str, str] = {"best": "checkpoint_best.pt", "last": "checkpoint_last.pt"}
 
 
 def epoch_folder(run_folder: Path, epoch: int) -> Path:

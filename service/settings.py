@@ -6,6 +6,7 @@
     CAPE_DEFAULT_DATASET  the dataset a job gets when it names none
     CAPE_ARTIFACTS_DIR  checkpoints and run files, one folder per job
     CAPE_API_KEYS       comma-separated keys; when set, every endpoint but /healthz, /readyz and the docs needs one
+    CAPE_MAX_UPLOAD_BYTES, CAPE_MAX_IMAGE_PIXELS, CAPE_PREDICT_TIMEOUT_S, CAPE_PREDICT_CACHE_SIZE: predictions
     CAPE_MAX_ATTEMPTS, CAPE_HEARTBEAT_TIMEOUT_S, CAPE_REDISPATCH_AFTER_S, CAPE_REAPER_INTERVAL_S: see the reaper
 """
 
@@ -16,6 +17,8 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from cape.predict_inputs import MAX_IMAGE_PIXELS
 
 
 class Settings(BaseSettings):
@@ -38,6 +41,13 @@ class Settings(BaseSettings):
     reaper_interval_s: float = Field(default=30.0, gt=0)
     api_keys: str = ""
     max_body_bytes: int = 64 * 1024
+    # POST /jobs/{id}/predict carries two images: its own body limit, and a pixel limit checked before decoding.
+    max_upload_bytes: int = Field(default=20 * 1024 * 1024, gt=0)
+    max_image_pixels: int = Field(default=MAX_IMAGE_PIXELS, gt=0)
+    # How long the API waits for a predict worker (a cold one loads the model first), and how many trained models a
+    # predict worker keeps loaded.
+    predict_timeout_s: float = Field(default=30.0, gt=0)
+    predict_cache_size: int = Field(default=4, ge=1)
     device: str = "auto"  # the workers' training device: auto, cpu, cuda, cuda:N
 
     @property

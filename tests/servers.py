@@ -49,9 +49,10 @@ def postgres_server() -> Iterator[str]:
 
 
 @contextmanager
-def celery_worker(env: dict, log: Path, name: str = "test"):
-    """A Celery worker on the ``gpu`` queue, ready; yields its process (``.pid``: see pool_children)."""
-    with local_servers.celery_worker(env, log, name=name, mingle=False, cwd=REPO) as worker:
+def celery_worker(env: dict, log: Path, name: str = "test", queues: str = "gpu"):
+    """A Celery worker on ``queues`` (``predict`` for predictions), ready; yields its process (``.pid``: see
+    pool_children)."""
+    with local_servers.celery_worker(env, log, name=name, queues=queues, mingle=False, cwd=REPO) as worker:
         yield worker.process
 
 

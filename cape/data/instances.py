@@ -66,12 +66,19 @@ class InstanceLoader:
             raise DatasetError(
                 f"{path} is {width}x{height} but its annotation says {instance.image_width}x{instance.image_height}"
             )
-        box = CropBox.around(instance.bbox)
-        image = tv_tensors.Image(data)
-        points = tv_tensors.KeyPoints(torch.from_numpy(instance.keypoints), canvas_size=(height, width))
-        size = [self.input_size, self.input_size]
-        # resized_crop zero-pads where the enlarged box leaves the image.
-        image = F.resized_crop(image, box.top, box.left, box.side, box.side, size, antialias=True)
-        points = F.resized_crop(points, box.top, box.left, box.side, box.side, size)
-        labelled = torch.from_numpy(instance.labelled.copy())
-        return InstanceCrop(image=image, keypoints=points, labelled=labelled, crop=box, instance=instance)
+        return crop_instance(data, instance, self.input_size)
+
+
+def crop_instance(data: torch.Tensor, instance: Instance, input_size: int) -> InstanceCrop:
+    """Cut ``instance`` out of its decoded image ([3, H, W] uint8): the one way an image becomes model input, for the
+    dataset and for a person's own images alike."""
+    height, width = data.shape[-2:]
+    box = CropBox.around(instance.bbox)
+    image = tv_tensors.Image(data)
+    points = tv_tensors.KeyPoints(torch.from_numpy(instance.keypoints), canvas_size=(height, width))
+    size = [input_size, input_size]
+    # resized_crop zero-pads where the enlarged box leaves the image.
+    image = F.resized_crop(image, box.top, box.left, box.side, box.side, size, antialias=True)
+    points = F.resized_crop(points, box.top, box.left, box.side, box.side, size)
+    labelled = torch.from_numpy(instance.labelled.copy())
+    return InstanceCrop(image=image, keypoints=points, labelled=labelled, crop=box, instance=instance)

@@ -1,0 +1,199 @@
+"""Using a trained job: predict keypoints on your own images, and take its checkpoints away.
+
+The API checks the upload (cape/predict_inputs.py: header-only, no decoding) and hands it to a predict worker
+(service/prediction.py); it never loads the model, nor torch.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from email.utils import formatdate
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Header, HTTPException, Response, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field
+from sqlalchemy import bindparam
+from sqlmodel import select
+
+from cape.predict_inputs import InputError, check_predict_inputs
+from cape.run_files import CHECKPOINT_FILES, CheckpointName
+from service.artifacts import run_folder
+from service.auth import OwnerDep
+from service.db import ReadsDep, SessionDep
+from service.errors import not_found, responses, unprocessable
+from service.models import Job
+from service.prediction import PredictorDep, PredictTimeout, PredictUnavailable
+from service.routes.jobs import owned_job
+from service.settings import get_settings
+
+router = APIRouter(prefix="/jobs", tags=["use a trained job"])
+PREDICT_PATH = r"^/jobs/[^/]+/predict$"  # its body limit is CAPE_MAX_UPLOAD_BYTES, not CAPE_MAX_BODY_BYTES
+JSON_FIELD = 64 * 1024  # characters of a JSON form field: K <= 100 keypoints fit many times over
+CHUNK = 1024 * 1024
+
+
+class CheckpointUsed(BaseModel):
+    name: CheckpointName
+    epoch: int = Field(description="epochs completed when it was saved")
+    val_pck: float | None = Field(description="validation PCK@0.2 of these weights")
+
+
+class Timing(BaseModel):
+    total_ms: float = Field(description="in the API, from the upload read to the answer")
+    load_ms: float = Field(description="getting the model: near 0 when the worker had it loaded")
+    inference_ms: float
+    cached: bool = Field(description="the worker had this checkpoint loaded already")
+
+
+class PredictionPublic(BaseModel):
+    job_id: uuid.UUID
+    checkpoint: CheckpointUsed
+    k: int
+    keypoints: list[list[float]] = Field(description="[x, y] in query-image pixels, one per support keypoint, in order")
+    confidence: list[float] = Field(description="per keypoint, 0..1: the probability of the chosen x bin times y bin")
+    support_labelled: list[bool] = Field(description="which support keypoints were labelled (v > 0)")
+    skeleton: list[list[int]]
+    support_bbox: list[float] = Field(description="[x, y, w, h] used for the support crop")
+    query_bbox: list[float] = Field(description="[x, y, w, h] used for the query crop")
+    query_size: list[int] = Field(description="[width, height] of the query image as shown (EXIF orientation applied)")
+    timing: Timing
+
+
+class CheckpointFile(BaseModel):
+    name: CheckpointName
+    bytes: int
+    modified_at: datetime
+    etag: str
+
+
+class CheckpointList(BaseModel):
+    job_id: uuid.UUID
+    items: list[CheckpointFile]
+
+
+JOB_STATUS = select(Job.owner, Job.status).where(Job.id == bindparam("job_id"))
+PNG = {"content": {"image/png": {}}}
+
+
+@router.post(
+    "/{job_id}/predict", response_model=PredictionPublic,
+    responses={200: {**PNG, "description": "The prediction; with Accept: image/png, the query image with it drawn"},
+               **responses(401, 404, 409, 413, 503, 504)},
+)
+async def predict(
+    job_id: uuid.UUID,
+    db: ReadsDep,
+    owner: OwnerDep,
+    predictor: PredictorDep,
+    support_image: Annotated[UploadFile, File(description="the support image: JPEG, PNG or WebP")],
+    support_keypoints: Annotated[str, Form(
+        max_length=JSON_FIELD,
+        description="JSON [[x, y], ...] or [[x, y, v], ...] in support-image pixels (v = 0: not labelled); K comes from it")],
+    query_image: Annotated[UploadFile, File(description="the query image: JPEG, PNG or WebP")],
+    skeleton: Annotated[str | None, Form(max_length=JSON_FIELD, description="JSON [[a, b], ...], 0-based")] = None,
+    support_bbox: Annotated[str | None, Form(
+        max_length=200, description="JSON [x, y, w, h]; default: around the labelled keypoints")] = None,
+    query_bbox: Annotated[str | None, Form(max_length=200, description="JSON [x, y, w, h]; default: the whole image")] = None,
+    checkpoint: Annotated[CheckpointName, Form()] = "best",
+    accept: Annotated[str | None, Header(include_in_schema=False)] = None,
+) -> PredictionPublic | Response:
+    """Keypoints of the support's K on the query image, predicted by the job's checkpoint on a predict worker."""
+    started = time.perf_counter()
+    rows = await db.fetch(JOB_STATUS, {"job_id": job_id})
+    if not rows or rows[0].owner != owner:
+        raise not_found(f"job {job_id}")
+    if not (run_folder(job_id) / CHECKPOINT_FILES[checkpoint]).is_file():
+        raise HTTPException(409, f"job {job_id} has no {checkpoint} checkpoint yet (status {rows[0].status})")
+    support, query = await support_image.read(), await query_image.read()
+    settings = get_settings()
+    try:
+        inputs = await run_in_threadpool(
+            check_predict_inputs, support, support_keypoints, query, skeleton, support_bbox, query_bbox,
+            settings.max_image_pixels,
+        )
+    except InputError as exc:
+        raise unprocessable(("body", exc.field), str(exc)) from None
+    png = "image/png" in (accept or "")
+    request = {
+        "job_id": str(job_id), "checkpoint": checkpoint, "inputs": inputs.to_json(), "png": png,
+        "support_image": base64.b64encode(support).decode(), "query_image": base64.b64encode(query).decode(),
+    }
+    try:
+        answer = await predictor(request, settings.predict_timeout_s)
+    except PredictUnavailable as exc:
+        raise HTTPException(503, f"prediction not possible now: {exc}", headers={"Retry-After": "5"}) from None
+    except PredictTimeout as exc:
+        detail = f"{exc}: the model may still be loading, or no worker consumes the 'predict' queue; try again"
+        raise HTTPException(504, detail, headers={"Retry-After": "5"}) from None
+    if answer["status"] != 200:
+        raise HTTPException(answer["status"], answer["detail"])
+    if png:
+        return Response(base64.b64decode(answer["png"]), media_type="image/png")
+    return PredictionPublic(
+        job_id=job_id, checkpoint=answer["checkpoint"], k=inputs.k, keypoints=answer["keypoints"],
+        confidence=answer["confidence"], support_labelled=list(inputs.labelled),
+        skeleton=[list(e) for e in inputs.skeleton], support_bbox=list(inputs.support_bbox),
+        query_bbox=list(inputs.query_bbox), query_size=[inputs.query.width, inputs.query.height],
+        timing=Timing(total_ms=1000 * (time.perf_counter() - started), **answer["timing"]),
+    )
+
+
+def _etag(stat: os.stat_result) -> str:
+    return f'"{stat.st_mtime_ns:x}-{stat.st_size:x}"'
+
+
+@router.get("/{job_id}/checkpoints", response_model=CheckpointList, responses=responses(401, 404, 503))
+def list_checkpoints(job_id: uuid.UUID, session: SessionDep, owner: OwnerDep) -> CheckpointList:
+    """The job's checkpoints that exist now: ``best`` (best validation PCK so far) and ``last`` (latest epoch)."""
+    owned_job(session, job_id, owner)
+    items = []
+    for name, file in CHECKPOINT_FILES.items():
+        try:
+            stat = (run_folder(job_id) / file).stat()
+        except FileNotFoundError:
+            continue
+        items.append(CheckpointFile(name=name, bytes=stat.st_size, etag=_etag(stat),
+                                    modified_at=datetime.fromtimestamp(stat.st_mtime, timezone.utc)))
+    return CheckpointList(job_id=job_id, items=items)
+
+
+@router.get(
+    "/{job_id}/checkpoints/{name}", response_class=StreamingResponse,
+    responses={200: {"content": {"application/octet-stream": {}}, "description": "The checkpoint file"},
+               304: {"description": "Not modified (If-None-Match)"}, **responses(401, 404, 503)},
+)
+def download_checkpoint(
+    job_id: uuid.UUID, name: CheckpointName, session: SessionDep, owner: OwnerDep,
+    if_none_match: Annotated[str | None, Header(max_length=200)] = None,
+) -> Response:
+    """The checkpoint file, for ``python -m cape.predict`` and ``python -m cape.evaluate`` (or to resume elsewhere)."""
+    owned_job(session, job_id, owner)
+    try:
+        # Opened once, and everything (length, ETag, bytes) from that one open file: a running job replaces its
+        # checkpoints while they may be downloaded, and the open file stays the version whose length was sent.
+        handle = open(run_folder(job_id) / CHECKPOINT_FILES[name], "rb")
+    except FileNotFoundError:
+        raise not_found(f"{name} checkpoint of job {job_id}") from None
+    stat = os.fstat(handle.fileno())
+    etag = _etag(stat)
+    if if_none_match == etag:
+        handle.close()
+        return Response(status_code=304, headers={"ETag": etag})
+    headers = {
+        "Content-Length": str(stat.st_size), "ETag": etag, "Last-Modified": formatdate(stat.st_mtime, usegmt=True),
+        "Content-Disposition": f'attachment; filename="cape-{job_id}-{name}.pt"',
+    }
+    return StreamingResponse(_chunks(handle), media_type="application/octet-stream", headers=headers)
+
+
+def _chunks(handle) -> Iterator[bytes]:
+    with handle:
+        while chunk := handle.read(CHUNK):
+            yield chunk

@@ -1,0 +1,106 @@
+"""``predict(request)``: keypoints on a person's images with a job's checkpoint, answered on the request's reply list.
+
+Runs on its own queue (``predict``) and its own worker, so a prediction never waits behind a training job. The
+worker keeps the most recently used trained models loaded (CAPE_PREDICT_CACHE_SIZE), each keyed by its checkpoint
+file's identity, so a newer best checkpoint of a running job is loaded afresh.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import time
+import uuid
+from collections import OrderedDict
+
+from celery.signals import worker_process_init
+
+from cape.errors import CheckpointError
+from cape.predict_inputs import InputError, PredictInputs
+from cape.run_files import CHECKPOINT_FILES
+from service.artifacts import run_folder
+from service.prediction import PREDICT_TASK, send_reply
+from service.settings import get_settings
+from worker.celery_app import app
+
+log = logging.getLogger(__name__)
+
+
+@worker_process_init.connect
+def _load_torch(**_):
+    # In the pool process, after the fork (no CUDA state crosses it): a first request then costs the model's load,
+    # not torch's import too. Training tasks import the same modules anyway.
+    import cape.prediction  # noqa: F401
+
+
+class ModelCache:
+    """The ``size`` most recently used trained models, by (checkpoint path, its mtime and size, device)."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._models: OrderedDict[tuple, object] = OrderedDict()
+
+    def get(self, path, device):
+        from cape.trained import load_trained
+
+        stat = os.stat(path)
+        key = (str(path), stat.st_mtime_ns, stat.st_size, str(device))
+        if key in self._models:
+            self._models.move_to_end(key)
+            return self._models[key], True
+        trained = load_trained(path, device)
+        self._models[key] = trained
+        while len(self._models) > self.size:
+            self._models.popitem(last=False)
+        return trained, False
+
+
+_cache: ModelCache | None = None
+
+
+def _answer(request: dict) -> dict:
+    from cape.device import resolve_device
+    from cape.pictures import draw_prediction
+    from cape.prediction import decode, predict
+
+    global _cache
+    settings = get_settings()
+    _cache = _cache or ModelCache(settings.predict_cache_size)
+    name = request["checkpoint"]
+    path = run_folder(uuid.UUID(request["job_id"])) / CHECKPOINT_FILES[name]
+    if not path.is_file():
+        raise CheckpointError(f"job {request['job_id']} has no {name} checkpoint on this worker ({path})")
+    started = time.perf_counter()
+    trained, cached = _cache.get(path, resolve_device(settings.device))
+    load_ms = 1000 * (time.perf_counter() - started)
+    inputs = PredictInputs.from_json(request["inputs"])
+    query = decode(base64.b64decode(request["query_image"]), inputs.query, "query_image")
+    support = decode(base64.b64decode(request["support_image"]), inputs.support, "support_image")
+    result = predict(trained, support, query, inputs)
+    answer = {
+        "checkpoint": {"name": name, "epoch": trained.epoch, "val_pck": trained.val_pck},
+        "keypoints": result.keypoints.tolist(), "confidence": result.confidence.tolist(),
+        "timing": {"load_ms": load_ms, "inference_ms": result.inference_ms, "cached": cached},
+    }
+    if request.get("png"):
+        import torch
+
+        png = draw_prediction(query, torch.from_numpy(result.keypoints), inputs.skeleton)
+        answer["png"] = base64.b64encode(png).decode()
+    return answer
+
+
+# At most once: a prediction that killed its process is not retried (the client has its 504 by then).
+@app.task(name=PREDICT_TASK, acks_late=False, ignore_result=True)
+def predict(request: dict) -> None:
+    try:
+        answer = {"status": 200, **_answer(request)}
+    except InputError as exc:  # an image whose header was fine but whose data is not
+        answer = {"status": 422, "detail": [{"loc": ["body", exc.field], "msg": str(exc), "type": "value_error"}]}
+    except CheckpointError as exc:
+        answer = {"status": 409, "detail": str(exc)}
+    except Exception as exc:  # a bug: the client gets a 500 that says so, the log gets the traceback
+        log.exception("prediction for job %s failed", request.get("job_id"))
+        answer = {"status": 500, "detail": f"prediction failed: {type(exc).__name__}: {exc}"}
+    send_reply(request["reply_to"], answer)
