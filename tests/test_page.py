@@ -3,7 +3,9 @@ Celery worker, SQLite), through the page's own forms and buttons.
 
 One stack for the module; the tests run in order and build on each other's jobs: submit a single-image job through
 the form and watch it live (curves, verdict, pictures, log), clone it into a second run with another learning rate
-and cancel a third, compare the two runs, a tiny full-mode run and its test table, then the page with API keys on.
+and cancel a third, compare the two runs, try the first run's checkpoint on dataset images ("Try it": place
+keypoints, predict, download the checkpoint), a tiny full-mode run and its test table, an evaluation of it started
+from its page, then the page with API keys on.
 Screenshots go to the tests' output folders and to /tmp/page_shots/. The browser tests skip, saying why, without
 chromium and chromedriver (.ci/run installs them); the first test (the files, through TestClient) needs no browser.
 """
@@ -26,6 +28,7 @@ from tests.servers import celery_worker, redis_server, uvicorn_server
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed (pip install -e '.[test]')")
 from selenium.common.exceptions import StaleElementReferenceException, WebDriverException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
@@ -49,13 +52,15 @@ FIRST = {"epochs": "3", "batch_size": "1", "num_queries_per_episode": "1", "epis
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, synthetic_root):
-    """The API (open), a worker, Redis and SQLite; yields base URL, environment and folder."""
+    """The API (open), a training worker, a predict worker, Redis and SQLite; yields base URL, environment and folder."""
     tmp = tmp_path_factory.mktemp("page")
     with redis_server(tmp / "redis") as redis_url:
         database = f"sqlite:///{tmp / 'cape.sqlite3'}"
         env = stack_env(database, redis_url, {"synthetic": synthetic_root}, tmp, heartbeat_interval_s="1")
         upgrade(database)
-        with celery_worker(env, tmp / "worker.log"), uvicorn_server(env, tmp / "api.log") as base:
+        with (celery_worker(env, tmp / "worker.log"),
+              celery_worker(env, tmp / "predict.log", name="predict", queues="predict"),
+              uvicorn_server(env, tmp / "api.log") as base):
             yield SimpleNamespace(base=base, env=env, tmp=tmp)
 
 
@@ -190,7 +195,7 @@ def test_the_pages_and_their_files_are_served_without_a_key_and_stay_out_of_the_
         assert page.headers["cache-control"] == "no-cache"
     assert f'src="/static/vendor/plotly.min.js?v={version("plotly")}"' in client.get("/runs/x").text
     assert client.get("/jobs").status_code == 401  # the data is not open
-    for name in ("api.js", "charts.js", "ui.js", "app.css", "run.js"):
+    for name in ("api.js", "charts.js", "ui.js", "app.css", "run.js", "tryit.js", "checkpoints.js"):
         assert client.get(f"/static/{name}").status_code == 200, name
     assert client.get("/static/../main.py").status_code == 404
     assert client.get("/static/%2e%2e/main.py").status_code == 404
@@ -365,8 +370,157 @@ def test_the_list_and_a_comparison_of_two_runs(browser, stack, jobs, tmp_path):
     assert severe_console_errors(d) == []
 
 
+def click_at(driver, element, dx: float, dy: float) -> None:
+    """A real mouse click at (dx, dy) CSS pixels from the element's centre."""
+    ActionChains(driver).move_to_element_with_offset(element, int(dx), int(dy)).click().perform()
+
+
+def support_points(driver) -> list[list[float]]:
+    return json.loads(driver.find_element(By.ID, "support-canvas").get_attribute("data-keypoints"))
+
+
+def labelled_support(instance: dict) -> tuple[list[list[float]], list[list[int]]]:
+    """What the page fills in from a dataset instance: its labelled keypoints, renumbered 0.., and the skeleton's
+    edges between them."""
+    kept = {i: n for n, i in enumerate(i for i, (_, _, v) in enumerate(instance["keypoints"]) if v > 0)}
+    points = [[x, y] for x, y, v in instance["keypoints"] if v > 0]
+    edges = [[kept[a], kept[b]] for a, b in instance["skeleton"] if a in kept and b in kept]
+    return points, edges
+
+
 @browser_test
-def test_a_full_mode_run_shows_its_test_table(browser, stack, tmp_path):
+def test_try_it_predicts_with_the_runs_checkpoint_like_the_api_and_downloads_it(browser, stack, synthetic_root, category,
+                                                                               jobs, tmp_path):
+    """The first run's "Try it" panel: a dataset instance as support (its keypoints filled in); an uploaded file with
+    no keypoints (the API's 422 shown), then keypoints placed on it by hand, joined and undone; a prediction on a
+    dataset query whose numbers are the API's for the same request, the server's PNG of it, and the best checkpoint
+    downloaded through the page (the key header, a blob, the server's file name)."""
+    if "first" not in jobs:
+        pytest.skip("needs the job of the first test")
+    d, job_id = browser, jobs["first"]
+    with httpx.Client(base_url=stack.base, timeout=60) as api:
+        listed_files = {c["name"]: c for c in api.get(f"/jobs/{job_id}/checkpoints").json()["items"]}
+        counts = {c["id"]: c for c in api.get("/categories", params={"split": 1}).json()["items"]}[category]["instances"]
+        query_index = 1 if counts["train"] > 1 else 0
+        instance = lambda index: api.get(f"/categories/{category}/instances/{index}", params={"subset": "train"})  # noqa: E731
+        support, query = instance(0).json(), instance(query_index).json()
+    assert {"best", "last"} <= listed_files.keys()
+    open_page(d, f"{stack.base}/runs/{job_id}", "checkpoints")
+    panel = d.find_element(By.ID, "tryit")
+    wait(d, lambda d: panel.is_displayed() and d.find_element(By.ID, "support-category").get_attribute("value") == str(category),
+         message="no Try it panel, or its category is not the job's")
+    d.execute_script("arguments[0].scrollIntoView()", panel)
+
+    # The query: another instance of the job's category, from the dataset.
+    fill(d, "query-index", str(query_index))
+    click(d, "#query-load")
+    wait(d, lambda d: d.find_element(By.ID, "query-canvas").get_attribute("data-image") == f"dataset train {category}/{query_index}")
+
+    # The support from the dataset: its labelled keypoints and its skeleton filled in.
+    points, edges = labelled_support(support)
+    click(d, "#support-load")
+    canvas = d.find_element(By.ID, "support-canvas")
+    wait(d, lambda d: canvas.get_attribute("data-image") == f"dataset train {category}/0")
+    assert support_points(d) == points and canvas.get_attribute("data-edges") == str(len(edges))
+
+    # The same image as an uploaded file: no keypoints yet, and the API's 422 says so, next to the panel and under it.
+    d.find_element(By.ID, "support-file").send_keys(str(synthetic_root / "images" / support["file_name"]))
+    wait(d, lambda d: canvas.get_attribute("data-image") == f"file {support['file_name'].rsplit('/', 1)[-1]}")
+    assert canvas.get_attribute("data-points") == "0" and canvas.get_attribute("data-edges") == "0"
+    click(d, "#predict")
+    problem = d.find_element(By.ID, "predict-error")
+    wait(d, lambda d: problem.is_displayed() and problem.get_attribute("data-status") == "422", message="no 422 shown")
+    assert "support_keypoints must be a non-empty list" in problem.text and "K >= 1" in problem.text, problem.text
+    assert "K >= 1" in d.find_element(By.ID, "support-error").text
+
+    # Keypoints by hand: three clicks, each in the image's pixels where it fell; an edge; Undo takes the last
+    # keypoint and its edge.
+    size = js(d, "const r = arguments[0].getBoundingClientRect(); return [r.width, r.height]", canvas)
+    offsets = [(-size[0] / 4, -size[1] / 4), (size[0] / 4, 0), (0, size[1] / 4)]
+    for dx, dy in offsets:
+        click_at(d, canvas, dx, dy)
+    assert not problem.is_displayed(), "the 422 of the request before stayed"
+    placed = support_points(d)
+    assert len(placed) == 3
+    for (x, y), (dx, dy) in zip(placed, offsets):
+        expected = ((size[0] / 2 + dx) / size[0] * support["width"], (size[1] / 2 + dy) / size[1] * support["height"])
+        tolerance = 1.5 * support["width"] / size[0]  # a CSS pixel of rounding, in image pixels
+        assert abs(x - expected[0]) <= tolerance and abs(y - expected[1]) <= tolerance, (x, y, expected)
+    click(d, "#tool-edges")
+    click_at(d, canvas, *offsets[1])
+    click_at(d, canvas, *offsets[2])
+    assert canvas.get_attribute("data-edges") == "1"
+    click(d, "#tool-points")
+    click(d, "#support-undo")
+    assert support_points(d) == placed[:2] and canvas.get_attribute("data-edges") == "0"
+    screenshot(d, tmp_path, "run_try_it_by_hand")
+    click(d, "#support-clear")
+    assert support_points(d) == []
+
+    # Back to the dataset's keypoints, and predict on the query.
+    click(d, "#support-load")
+    wait(d, lambda d: support_points(d) == points)
+    query_canvas = d.find_element(By.ID, "query-canvas")
+    before = js(d, "return arguments[0].toDataURL()", query_canvas)
+    click(d, "#predict")
+    result = d.find_element(By.ID, "predict-result")
+    wait(d, lambda d: result.is_displayed() and result.get_attribute("data-k") == str(len(points)), timeout=120,
+         message=f"no prediction: {problem.text}")
+    assert not problem.is_displayed()
+    rows = d.find_elements(By.CSS_SELECTOR, "#predict-table tbody tr")
+    assert len(rows) == len(points)
+    assert query_canvas.get_attribute("data-drawn") == str(len(points))
+    assert js(d, "return arguments[0].toDataURL()", query_canvas) != before, "the prediction was not drawn"
+
+    # The same request through the API answers the same numbers.
+    with httpx.Client(base_url=stack.base, timeout=120) as api:
+        image = lambda index: api.get(f"/categories/{category}/instances/{index}/image", params={"subset": "train"}).content  # noqa: E731
+        response = api.post(f"/jobs/{job_id}/predict", files={
+            "support_image": (support["file_name"].rsplit("/", 1)[-1], image(0)),
+            "query_image": (query["file_name"].rsplit("/", 1)[-1], image(query_index)),
+        }, data={"support_keypoints": json.dumps(points), "skeleton": json.dumps(edges) if edges else "",
+                 "support_bbox": json.dumps(support["bbox"]), "query_bbox": json.dumps(query["bbox"]), "checkpoint": "best"})
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    shown = [float(row.get_attribute(f"data-{name}")) for row in rows for name in ("x", "y", "confidence")]
+    assert shown == pytest.approx([v for (x, y), c in zip(answer["keypoints"], answer["confidence"]) for v in (x, y, c)], abs=1e-4)
+    assert rows[0].find_elements(By.TAG_NAME, "td")[1].text == f"{answer['keypoints'][0][0]:.1f}"
+    used = d.find_element(By.ID, "predict-checkpoint-used").text
+    assert used.startswith("best checkpoint") and f"epoch {answer['checkpoint']['epoch']}" in used, used
+    assert " ms" in d.find_element(By.ID, "predict-timing").text
+    screenshot(d, tmp_path, "run_try_it")
+    panel.screenshot(str(tmp_path / "try_it_panel.png"))
+    shutil.copy(tmp_path / "try_it_panel.png", SHOTS / "try_it_panel.png")
+
+    # The server's own drawing of the same request (Accept: image/png), opened in a new tab.
+    main, before_tabs = d.current_window_handle, set(d.window_handles)
+    click(d, "#predict-png")
+    wait(d, lambda d: len(d.window_handles) > len(before_tabs), message="no tab with the server's drawing")
+    d.switch_to.window((set(d.window_handles) - before_tabs).pop())
+    try:
+        wait(d, lambda d: d.current_url.startswith("blob:") and js(d, "return document.images[0]?.naturalWidth > 0"),
+             timeout=60, message=f"no PNG in the new tab: {d.current_url}")
+    finally:
+        d.close()
+        d.switch_to.window(main)
+
+    # The best checkpoint through the page's Download: saved under the server's name, the size listed.
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    d.execute_cdp_cmd("Page.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+    click(d, "#download-best")
+    saved = downloads / f"cape-{job_id}-best.pt"
+    wait(d, lambda d: saved.is_file() and not list(downloads.glob("*.crdownload")), timeout=60,
+         message=f"no download: {list(downloads.iterdir())}")
+    assert saved.stat().st_size == listed_files["best"]["bytes"]
+    link = d.find_element(By.ID, "download-best-link")
+    assert link.get_attribute("data-bytes") == str(listed_files["best"]["bytes"])
+    assert link.get_attribute("href").startswith("blob:") and link.get_attribute("download") == saved.name
+    assert severe_console_errors(d) == []
+
+
+@browser_test
+def test_a_full_mode_run_shows_its_test_table(browser, stack, jobs, tmp_path):
     """Full mode through the form, as small as it gets: one epoch of two episodes, one validation and one test
     episode per category; the run page shows the test on unseen categories as a table."""
     d = browser
@@ -383,11 +537,55 @@ def test_a_full_mode_run_shows_its_test_table(browser, stack, tmp_path):
     wait(d, lambda d: "/runs/" in d.current_url)
     wait(d, lambda d: body_data(d, "status") in ("succeeded", "failed", "cancelled"), timeout=300)
     assert body_data(d, "status") == "succeeded", d.find_element(By.ID, "error").text
+    jobs["full"] = d.current_url.rsplit("/", 1)[1]
     assert not d.find_element(By.ID, "verdict").is_displayed()  # verdicts are for single_image runs
     wait(d, lambda d: d.find_element(By.ID, "test-table").is_displayed(), message="no test table")
     rows = d.find_elements(By.CSS_SELECTOR, "#test-table tbody tr")
     assert rows and "baseline" in d.find_element(By.ID, "test-result").text
+    assert "null" not in d.find_element(By.ID, "test-result").text
     screenshot(d, tmp_path, "run_full")
+    assert severe_console_errors(d) == []
+
+
+@browser_test
+def test_evaluate_a_full_run_from_its_page(browser, stack, jobs, tmp_path):
+    """"Evaluate on unseen categories" on the tiny full run's page: a 422 next to its field, then an evaluate job whose
+    page shows what it evaluates and its test table (no curves, pictures or Clone); the list and the comparison take
+    it too."""
+    if "full" not in jobs:
+        pytest.skip("needs the full-mode job of the test before")
+    d = browser
+    open_page(d, f"{stack.base}/runs/{jobs['full']}", "checkpoints")
+    form = d.find_element(By.ID, "evaluate-form")
+    wait(d, lambda d: form.is_displayed(), message="no evaluate form on a succeeded run")
+    fill(d, "eval-episodes", "0")
+    click(d, "#evaluate")
+    wait(d, lambda d: "greater than or equal to 1" in error_next_to(d, "episodes_per_category"), message="no 422 next to the field")
+    fill(d, "eval-episodes", "1")
+    Select(d.find_element(By.ID, "eval-checkpoint")).select_by_value("best")
+    click(d, "#evaluate")
+    wait(d, lambda d: "/runs/" in d.current_url and jobs["full"] not in d.current_url)
+    evaluation = d.current_url.rsplit("/", 1)[1]
+    wait(d, lambda d: body_data(d, "status") in ("succeeded", "failed", "cancelled"), timeout=300)
+    assert body_data(d, "status") == "succeeded", d.find_element(By.ID, "error").text
+
+    of = d.find_element(By.ID, "evaluation-of")
+    assert of.text.startswith("Evaluation of full, tiny (1-shot, best checkpoint, 1 episode per category)"), of.text
+    assert of.find_element(By.TAG_NAME, "a").get_attribute("href").endswith(f"/runs/{jobs['full']}")
+    wait(d, lambda d: d.find_element(By.ID, "test-table").is_displayed(), message="no test table")
+    assert d.find_elements(By.CSS_SELECTOR, "#test-table tbody tr")
+    assert "1-shot with the best checkpoint (epoch 1" in d.find_element(By.ID, "test-checkpoint").text
+    for hidden in ("clone", "loss-chart", "prediction-figure", "tryit", "checkpoints-section"):
+        assert not d.find_element(By.ID, hidden).is_displayed(), hidden
+    wait(d, lambda d: text(d, "#log-state") == "complete")
+    screenshot(d, tmp_path, "run_evaluate")
+
+    open_page(d, f"{stack.base}/", "loaded")
+    row = js(d, "return document.querySelector(`tr[data-job-id='${arguments[0]}']`)?.innerText", evaluation)
+    assert row and "evaluate" in row and "test " in row and "100 %" in row, row
+    screenshot(d, tmp_path, "jobs_with_evaluation")
+    open_page(d, f"{stack.base}/compare?ids={jobs['full']},{evaluation}", "ready")
+    assert len(d.find_elements(By.CSS_SELECTOR, "#runs tbody tr")) == 2
     assert severe_console_errors(d) == []
 
 

@@ -8,11 +8,12 @@
 const KEY_STORE = "cape.apiKey";
 
 export class ApiError extends Error {
-  constructor(status, detail, path) {
+  constructor(status, detail, path, retryAfter = null) {
     super(describe(status, detail));
     this.status = status;
     this.detail = detail;
     this.path = path;
+    this.retryAfter = retryAfter; // seconds, from a 503's or 504's Retry-After header
   }
 
   // FastAPI's 422: [{loc: ["body", "lr"], msg}] -> {"lr": "Input should be ...", "": "message about the whole body"}
@@ -103,12 +104,17 @@ function headersWith(extra) {
   return headers;
 }
 
-/** fetch() with the API key; a 401 asks for a key (once for all requests waiting) and tries again. */
+/**
+ * fetch() with the API key; a 401 asks for a key (once for all requests waiting) and tries again. A FormData body
+ * goes as multipart/form-data (the browser writes the boundary), anything else as JSON.
+ */
 export async function request(path, {method = "GET", body, headers, signal} = {}) {
   for (;;) {
     const sentKey = apiKey();
     const init = {method, headers: headersWith(headers), signal, credentials: "omit", cache: "no-store"};
-    if (body !== undefined) {
+    if (body instanceof FormData) {
+      init.body = body;
+    } else if (body !== undefined) {
       init.body = JSON.stringify(body);
       init.headers.set("Content-Type", "application/json");
     }
@@ -126,7 +132,8 @@ async function errorOf(response, path) {
   } catch {
     detail = null;
   }
-  return new ApiError(response.status, detail, path);
+  const retryAfter = response.headers.get("Retry-After");
+  return new ApiError(response.status, detail, path, retryAfter == null ? null : Number(retryAfter));
 }
 
 export async function getJSON(path, options = {}) {
@@ -141,12 +148,49 @@ export async function postJSON(path, body, options = {}) {
   return response.json();
 }
 
-/** An image (or any file) the API serves, as an object URL for <img src>; null when it is not there (404). */
-export async function blobURL(path, options = {}) {
+/**
+ * A multipart POST (a FormData: files as Blobs, the rest as text). accept: "application/json" (the default) resolves
+ * to the parsed answer, anything else (say "image/png") to the answer's Blob.
+ */
+export async function postForm(path, formData, {accept = "application/json", signal} = {}) {
+  const response = await request(path, {method: "POST", body: formData, headers: {Accept: accept}, signal});
+  if (!response.ok) throw await errorOf(response, path);
+  return accept === "application/json" ? response.json() : response.blob();
+}
+
+/** A file the API serves, as a Blob; null when it is not there (404). */
+export async function getBlob(path, options = {}) {
   const response = await request(path, options);
   if (response.status === 404) return null;
   if (!response.ok) throw await errorOf(response, path);
-  return URL.createObjectURL(await response.blob());
+  return response.blob();
+}
+
+/** An image (or any file) the API serves, as an object URL for <img src>; null when it is not there (404). */
+export async function blobURL(path, options = {}) {
+  const blob = await getBlob(path, options);
+  return blob && URL.createObjectURL(blob);
+}
+
+/**
+ * A download the API serves (a checkpoint, say): fetched with the key header, so the key never goes into a URL.
+ * Resolves to {url, name, bytes}: an object URL for <a download>, the file name the server gave in its
+ * Content-Disposition header (else the path's last part), and the size received.
+ */
+export async function download(path, options = {}) {
+  const response = await request(path, options);
+  if (!response.ok) throw await errorOf(response, path);
+  const blob = await response.blob();
+  const name = fileNameOf(response.headers.get("Content-Disposition")) || path.split("/").pop();
+  return {url: URL.createObjectURL(blob), name, bytes: blob.size};
+}
+
+function fileNameOf(disposition) {
+  if (!disposition) return null;
+  const encoded = /filename\*\s*=\s*UTF-8''([^;]+)/i.exec(disposition); // RFC 5987, when the name is not ASCII
+  if (encoded) return decodeURIComponent(encoded[1].trim());
+  const plain = /filename\s*=\s*("([^"]*)"|[^;]+)/i.exec(disposition);
+  return plain ? (plain[2] ?? plain[1]).trim() : null;
 }
 
 // --- the event stream -------------------------------------------------------------------------------------------

@@ -65,7 +65,10 @@ function row(job) {
     h("td", {class: "status"}, statusBadge(job.status), progressBar(job)),
     h("td", {}, job.mode),
     category,
-    h("td", {class: "num latest-pck"}, pct(job.latest_pck)),
+    // an evaluation has no epochs: its one number is the PCK on the unseen categories
+    job.mode === "evaluate"
+      ? h("td", {class: "num latest-pck", title: "PCK@0.2 on the unseen test categories"}, h("span", {class: "muted small"}, "test "), pct(job.test_result?.pck))
+      : h("td", {class: "num latest-pck"}, pct(job.latest_pck)),
     h("td", {class: "num best-pck"}, pct(job.best_pck)),
     h("td", {class: "verdict"}, verdictBadge(job)),
     h("td", {class: "tags"}, tags),

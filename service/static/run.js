@@ -1,8 +1,12 @@
 // GET /runs/<job id>: one run, live. Curves grow as epochs arrive (GET /jobs/{id}/events, a fetch()-read stream),
-// with the status, the verdict, the pictures and the log tail; Cancel and Clone.
+// with the status, the verdict, the pictures and the log tail; Cancel and Clone. A training job with a checkpoint
+// also gets the checkpoints card (download, evaluate) and the "Try it" panel; an evaluate job shows what it
+// evaluated and its test table instead of curves and pictures.
 
 import {ApiError, blobURL, followJob, getJSON, isTerminal, postJSON} from "/static/api.js";
 import {LineChart, available, columns} from "/static/charts.js";
+import {CheckpointsCard} from "/static/checkpoints.js";
+import {TryIt} from "/static/tryit.js";
 import {$, categoryLabel, h, header, jobTitle, num, pct, progressBar, showError, statusBadge, when} from "/static/ui.js";
 
 header(null);
@@ -31,18 +35,24 @@ async function renderJob(next) {
   error.textContent = job.error ? `Error: ${job.error}` : "";
   renderVerdict();
   renderTest();
+  checkpointsCard?.update(checkpoints, job);
+  const evaluation = job.mode === "evaluate";
+  if (evaluation) renderEvaluationOf();
   const image = job.image ? `#${job.image.index}: ${job.image.file_name} (annotation ${job.image.annotation_id})` : null;
   const category = await categoryLabel(job);
+  const training = [
+    ...term("Epoch", `${job.current_epoch} of ${job.total_epochs}`),
+    ...term("Latest PCK@0.2", pct(job.latest_pck)),
+    ...term("Best PCK@0.2", pct(job.best_pck)),
+    ...term("Latest loss", num(job.latest_loss)),
+  ];
   $("#summary").replaceChildren(
     ...term("Job", h("span", {class: "mono"}, job.id)),
     ...term("Mode", job.mode),
     ...term("Dataset", `${job.dataset}, split ${job.split}`),
     ...term("Category", category),
     ...(image ? term("Image", image) : []),
-    ...term("Epoch", `${job.current_epoch} of ${job.total_epochs}`),
-    ...term("Latest PCK@0.2", pct(job.latest_pck)),
-    ...term("Best PCK@0.2", pct(job.best_pck)),
-    ...term("Latest loss", num(job.latest_loss)),
+    ...(evaluation ? term("Evaluates", h("a", {href: `/runs/${job.config.from_job}`, class: "mono"}, job.config.from_job)) : training),
     ...term("Attempts", h("span", {id: "attempts"}, String(job.attempts))),
     ...term("Worker", job.worker || "–"),
     ...term("Tags", job.tags.length ? job.tags.map((t) => h("a", {class: "tag", href: `/?tag=${encodeURIComponent(t)}`}, t)) : "–"),
@@ -74,19 +84,47 @@ function renderVerdict() {
   }
 }
 
+/** An evaluate job's settings in words: "1-shot, best checkpoint, 10 episodes per category". */
+function evaluationSettings(config) {
+  return `${config.shots}-shot, ${config.checkpoint} checkpoint, ${config.episodes_per_category} episode`
+    + `${config.episodes_per_category === 1 ? "" : "s"} per category`;
+}
+
+let sourceJob = null; // the job an evaluate job evaluates: fetched once, for its name
+
+async function renderEvaluationOf() {
+  const box = $("#evaluation-of");
+  const from = job.config.from_job;
+  const link = (title) => h("a", {href: `/runs/${from}`, id: "evaluated-job"}, title);
+  box.hidden = false;
+  box.replaceChildren("Evaluation of ", link(sourceJob ? jobTitle(sourceJob) : `job ${from.slice(0, 8)}`),
+    ` (${evaluationSettings(job.config)}) on the unseen test categories of split ${job.split}.`);
+  if (sourceJob) return;
+  try {
+    sourceJob = await getJSON(`/jobs/${encodeURIComponent(from)}`);
+    $("#evaluated-job").textContent = jobTitle(sourceJob);
+  } catch {
+    // gone (or another key's): the link with the id says what there is to say
+  }
+}
+
 function renderTest() {
   const result = job.test_result;
   $("#test-section").hidden = !result;
   if (!result) return;
   const rows = Object.entries(result.per_category || {}).sort((a, b) => Number(a[0]) - Number(b[0]));
-  $("#test-result").replaceChildren(
+  const checkpoint = result.checkpoint;
+  $("#test-result").replaceChildren(...[
+    checkpoint ? h("p", {id: "test-checkpoint"}, `${result.shots}-shot with the ${checkpoint.name} checkpoint (epoch ${checkpoint.epoch}`
+      + `${checkpoint.val_pck == null ? "" : `, validation PCK@0.2 ${pct(checkpoint.val_pck)}`}), `
+      + `${result.episodes_per_category} episode${result.episodes_per_category === 1 ? "" : "s"} per category`) : null,
     h("p", {}, `PCK@0.2 ${pct(result.pck)} · mPCK ${pct(result.mpck)} · copy-the-support baseline PCK ${pct(result.baseline_copy_support_pck)}`),
     h("table", {class: "test", id: "test-table"},
       h("thead", {}, h("tr", {}, ["Category", "Name", "PCK@0.2", "mPCK", "Queries", "Excluded"].map((t) => h("th", {}, t)))),
       h("tbody", {}, rows.map(([id, c]) => h("tr", {},
         h("td", {}, id), h("td", {}, c.name), h("td", {class: "num"}, pct(c.pck)), h("td", {class: "num"}, pct(c.mpck)),
         h("td", {class: "num"}, c.num_queries), h("td", {class: "num"}, c.num_excluded))))),
-  );
+  ].filter(Boolean));
 }
 
 let armed = null;
@@ -136,6 +174,39 @@ async function flush() {
                        pckChart.extend(columns(rows, ["pck", "mpck"]))]);
   }
   refreshPictures();
+  refreshCheckpoints(); // a better epoch saved a new best
+}
+
+// --- checkpoints: the card and the "Try it" panel ------------------------------------------------------------------
+
+let checkpoints = [];
+let checkpointsCard = null;
+let tryIt = null;
+let checkpointsBusy = null;
+
+async function refreshCheckpoints() {
+  if (job.mode === "evaluate") return;
+  if (checkpointsBusy) return checkpointsBusy;
+  checkpointsBusy = (async () => {
+    try {
+      checkpoints = (await getJSON(`/jobs/${jobId}/checkpoints`, {signal: controller.signal})).items;
+      if (!checkpoints.length) return;
+      if (!checkpointsCard) {
+        checkpointsCard = new CheckpointsCard($("#checkpoints-section"), job);
+        tryIt = new TryIt($("#tryit"), job);
+        await tryIt.init();
+        $("#tryit").hidden = false;
+      }
+      checkpointsCard.update(checkpoints, job);
+      tryIt.setCheckpoints(checkpoints);
+      document.body.dataset.checkpoints = checkpoints.map((c) => c.name).join(" ");
+    } catch (error) {
+      if (!controller.signal.aborted) showError($("#message"), error); // tried again at the next epoch
+    } finally {
+      checkpointsBusy = null;
+    }
+  })();
+  return checkpointsBusy;
 }
 
 // --- pictures ----------------------------------------------------------------------------------------------------
@@ -260,7 +331,12 @@ try {
   throw error;
 }
 
-if (available()) {
+const evaluation = job.mode === "evaluate";
+if (evaluation) {
+  // no epochs, no pictures, nothing to clone: what it evaluated, its test table and its log
+  for (const id of ["clone", "verdict"]) $(`#${id}`).hidden = true;
+  for (const selector of [".charts", ".pictures"]) $(selector).hidden = true;
+} else if (available()) {
   const single = job.mode === "single_image";
   lossChart = new LineChart($("#loss-chart"), {
     title: "Training loss", yTitle: "loss (log scale)", log: true,
@@ -278,7 +354,10 @@ if (available()) {
   $("#loss-chart").textContent = "The charting library did not load.";
 }
 
-refreshPictures();
+if (!evaluation) {
+  refreshPictures();
+  refreshCheckpoints();
+}
 pollLog();
 followJob(jobId, {
   afterEpoch: 0,
@@ -293,7 +372,7 @@ followJob(jobId, {
   },
   onEnd: async () => {
     await flush();
-    await refreshPictures();
+    if (!evaluation) await Promise.all([refreshPictures(), refreshCheckpoints()]);
     renderJob(await getJSON(`/jobs/${jobId}`)); // the last word: verdict, test result, finished_at
   },
 }).catch((error) => showError($("#message"), error));

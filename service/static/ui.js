@@ -50,6 +50,17 @@ export function num(value, digits = 4) {
   return Number(value.toPrecision(digits)).toString();
 }
 
+export function bytes(count) {
+  if (count == null) return "–";
+  const units = ["bytes", "kB", "MB", "GB"];
+  let value = count, unit = 0;
+  while (value >= 1000 && unit < units.length - 1) {
+    value /= 1000;
+    unit += 1;
+  }
+  return unit ? `${value.toFixed(1)} ${units[unit]}` : `${count} bytes`;
+}
+
 export function when(iso) {
   if (!iso) return "–";
   const date = new Date(iso);
@@ -66,9 +77,12 @@ export function statusBadge(status) {
 
 export function progressBar(job) {
   const fraction = Math.max(0, Math.min(1, job.progress ?? 0));
-  return h("div", {class: "progress", title: `epoch ${job.current_epoch} of ${job.total_epochs}`},
+  // An evaluation has no epochs (total_epochs 0): its progress is a fraction.
+  const evaluation = job.mode === "evaluate";
+  const label = evaluation ? `${Math.round(100 * fraction)} %` : `${job.current_epoch}/${job.total_epochs}`;
+  return h("div", {class: "progress", title: evaluation ? "evaluation" : `epoch ${job.current_epoch} of ${job.total_epochs}`},
     h("div", {class: `bar status-${job.status}`, style: `width: ${(100 * fraction).toFixed(1)}%`}),
-    h("span", {}, `${job.current_epoch}/${job.total_epochs}`),
+    h("span", {}, label),
   );
 }
 
@@ -94,6 +108,7 @@ export function categoryNames(dataset, split) {
 }
 
 export async function categoryLabel(job) {
+  if (job.mode === "evaluate") return "test categories";
   if (job.category_id == null) return "all (full)";
   const names = await categoryNames(job.dataset, job.split);
   const category = names.get(job.category_id);
@@ -101,7 +116,7 @@ export async function categoryLabel(job) {
 }
 
 export function jobTitle(job) {
-  return job.name || `job ${shortId(job.id)}`;
+  return job.name || `${job.mode === "evaluate" ? "evaluation" : "job"} ${shortId(job.id)}`;
 }
 
 export function showError(where, error) {
