@@ -41,12 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", dest="json_path", help="also write the results to this file")
-    parser.add_argument("--baseline", action="store_true", help="score the copy-the-support baseline instead")
+    parser.add_argument("--baseline", action="store_true", help="show the copy-the-support baseline instead of the model")
     args = parser.parse_args(argv)
     from cape.evaluation import evaluate_checkpoint, summary_dict  # torch loads here, after the arguments parsed
 
     try:
-        summary, names = evaluate_checkpoint(
+        evaluation = evaluate_checkpoint(
             Path(args.checkpoint),
             subset=args.split,
             shots=args.shots,
@@ -55,12 +55,12 @@ def main(argv: list[str] | None = None) -> int:
             dataset_root=args.dataset_root,
             seed=args.seed,
             device=args.device,
-            baseline=args.baseline,
         )
     except CapeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(format_table(summary, names))
+    summary = evaluation.baseline if args.baseline else evaluation.model
+    print(format_table(summary, evaluation.names))
     result = json_safe(summary_dict(summary))
     print(json.dumps({k: v for k, v in result.items() if k != "per_category"}))
     if args.json_path:

@@ -3,6 +3,9 @@
 A predictor maps a batch to query keypoints in [0, 1] of each query crop. The model's predictor decodes
 autoregressively from its own predictions; ``copy_support`` is the baseline that pastes the support's keypoints
 (crop coordinates) onto the query. Predictions are mapped back to original pixels before PCK is computed.
+
+A test evaluation (a full run's at its end, an evaluate job's, ``python -m cape.evaluate``'s) scores the model and
+the baseline on the same fixed episodes; ``protocol_result`` is the one definition of the result it stores.
 """
 
 from __future__ import annotations
@@ -97,10 +100,62 @@ def evaluate(
     return accumulator.summary()
 
 
+class EvaluationStopped(Exception):
+    """A ``should_stop`` callback asked an evaluation to stop before its end (a cancelled job): there is no result."""
+
+
+@torch.no_grad()
+def evaluate_with_baseline(
+    predict: Predictor, batches: Iterable[EpisodeBatch], device: torch.device | str,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> tuple[PCKSummary, PCKSummary]:
+    """PCK of ``predict`` and of the ``copy_support`` baseline on the same batches, each batch loaded once.
+    ``should_stop`` is asked before every batch: True raises EvaluationStopped."""
+    model, baseline = PCKAccumulator(), PCKAccumulator()
+    for batch in batches:
+        if should_stop():
+            raise EvaluationStopped
+        batch = batch.to(device)
+        score_batch(model, predict(batch), batch)
+        score_batch(baseline, copy_support(batch), batch)
+    return model.summary(), baseline.summary()
+
+
 def summary_dict(summary: PCKSummary) -> dict:
     out = asdict(summary)
     out["per_category"] = {str(k): v for k, v in summary.per_category.items()}
     return out
+
+
+def protocol_result(model: PCKSummary, baseline: PCKSummary, names: dict[int, str]) -> dict:
+    """A test evaluation as a job stores it (``test_result``) and a run writes it (test_metrics.json): PCK@0.2 and
+    mPCK averaged over categories, the same per category with its name, and the copy-the-support baseline's PCK@0.2
+    on the same episodes. NaN where nothing was countable (``cape.run_files.json_safe`` writes it as null)."""
+    return {
+        "pck": model.category_mean_pck,
+        "mpck": model.category_mean_mpck,
+        "baseline_copy_support_pck": baseline.category_mean_pck,
+        "per_category": {str(k): {"name": names[k], **v} for k, v in model.per_category.items()},
+    }
+
+
+def protocol_line(model: PCKSummary, baseline: PCKSummary, what: str) -> str:
+    """The one-line log of a test evaluation: ``what`` says on which categories."""
+    return (
+        f"{what}: PCK@0.2 {100 * model.category_mean_pck:.2f}% mPCK {100 * model.category_mean_mpck:.2f}% | "
+        f"copy-the-support baseline PCK@0.2 {100 * baseline.category_mean_pck:.2f}%"
+    )
+
+
+@dataclass(frozen=True)
+class CheckpointEvaluation:
+    """The MP-100 protocol on one checkpoint: the model and the copy-the-support baseline on the same episodes."""
+
+    model: PCKSummary
+    baseline: PCKSummary
+    names: dict[int, str]  # the evaluated categories: id -> name
+    epoch: int  # epochs the checkpoint's run had completed when it was saved
+    val_pck: float | None  # the validation PCK@0.2 of these weights, as the run recorded it
 
 
 def evaluate_checkpoint(
@@ -112,18 +167,29 @@ def evaluate_checkpoint(
     dataset_root: str | None,
     seed: int,
     device: str,
-    baseline: bool = False,
-) -> tuple[PCKSummary, dict[int, str]]:
-    """The MP-100 protocol on a checkpoint: fixed seeded episodes on every category of ``subset``."""
+    log: Callable[[str], None] = print,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> CheckpointEvaluation:
+    """The MP-100 protocol on a checkpoint: fixed seeded episodes on every category of ``subset`` of the split (and
+    category split file) the checkpoint's run trained on; ``dataset_root`` replaces the run's own root when given.
+    The model is loaded once; ``should_stop`` as in :func:`evaluate_with_baseline`."""
     dev = resolve_device(device)
     trained = load_trained(path, dev)
-    config, model = trained.config, trained.model
+    config = trained.config
     if dataset_root:
         config = config.model_copy(update={"dataset_root": dataset_root})
     catalog = MP100Catalog(config.dataset_root, config.split, config.category_split_file)
-    model_config = config.resolved_model
     categories = catalog.category_ids(subset)
     episodes = fixed_episodes(catalog, categories, subset, shots, queries_per_episode, episodes_per_category, seed)
-    batches = eval_batches(catalog, episodes, InstanceLoader(catalog, model_config.input_size))
-    predict = copy_support if baseline else model_predictor(model, autocast_dtype(config.use_amp, dev))
-    return evaluate(predict, batches, dev), {cid: catalog.category(cid).name for cid in categories}
+    val = "not recorded" if trained.val_pck is None else f"{100 * trained.val_pck:.2f}%"
+    log(
+        f"checkpoint {path}: epoch {trained.epoch}, validation PCK@0.2 {val} | dataset {config.dataset_root} split "
+        f"{config.split}: {len(categories)} {subset} categories x {episodes_per_category} episodes of {shots} "
+        f"support + {queries_per_episode} queries (seed {seed}) on {dev}"
+    )
+    batches = eval_batches(catalog, episodes, InstanceLoader(catalog, config.resolved_model.input_size))
+    predict = model_predictor(trained.model, autocast_dtype(config.use_amp, dev))
+    model, baseline = evaluate_with_baseline(predict, batches, dev, should_stop)
+    log(protocol_line(model, baseline, f"{subset} ({len(categories)} categories)"))
+    names = {cid: catalog.category(cid).name for cid in categories}
+    return CheckpointEvaluation(model, baseline, names, trained.epoch, trained.val_pck)

@@ -35,7 +35,7 @@ from cape.data.run_data import RunData
 from cape.device import autocast_dtype, resolve_device
 from cape.epoch_record import EpochRecord, finite_or_none
 from cape.errors import CheckpointError, TrainingDiverged
-from cape.evaluation import copy_support, evaluate, model_predictor
+from cape.evaluation import evaluate, evaluate_with_baseline, model_predictor, protocol_line, protocol_result
 from cape.losses import keypoint_losses
 from cape.metrics import PCKSummary
 from cape.model import CapeModel
@@ -316,22 +316,12 @@ class Trainer:
 
     def test(self) -> dict:
         """Full mode: PCK on the split's unseen test categories, with the copy-the-support baseline beside it."""
-        batches = self.data.eval_batches(self.data.test_episodes)
         self.model.eval()
-        model = evaluate(model_predictor(self.model, self.amp_dtype), batches, self.device)
-        baseline = evaluate(copy_support, batches, self.device)
-        result = {
-            "pck": model.category_mean_pck,
-            "mpck": model.category_mean_mpck,
-            "baseline_copy_support_pck": baseline.category_mean_pck,
-            "per_category": {
-                str(k): {"name": self.data.catalog.category(k).name, **v} for k, v in model.per_category.items()
-            },
-        }
-        self.log(
-            f"test ({len(self.data.catalog.category_ids('test'))} unseen categories): PCK@0.2 {100 * model.category_mean_pck:.2f}% "
-            f"mPCK {100 * model.category_mean_mpck:.2f}% | copy-the-support baseline PCK@0.2 {100 * baseline.category_mean_pck:.2f}%"
-        )
+        batches = self.data.eval_batches(self.data.test_episodes)
+        model, baseline = evaluate_with_baseline(model_predictor(self.model, self.amp_dtype), batches, self.device)
+        categories = self.data.catalog.category_ids("test")
+        result = protocol_result(model, baseline, {cid: self.data.catalog.category(cid).name for cid in categories})
+        self.log(protocol_line(model, baseline, f"test ({len(categories)} unseen categories)"))
         if self.files:
             self.files.write_test(result)
         return result

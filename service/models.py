@@ -11,13 +11,15 @@ from datetime import datetime, timezone
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, create_model
+from pydantic import BaseModel, ConfigDict, Discriminator, create_model
+from pydantic import Tag as UnionTag
 from pydantic import Field as PydanticField
 from sqlalchemy import JSON, BigInteger, Column, DateTime, ForeignKey, Text, TypeDecorator, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from cape.config import TrainConfig
 from cape.epoch_record import EpochRecord
+from cape.run_files import CheckpointName
 from cape.verdict import Verdict, single_image_verdict
 
 
@@ -151,6 +153,47 @@ def job_create_model(config: type[TrainConfig] = TrainConfig) -> type[BaseModel]
 JobCreate = job_create_model()
 
 
+class EvaluateConfig(BaseModel):
+    """What an evaluate job computes (its ``config``): the MP-100 protocol on a training job's checkpoint, on the
+    test categories of the split that job trained on, with fixed seeded episodes of 15 queries."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    from_job: uuid.UUID = PydanticField(description="the succeeded training job (of the same API key) to evaluate")
+    shots: Literal[1, 5] = PydanticField(default=1, description="support images per episode: 1-shot or 5-shot")
+    checkpoint: CheckpointName = PydanticField(
+        default="best", description="which of its checkpoints: best (highest validation PCK) or last"
+    )
+    episodes_per_category: int = PydanticField(
+        default=10, ge=1, le=1000, description="fixed episodes per test category, of 15 queries each"
+    )
+    seed: int = PydanticField(default=0, ge=0, le=2**31 - 1, description="seed of the episodes")
+
+
+EvaluateCreate = create_model(
+    "EvaluateCreate",
+    __base__=EvaluateConfig,
+    __doc__="An evaluate job: a trained job's checkpoint on the unseen test categories of its split.",
+    mode=(Literal["evaluate"], PydanticField(description="evaluate a trained job's checkpoint")),
+    **{name: JOB_FIELDS[name] for name in ("name", "tags")},
+)
+
+
+def _request_kind(body: Any) -> str:
+    """Which model validates a POST /jobs body: its mode says. No mode is a training job (mode's default, "full")."""
+    mode = body.get("mode") if isinstance(body, dict) else getattr(body, "mode", None)
+    return "evaluate" if mode == "evaluate" else "training"
+
+
+# POST /jobs's body: a training job or an evaluate job. Each keeps its own schema (JobCreate stays the training
+# form the page reads from /openapi.json), and errors name the fields of the one that applies.
+JobRequest = Annotated[
+    Annotated[JobCreate, UnionTag("training")] | Annotated[EvaluateCreate, UnionTag("evaluate")],
+    Discriminator(_request_kind),
+]
+JOB_REQUEST_TAGS = ("training", "evaluate")
+
+
 class ImagePublic(SQLModel):
     index: int
     file_name: str
@@ -175,8 +218,8 @@ class JobPublic(SQLModel):
     latest_loss: float | None
     verdict: Verdict | None = PydanticField(description="single_image: memorised, not yet, or not memorised")
     test_result: dict | None = PydanticField(
-        description="full: PCK@0.2 and mPCK on the unseen test categories, overall and per category, with the "
-        "copy-the-support baseline"
+        description="full and evaluate: PCK@0.2 and mPCK on the unseen test categories, overall and per category, "
+        "with the copy-the-support baseline; evaluate adds shots, episodes_per_category, checkpoint and from_job"
     )
     attempts: int
     worker: str | None
@@ -195,7 +238,10 @@ class JobPublic(SQLModel):
             image = ImagePublic(index=job.image_index, file_name=job.image_file, annotation_id=job.image_annotation_id)
         data = job.model_dump()
         data["image"] = image
-        data["progress"] = job.current_epoch / job.total_epochs if job.total_epochs else 0.0
+        if job.mode == "evaluate":  # no epochs: done or not
+            data["progress"] = 1.0 if job.status == JobStatus.succeeded else 0.0
+        else:
+            data["progress"] = job.current_epoch / job.total_epochs if job.total_epochs else 0.0
         data["verdict"] = None
         if job.mode == "single_image":
             # Only a run that did all its epochs can be judged not memorised; one stopped early is "not yet".

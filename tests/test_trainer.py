@@ -249,9 +249,9 @@ def test_a_nan_validation_pck_is_never_a_best_and_never_blocks_a_later_one(synth
     bests = []
     original_save = trainer.save
 
-    def save(epoch, progress=None, best=False):
+    def save(epoch, progress=None, best=False, val_pck=None):
         bests.append(best)
-        return original_save(epoch, progress, best)
+        return original_save(epoch, progress, best, val_pck)
 
     trainer.save = save
     result = trainer.fit()

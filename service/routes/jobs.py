@@ -1,4 +1,4 @@
-"""Training jobs: submit, list, inspect, poll metrics, cancel."""
+"""Jobs: submit (training or evaluate), list, inspect, poll metrics, cancel."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import json
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Header, HTTPException, Query, Response
+from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from pydantic import ValidationError
 from pydantic_core import to_json
 from sqlalchemy import bindparam, cast, exists
@@ -17,9 +19,12 @@ from sqlmodel import Session, func, select
 
 from cape.config import MAX_EPOCHS, TrainConfig
 from cape.data.catalog import MP100Catalog
+from cape.data.episodes import PROTOCOL_QUERIES, check_episode_shape
 from cape.data.run_choices import check_run_choices
 from cape.errors import DatasetError
+from cape.run_files import CHECKPOINT_FILES
 from service import job_state
+from service.artifacts import run_folder
 from service.auth import OwnerDep
 from service.catalogs import get_catalog
 from service.db import ReadsDep, SessionDep
@@ -28,19 +33,53 @@ from service.errors import not_found, responses, unprocessable
 from service.models import (
     CLIENT_FIELDS,
     JOB_FIELDS,
+    JOB_REQUEST_TAGS,
     EpochMetric,
     EpochMetricPublic,
+    EvaluateConfig,
+    EvaluateCreate,
     Job,
     JobCreate,
     JobList,
     JobPublic,
+    JobRequest,
     JobStatus,
     MetricList,
     TAG_MAX,
 )
 from service.settings import get_settings
 
-router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+class UntaggedBodyErrors(APIRoute):
+    """POST /jobs validates its body as a tagged union (service.models.JobRequest), and pydantic puts the tag in each
+    error's loc (["body", "training", "epochs"]). The client wrote no such level: it is taken out again, so that a
+    422 points at the field as it was sent (["body", "epochs"])."""
+
+    def get_route_handler(self):
+        handle = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            try:
+                return await handle(request)
+            except RequestValidationError as exc:
+                raise RequestValidationError(
+                    [_untagged(error) for error in exc.errors()], body=exc.body, endpoint_ctx=exc.endpoint_ctx
+                ) from None
+
+        return route
+
+
+def _untagged(error: dict) -> dict:
+    loc = tuple(error["loc"])
+    if len(loc) > 1 and loc[0] == "body" and loc[1] in JOB_REQUEST_TAGS:
+        error = {**error, "loc": ("body", *loc[2:])}
+        if error["loc"] == ("body", "mode") and error["type"] == "literal_error":
+            # An unknown mode went to the training model, whose choices leave out the other one.
+            error["msg"] = "Input should be 'single_image', 'category', 'full' or 'evaluate'"
+    return error
+
+
+router = APIRouter(prefix="/jobs", tags=["jobs"], route_class=UntaggedBodyErrors)
 # Bounds on query integers: beyond them nothing can exist, and an unbounded one overflows the database's integers.
 MAX_OFFSET = 1_000_000
 MAX_LOG_OFFSET = 2**40
@@ -96,7 +135,7 @@ def _replay(session: Session, owner: str, key: str, request_hash: str, response:
                **responses(400, 401, 409, 413, 503)},
 )
 def create_job(
-    body: JobCreate,
+    body: JobRequest,
     session: SessionDep,
     dispatch: DispatchDep,
     owner: OwnerDep,
@@ -105,27 +144,14 @@ def create_job(
         str | None, Header(min_length=1, max_length=255, description="the same key and body return the same job")
     ] = None,
 ) -> JobPublic:
+    """A training job (mode single_image, category or full: JobCreate; full when the body names no mode), or an
+    evaluate job (mode evaluate: EvaluateCreate) of a succeeded training job's checkpoint."""
     request_hash = hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
     if idempotency_key and (earlier := _replay(session, owner, idempotency_key, request_hash, response)):
         return earlier
-    dataset = body.dataset or get_settings().default_dataset
-    catalog = get_catalog(dataset, body.split, loc=("body", "dataset"))
-    config = _train_config(body, str(catalog.root))
-    image = _check_against_dataset(config, catalog)
-    job = Job(
-        mode=config.mode,
-        dataset=dataset,
-        split=config.split,
-        category_id=config.category_id,
-        name=body.name,
-        tags=body.tags,
-        config=config.model_dump(mode="json", include=set(CLIENT_FIELDS)),
-        total_epochs=config.epochs,
-        owner=owner,
-        idempotency_key=idempotency_key,
-        request_hash=request_hash if idempotency_key else None,
-        **image,
-    )
+    job = _evaluate_job(session, body, owner) if isinstance(body, EvaluateCreate) else _training_job(body)
+    job.owner, job.idempotency_key = owner, idempotency_key
+    job.request_hash = request_hash if idempotency_key else None
     session.add(job)
     try:
         session.commit()  # stored before it is announced: a worker never gets a message for a job it cannot read
@@ -139,6 +165,63 @@ def create_job(
     session.refresh(job)
     response.headers["Location"] = f"/jobs/{job.id}"
     return JobPublic.of(job)
+
+
+def _training_job(body: JobCreate) -> Job:
+    dataset = body.dataset or get_settings().default_dataset
+    catalog = get_catalog(dataset, body.split, loc=("body", "dataset"))
+    config = _train_config(body, str(catalog.root))
+    image = _check_against_dataset(config, catalog)
+    return Job(
+        mode=config.mode,
+        dataset=dataset,
+        split=config.split,
+        category_id=config.category_id,
+        name=body.name,
+        tags=body.tags,
+        config=config.model_dump(mode="json", include=set(CLIENT_FIELDS)),
+        total_epochs=config.epochs,
+        **image,
+    )
+
+
+def _evaluate_job(session: Session, body: EvaluateCreate, owner: str) -> Job:
+    """An evaluate job of ``body.from_job``: a succeeded training job of the same owner whose checkpoint is there,
+    evaluated on the test categories of its own dataset and split (never another split's: they may be its train
+    categories)."""
+    source = session.get(Job, body.from_job)
+    if source is None or source.owner != owner:  # another key's job answers like a missing one
+        raise unprocessable(("body", "from_job"), f"job {body.from_job} not found")
+    if source.mode == "evaluate":
+        raise unprocessable(
+            ("body", "from_job"),
+            f"job {source.id} is an evaluate job: from_job must be a training job (this one evaluated job "
+            f"{source.config['from_job']})",
+        )
+    if source.status != JobStatus.succeeded:
+        detail = f"job {source.id} is {source.status}: only a succeeded training job can be evaluated"
+        raise HTTPException(status_code=409, detail=detail)
+    if not (run_folder(source.id) / CHECKPOINT_FILES[body.checkpoint]).is_file():
+        others = [name for name, file in CHECKPOINT_FILES.items() if (run_folder(source.id) / file).is_file()]
+        raise HTTPException(
+            status_code=409,
+            detail=f"job {source.id} has no {body.checkpoint} checkpoint; it has: {', '.join(others) or 'none'}",
+        )
+    catalog = get_catalog(source.dataset, source.split, loc=("body", "from_job"))
+    try:
+        check_episode_shape(catalog, catalog.category_ids("test"), "test", body.shots, PROTOCOL_QUERIES, "shots")
+    except DatasetError as exc:
+        raise unprocessable(("body", exc.field or "from_job"), str(exc)) from None
+    return Job(
+        mode="evaluate",
+        dataset=source.dataset,
+        split=source.split,
+        category_id=None,
+        name=body.name,
+        tags=body.tags,
+        config=body.model_dump(mode="json", include=set(EvaluateConfig.model_fields)),
+        total_epochs=0,
+    )
 
 
 @router.get("", response_model=JobList, responses=responses(401, 503))
