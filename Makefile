@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DATA_ROOT ?= data/synthetic
 SPLIT ?= 1
 
-.PHONY: run catalog test data bench bench-generalisation bench-service bench-streams clean
+.PHONY: run catalog test data bench bench-generalisation bench-service bench-streams bench-predict clean
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 is required"'
@@ -42,6 +42,9 @@ bench-service: data  # the API and the stack under load, on SQLite and PostgreSQ
 
 bench-streams: data  # 500 event streams (SSE) on one API process while a job trains (needs redis-server)
 	$(PY) -m benchmarks.streams --dataset_root $(DATA_ROOT)
+
+bench-predict: data  # predictions through HTTP: cold and warm latency, 8 clients, answers checked against validation
+	$(PY) -m benchmarks.predict --dataset_root $(DATA_ROOT)
 
 clean:
 	rm -rf $(VENV) data *.egg-info

@@ -12,7 +12,7 @@ def not_found(what: str) -> HTTPException:
 
 
 _DESCRIPTIONS = {
-    400: "The body is not JSON (or not UTF-8)",
+    400: "The body cannot be parsed (not JSON, not UTF-8, or malformed multipart form data)",
     401: "Missing or invalid API key",
     404: "No such job (or it belongs to another API key)",
     409: "Conflict with the job's state or with an earlier request",

@@ -85,7 +85,7 @@ PNG = {"content": {"image/png": {}}}
 @router.post(
     "/{job_id}/predict", response_model=PredictionPublic,
     responses={200: {**PNG, "description": "The prediction; with Accept: image/png, the query image with it drawn"},
-               **responses(401, 404, 409, 413, 503, 504)},
+               **responses(400, 401, 404, 409, 413, 503, 504)},
 )
 async def predict(
     job_id: uuid.UUID,
