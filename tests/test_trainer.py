@@ -231,7 +231,8 @@ def test_a_non_finite_gradient_ends_the_run_before_the_update(synthetic_root, tm
 
 
 class PCKSequence:
-    """Replaces Trainer.validate: returns the given PCK values epoch after epoch (NaN: nothing countable)."""
+    """Replaces Trainer.validate: returns the given PCK values epoch after epoch (NaN: nothing countable); a value
+    is PCK@0.2 (and mPCK the same), or a (PCK@0.2, mPCK) pair."""
 
     def __init__(self, values):
         self.values = list(values)
@@ -240,12 +241,12 @@ class PCKSequence:
         from cape.metrics import PCKSummary
 
         value = self.values.pop(0)
-        return PCKSummary(pck=value, mpck=value, num_queries=0 if value != value else 1, num_excluded=0)
+        pck, mpck = value if isinstance(value, tuple) else (value, value)
+        return PCKSummary(pck=pck, mpck=mpck, num_queries=0 if pck != pck else 1, num_excluded=0)
 
 
-def test_a_nan_validation_pck_is_never_a_best_and_never_blocks_a_later_one(synthetic_root, tmp_path):
-    trainer = Trainer(tiny_config(synthetic_root, epochs=3), tmp_path)
-    trainer.validate = PCKSequence([float("nan"), 0.25, 0.5])
+def recording_saves(trainer) -> list[bool]:
+    """Which of the trainer's checkpoint writes were a best."""
     bests = []
     original_save = trainer.save
 
@@ -254,6 +255,13 @@ def test_a_nan_validation_pck_is_never_a_best_and_never_blocks_a_later_one(synth
         return original_save(epoch, progress, best, val_pck)
 
     trainer.save = save
+    return bests
+
+
+def test_a_nan_validation_pck_is_never_a_best_and_never_blocks_a_later_one(synthetic_root, tmp_path):
+    trainer = Trainer(tiny_config(synthetic_root, epochs=3), tmp_path)
+    trainer.validate = PCKSequence([float("nan"), 0.25, 0.5])
+    bests = recording_saves(trainer)
     result = trainer.fit()
     assert [r.pck for r in result.history] == [None, 0.25, 0.5]
     assert bests == [False, True, True]
@@ -261,6 +269,17 @@ def test_a_nan_validation_pck_is_never_a_best_and_never_blocks_a_later_one(synth
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["pck"] is None and rows[0]["mpck"] is None
     assert torch.load(tmp_path / "checkpoint_best.pt", weights_only=False)["epoch"] == 3
+
+
+def test_at_equal_pck_the_finer_mpck_picks_the_best(synthetic_root, tmp_path):
+    """A memorised image is at PCK@0.2 = 100 % from an early epoch: best is the epoch that is also closest (mPCK)."""
+    trainer = Trainer(tiny_config(synthetic_root, epochs=4), tmp_path)
+    trainer.validate = PCKSequence([(1.0, 0.7), (1.0, 0.9), (1.0, 0.8), (0.9, 0.95)])
+    bests = recording_saves(trainer)
+    trainer.fit()
+    assert bests == [True, True, False, False]
+    state = torch.load(tmp_path / "checkpoint_best.pt", weights_only=False)
+    assert (state["epoch"], state["best_pck"], state["best_mpck"], state["val_pck"]) == (2, 1.0, 0.9, 1.0)
 
 
 def test_a_stopped_run_without_an_output_folder_does_not_claim_a_checkpoint(synthetic_root):

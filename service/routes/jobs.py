@@ -75,7 +75,8 @@ def _untagged(error: dict) -> dict:
         error = {**error, "loc": ("body", *loc[2:])}
         if error["loc"] == ("body", "mode") and error["type"] == "literal_error":
             # An unknown mode went to the training model, whose choices leave out the other one.
-            error["msg"] = "Input should be 'single_image', 'category', 'full' or 'evaluate'"
+            expected = "'single_image', 'category', 'full' or 'evaluate'"
+            error["msg"], error["ctx"] = f"Input should be {expected}", {**error.get("ctx", {}), "expected": expected}
     return error
 
 
