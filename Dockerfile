@@ -21,7 +21,7 @@ COPY cape cape
 COPY service service
 COPY worker worker
 
-RUN useradd --create-home --uid 1000 cape && mkdir -p /data /artifacts && chown cape /data /artifacts
+RUN useradd --create-home --uid 1000 cape && mkdir -p /data /artifacts /torch /work /crops && chown cape /data /artifacts /torch /work /crops
 USER cape
 EXPOSE 8000
 CMD ["uvicorn", "service.main:app", "--host", "0.0.0.0", "--port", "8000"]

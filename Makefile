@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DATA_ROOT ?= data/synthetic
 SPLIT ?= 1
 
-.PHONY: run catalog test data bench bench-generalisation bench-service bench-streams bench-predict clean
+.PHONY: run catalog test data bench bench-generalisation bench-service bench-streams bench-predict bench-input clean
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 is required"'
@@ -45,6 +45,9 @@ bench-streams: data  # 500 event streams (SSE) on one API process while a job tr
 
 bench-predict: data  # predictions through HTTP: cold and warm latency, 8 clients, answers checked against validation
 	$(PY) -m benchmarks.predict --dataset_root $(DATA_ROOT)
+
+bench-input: data  # the input pipeline alone on MP-100-sized photos (writes data/synthetic-mp100 once, ~300 MB)
+	$(PY) -m benchmarks.input_pipeline
 
 clean:
 	rm -rf $(VENV) data *.egg-info

@@ -22,12 +22,12 @@ from benchmarks.common import dataset_root, matmul_flops_per_second
 from cape.config import TrainConfig
 from cape.data.batch import collate_episodes
 from cape.data.catalog import MP100Catalog
-from cape.trainer import Trainer
+from cape.trainer import Callback, Trainer
 
 LOSS_TARGET, EPOCH_TARGET, SECONDS_TARGET = 0.1, 20, 60.0
 
 
-class Watch:
+class Watch(Callback):
     def __init__(self, started: float, stop_when_reached: bool):
         self.started, self.stop_when_reached = started, stop_when_reached
         self.loss_epoch = self.pck_epoch = self.both_epoch = None

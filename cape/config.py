@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Mode = Literal["single_image", "category", "full"]
 MAX_EPOCHS = 1000
@@ -15,6 +15,10 @@ MAX_EPOCHS = 1000
 # with more is refused rather than run as a decoding of hundreds of autoregressive steps.
 MAX_KEYPOINTS = 100
 Preset = Literal["small", "base"]
+# What a backbone starts from, by name: torchvision's ImageNet weights (cape.weights says which file) or random
+# initialisation. ModelConfig.backbone_weights may also be a local state-dict file (the CLI's, never a client's).
+IMAGENET, RANDOM_INIT = "imagenet", "none"
+NamedWeights = Literal["imagenet", "none"]
 
 
 class ModelConfig(BaseModel):
@@ -23,8 +27,9 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     backbone: Literal["resnet18", "resnet34", "resnet50"] = "resnet18"
-    backbone_weights: str | None = Field(
-        default=None, description="local file with torchvision backbone weights; random initialisation when unset"
+    backbone_weights: str = Field(
+        default=RANDOM_INIT, min_length=1,
+        description="imagenet (torchvision's ImageNet weights), none (random initialisation) or a state-dict file",
     )
     feature_layer: Literal["layer2", "layer3"] = Field(
         default="layer2", description="where the ResNet is cut: layer2 = stride 8, layer3 = stride 16"
@@ -38,6 +43,11 @@ class ModelConfig(BaseModel):
     num_bins: int = Field(default=64, ge=4, le=1024)
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
 
+    @field_validator("backbone_weights", mode="before")
+    @classmethod
+    def _unset_is_random(cls, value: object) -> object:
+        return RANDOM_INIT if value is None else value  # checkpoints written before "none" existed say None
+
     @model_validator(mode="after")
     def _heads_divide_width(self) -> ModelConfig:
         if self.d_model % self.num_heads:
@@ -47,16 +57,20 @@ class ModelConfig(BaseModel):
 
 PRESETS: dict[str, ModelConfig] = {
     # Sized for the 2-core CPU: memorises one image in well under a minute. Stride 8 keeps a 16 x 16 map at 128 px.
-    "small": ModelConfig(),
-    # The CUDA default: ResNet-50 at 256 px.
+    # Random initialisation: it is the offline sanity check (`make run`, the tests), which must never need a download.
+    "small": ModelConfig(backbone_weights=RANDOM_INIT),
+    # The CUDA default: ResNet-50 at 256 px, from ImageNet, as every published CAPE model fine-tunes a pretrained
+    # backbone: from random weights a comparison with the papers would start far behind.
     "base": ModelConfig(
-        backbone="resnet50", feature_layer="layer3", input_size=256, d_model=256, num_heads=8, encoder_layers=3, decoder_layers=4, num_bins=128
+        backbone="resnet50", backbone_weights=IMAGENET, feature_layer="layer3", input_size=256, d_model=256,
+        num_heads=8, encoder_layers=3, decoder_layers=4, num_bins=128,
     ),
 }
 
 
 class TrainConfig(BaseModel):
-    """Everything a run depends on. ``model`` defaults to the preset's architecture."""
+    """Everything a run depends on. ``model`` defaults to the preset's architecture; ``backbone_weights``, when set,
+    overrides what that architecture's backbone starts from."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -71,6 +85,11 @@ class TrainConfig(BaseModel):
     # One rule for the CLI, the API and the worker: the preset is what the run asks for, "small" unless it says
     # otherwise, whatever device it lands on. The same request trains the same model on any machine.
     preset: Preset = Field(default="small", description="model size: small (ResNet-18, 128 px) or base (ResNet-50, 256 px)")
+    backbone_weights: NamedWeights | None = Field(
+        default=None,
+        description="what the backbone starts from: imagenet (torchvision's ImageNet weights) or none (random); "
+        "unset: the preset's (base: imagenet, small: none)",
+    )
     model: ModelConfig | None = None
 
     epochs: int = Field(default=20, ge=1, le=MAX_EPOCHS, description="training epochs")
@@ -93,7 +112,10 @@ class TrainConfig(BaseModel):
     )
     seed: int = Field(default=0, ge=0, le=2**31 - 1, description="seed of the model's initialisation, the episodes and their augmentation")
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$", description="auto (CUDA when there is one), cpu, cuda, cuda:N or mps")
-    num_workers: int = Field(default=0, ge=0, le=64, description="DataLoader worker processes")
+    num_workers: int | None = Field(
+        default=None, ge=0, le=64,
+        description="DataLoader worker processes; unset: automatic, min(8, cores - 1) on CUDA and 0 on the CPU",
+    )
 
     @model_validator(mode="after")
     def _mode_needs_category(self) -> TrainConfig:
@@ -105,4 +127,7 @@ class TrainConfig(BaseModel):
 
     @property
     def resolved_model(self) -> ModelConfig:
-        return self.model if self.model is not None else PRESETS[self.preset]
+        model = self.model if self.model is not None else PRESETS[self.preset]
+        if self.backbone_weights is None:
+            return model
+        return model.model_copy(update={"backbone_weights": self.backbone_weights})

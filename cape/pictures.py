@@ -75,7 +75,7 @@ class Pictures:
 
     def __init__(self, folder: Path, catalog: MP100Catalog):
         self.folder, self.catalog = folder, catalog
-        self.loader = InstanceLoader(catalog, DISPLAY_SIZE, cache_size=4 * MAX_QUERIES)
+        self.loader = InstanceLoader(catalog, DISPLAY_SIZE, memory_bytes=4 * MAX_QUERIES * 3 * DISPLAY_SIZE**2)
 
     def inputs(self, samples: EpisodeSamples) -> str:
         """Draw the episode as the model receives it; return a line for the log that says what it holds."""

@@ -22,13 +22,14 @@ from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 from tqdm import tqdm
 
-from cape.config import PRESETS, ModelConfig, TrainConfig
+from cape.config import PRESETS, ModelConfig, NamedWeights, TrainConfig
 from cape.data.catalog import MP100Catalog
 from cape.data.run_choices import check_run_choices
 from cape.errors import CapeError
+from cape.weights import check_backbone_weights
 
 # TrainConfig fields the debug flags and the architecture flags set; every other field is a flag of its own name.
-SET_BY_OTHER_FLAGS = {"mode", "category_id", "image_index", "model"}
+SET_BY_OTHER_FLAGS = {"mode", "category_id", "image_index", "model", "backbone_weights"}
 
 
 def _add_field_flag(parser: argparse.ArgumentParser, name: str, field: FieldInfo) -> None:
@@ -58,7 +59,12 @@ def parser() -> argparse.ArgumentParser:
     for name, field in TrainConfig.model_fields.items():
         if name not in SET_BY_OTHER_FLAGS:
             _add_field_flag(p, name, field)
-    p.add_argument("--backbone_weights", help="local torchvision ResNet weights file (default: random initialisation)")
+    p.add_argument(
+        "--backbone_weights", metavar="imagenet|none|FILE",
+        help="what the backbone starts from: imagenet (torchvision's ImageNet weights, from its cache: "
+        "see python -m cape.weights), none (random initialisation) or a local state-dict file of the ResNet "
+        "(default: the preset's; base: imagenet, small: none)",
+    )
     p.add_argument("--model", metavar="JSON", help='architecture fields that override the preset\'s, e.g. \'{"d_model": 64}\'')
     p.add_argument("--output_dir", help="config.json, metrics.jsonl and checkpoints go here")
     p.add_argument("--print_freq", type=int, default=10, help="steps between running-loss updates")
@@ -76,8 +82,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     fields = {name: getattr(args, name) for name in TrainConfig.model_fields if name not in SET_BY_OTHER_FLAGS}
     fields.update(mode=mode, category_id=category, image_index=args.debug_single_image_index)
     overrides = _model_overrides(args.model)
-    if args.backbone_weights:
-        overrides["backbone_weights"] = args.backbone_weights
+    if args.backbone_weights in typing.get_args(NamedWeights):
+        fields["backbone_weights"] = args.backbone_weights  # by name, as a job records it
+    elif args.backbone_weights:
+        overrides["backbone_weights"] = args.backbone_weights  # a file: part of the architecture, CLI only
     if overrides:
         fields["model"] = ModelConfig(**{**PRESETS[args.preset].model_dump(), **overrides})
     return TrainConfig(**fields)
@@ -111,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args)
         catalog = MP100Catalog(config.dataset_root, config.split, config.category_split_file)
         check_run_choices(config, catalog)
+        check_backbone_weights(config.resolved_model)  # offline without the weights: say so before torch loads
         from cape.trainer import Trainer  # torch loads here, after the arguments are known to be valid
 
         trainer = Trainer(config, args.output_dir, progress=True, print_freq=args.print_freq, log=tqdm.write, catalog=catalog)

@@ -1,10 +1,11 @@
 """The CAPE trainer: episodic training in three modes, autoregressive validation, checkpoints, callbacks.
 
 The worker drives it through exactly this interface: ``Trainer(config, output_dir, callbacks).fit(resume)``, with
-callbacks that get ``on_epoch_end(EpochRecord)`` after every epoch and are asked ``should_stop()`` before every
-training step. A stopped run writes a checkpoint of where it was, mid-epoch included, and resuming from it reaches
-the same result as a run that never stopped: episodes, their augmentation and the schedule are functions of
-(seed, epoch, position), and the checkpoint carries model, optimiser, scheduler, RNG states and partial sums.
+callbacks (``Callback``) that get ``on_epoch_end(EpochRecord)`` after every epoch and ``on_checkpoint(epoch)`` after
+every checkpoint written, and are asked ``should_stop()`` before every training step. A stopped run writes a
+checkpoint of where it was, mid-epoch included, and resuming from it reaches the same result as a run that never
+stopped: episodes, their augmentation and the schedule are functions of (seed, epoch, position), and the checkpoint
+carries model, optimiser, scheduler, RNG states and partial sums.
 
 Like DETR's engine: ``train_epoch`` is one epoch of training steps, ``fit`` the outer loop (resume, validation,
 best, callbacks, checkpoints). A loss or gradient that stops being finite ends the run with TrainingDiverged before
@@ -19,16 +20,15 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Literal
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cape import checkpoints
 from cape.config import TrainConfig
-from cape.data.batch import EpisodeBatch, collate_episodes
+from cape.data.batch import EpisodeBatch
 from cape.data.catalog import MP100Catalog
 from cape.data.episodes import Episode
 from cape.data.run_data import RunData
@@ -41,16 +41,26 @@ from cape.metrics import PCKSummary
 from cape.model import CapeModel
 from cape.pictures import MAX_QUERIES, Pictures
 from cape.run_files import RunFiles
+from cape.weights import check_backbone_weights
 
 # Fields a resumed run may change without changing what it computes.
 RESUME_MAY_CHANGE = {"device", "num_workers"}
 LOSSES = ("loss", "loss_ce", "loss_coords")
 
 
-class Callback(Protocol):
-    def on_epoch_end(self, record: EpochRecord) -> None: ...
+class Callback:
+    """What the trainer tells whoever drives it. Every method does nothing here: a callback overrides what it needs."""
 
-    def should_stop(self) -> bool: ...
+    def on_epoch_end(self, record: EpochRecord) -> None:
+        """After the epoch's validation and report, before its checkpoint."""
+
+    def should_stop(self) -> bool:
+        """Asked before every training step: True stops the run with a checkpoint of where it is."""
+        return False
+
+    def on_checkpoint(self, epoch: int) -> None:
+        """Right after checkpoint_last (and checkpoint_best) with ``epoch`` completed epochs are written: what the
+        run folder holds now is a consistent point to resume from (a worker copies it to a remote store here)."""
 
 
 @dataclass
@@ -102,6 +112,7 @@ class Trainer:
         log: Callable[[str], None] = print,
         catalog: MP100Catalog | None = None,
     ):
+        check_backbone_weights(config.resolved_model)  # offline without the weights: say so before any data loads
         self.config = config
         self.output_dir = Path(output_dir) if output_dir else None
         self.files = RunFiles(self.output_dir) if self.output_dir else None
@@ -109,7 +120,7 @@ class Trainer:
         self.progress, self.print_freq, self.log = progress, print_freq, log
         self.device = resolve_device(config.device)
         self.amp_dtype = autocast_dtype(config.use_amp, self.device)
-        self.data = RunData(config, catalog)
+        self.data = RunData(config, catalog, self.device)
         self.pictures = Pictures(self.output_dir, self.data.catalog) if self.output_dir else None
         torch.manual_seed(config.seed)
         random.seed(config.seed)
@@ -148,6 +159,8 @@ class Trainer:
         checkpoints.save(state, self.output_dir / checkpoints.LAST)
         if best:
             checkpoints.save(state, self.output_dir / checkpoints.BEST)
+        for cb in self.callbacks:
+            cb.on_checkpoint(epoch)
         return self.output_dir / checkpoints.LAST
 
     def _restore(self, path: Path) -> tuple[int, EpochProgress]:
@@ -208,14 +221,10 @@ class Trainer:
     def train_epoch(self, epoch: int, progress: EpochProgress) -> bool:
         """Train ``epoch`` from ``progress.step`` on, adding to ``progress``. False when a callback stopped it."""
         started = time.perf_counter() - progress.sums["seconds"]
-        loader = DataLoader(
-            self.data.train_dataset(epoch, progress.step * self.config.batch_size),
-            batch_size=self.config.batch_size,
-            collate_fn=collate_episodes,
-            num_workers=self.config.num_workers,
-        )
+        # The run's one DataLoader (persistent workers), from this epoch's next step on.
+        batches = self.data.train_batches(epoch, progress.step * self.config.batch_size)
         bar = tqdm(
-            loader, total=self.steps_per_epoch, initial=progress.step, desc=f"epoch {epoch}/{self.config.epochs}",
+            batches, total=self.steps_per_epoch, initial=progress.step, desc=f"epoch {epoch}/{self.config.epochs}",
             disable=not self.progress, leave=False, dynamic_ncols=True,
         )
         try:
@@ -256,6 +265,13 @@ class Trainer:
     # --- the run -------------------------------------------------------------------------------------------------
 
     def fit(self, resume: str | Path | None = None) -> RunResult:
+        try:
+            return self._fit(resume)
+        finally:
+            # The DataLoader workers go with the run: a worker process runs the next job without this one's.
+            self.data.close()
+
+    def _fit(self, resume: str | Path | None) -> RunResult:
         completed, progress = self._restore(Path(resume)) if resume else (0, EpochProgress())
         history = self.files.start(self.config, completed) if self.files else []
         for line in self.data.banner():

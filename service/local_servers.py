@@ -1,4 +1,5 @@
-"""Local server processes on loopback: redis-server, a throwaway PostgreSQL cluster, a Celery worker and uvicorn.
+"""Local server processes on loopback: redis-server, a throwaway PostgreSQL cluster, moto's S3-compatible server, a
+Celery worker and uvicorn.
 
 The one implementation of starting them, waiting until they answer and stopping them, shared by ``make run``
 (service/embedded.py), the end-to-end tests (tests/servers.py) and the benchmarks. Torch-free: it starts the worker
@@ -11,6 +12,7 @@ the benchmarks and ``make run`` exit with the message).
 from __future__ import annotations
 
 import glob
+import importlib.util
 import json
 import os
 import shutil
@@ -253,6 +255,72 @@ def fresh_database(server_url: str, name: str) -> str:
     with psycopg.connect(plain, autocommit=True) as connection:
         connection.execute(f'CREATE DATABASE "{name}"')
     return server_url.rsplit("/", 1)[0] + f"/{name}"
+
+
+# --- S3 (moto) ------------------------------------------------------------------------------------------------
+
+
+class MotoServer:
+    """moto's standalone server (``python -m moto.server``, from PyPI's ``moto[server]``): a real S3-compatible HTTP
+    server on a loopback port, keeping its buckets in memory, that accepts any key. The tests' artifact store:
+    no MinIO server is installable where they run.
+
+    Also a context manager: started on entry, stopped on exit.
+    """
+
+    REGION, KEY, SECRET = "us-east-1", "test-key", "test-secret"
+
+    def __init__(self, port: int | None = None, log: Path | None = None):
+        if importlib.util.find_spec("moto") is None or importlib.util.find_spec("flask") is None:
+            raise MissingBinary("moto's S3 server not installed (pip install 'moto[server]')")
+        self.port, self.log = port or free_port(), log
+        self.url = f"http://{LOOPBACK}:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60.0) -> None:
+        # Its request log (one line per request) goes to ``log`` when given: it says what the store asked.
+        out = open(self.log, "w") if self.log else subprocess.DEVNULL
+        try:
+            self.process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", LOOPBACK, "-p", str(self.port)],
+                                            stdout=out, stderr=subprocess.STDOUT)
+        finally:
+            if self.log:
+                out.close()  # the child has its own copy of the descriptor
+        try:
+            wait_until(lambda: httpx.get(f"{self.url}/moto-api/", timeout=1).status_code == 200, "moto server",
+                       self.process, timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop(self.process, name="moto server")
+            self.process = None
+
+    def create_bucket(self, name: str) -> None:
+        import s3fs
+
+        fs = s3fs.S3FileSystem(key=self.KEY, secret=self.SECRET, skip_instance_cache=True,
+                               client_kwargs={"endpoint_url": self.url, "region_name": self.REGION})
+        fs.call_s3("create_bucket", Bucket=name)
+
+    def store_env(self, bucket: str, prefix: str = "artifacts") -> dict[str, str]:
+        """The CAPE_ variables of an artifact store at s3://bucket/prefix on this server."""
+        return {
+            "CAPE_ARTIFACTS_URL": f"s3://{bucket}/{prefix}",
+            "CAPE_S3_ENDPOINT_URL": self.url,
+            "CAPE_S3_ACCESS_KEY_ID": self.KEY,
+            "CAPE_S3_SECRET_ACCESS_KEY": self.SECRET,
+            "CAPE_S3_REGION": self.REGION,
+        }
+
+    def __enter__(self) -> MotoServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
 
 # --- the worker and the API -----------------------------------------------------------------------------------

@@ -120,12 +120,14 @@ class EpochMetric(EpochMetricBase, table=True):
 # --- API schemas ----------------------------------------------------------------------------------------------
 
 # The TrainConfig fields a client may set: an allow-list, so that a field added to TrainConfig is not API surface
-# until someone adds it here. What only the server decides stays out: file paths (datasets are chosen by name), the
-# device, the DataLoader workers and the model's internals. Bounds, defaults and descriptions come from TrainConfig.
+# until someone adds it here. What only the server decides stays out: file paths (datasets are chosen by name, and
+# backbone_weights only by name: imagenet or none), the device, the DataLoader workers and the model's internals.
+# Bounds, defaults and descriptions come from TrainConfig.
 CLIENT_FIELDS = (
-    "mode", "category_id", "image_index", "split", "preset", "epochs", "episodes_per_epoch", "batch_size", "num_shots",
-    "num_queries_per_episode", "lr", "weight_decay", "warmup_epochs", "clip_max_norm", "use_amp", "augment",
-    "val_episodes_per_category", "val_queries_per_episode", "test_episodes_per_category", "picture_every", "seed",
+    "mode", "category_id", "image_index", "split", "preset", "backbone_weights", "epochs", "episodes_per_epoch",
+    "batch_size", "num_shots", "num_queries_per_episode", "lr", "weight_decay", "warmup_epochs", "clip_max_norm",
+    "use_amp", "augment", "val_episodes_per_category", "val_queries_per_episode", "test_episodes_per_category",
+    "picture_every", "seed",
 )
 
 

@@ -4,10 +4,18 @@
     CAPE_BROKER_URL     redis://127.0.0.1:6379/0
     CAPE_DATASETS       JSON object, dataset name -> root folder on the workers, e.g. {"synthetic": "data/synthetic"}
     CAPE_DEFAULT_DATASET  the dataset a job gets when it names none
-    CAPE_ARTIFACTS_DIR  checkpoints and run files, one folder per job
+    CAPE_ARTIFACTS_DIR  checkpoints and run files, one folder per job (the default, local artifact store)
+    CAPE_ARTIFACTS_URL  s3://bucket/prefix: the artifact store in S3-compatible storage instead, with
+                        CAPE_S3_ENDPOINT_URL, CAPE_S3_ACCESS_KEY_ID, CAPE_S3_SECRET_ACCESS_KEY, CAPE_S3_REGION;
+                        the workers then run jobs in CAPE_WORK_DIR
     CAPE_API_KEYS       comma-separated keys; when set, every endpoint but /healthz, /readyz and the docs needs one
     CAPE_MAX_UPLOAD_BYTES, CAPE_MAX_IMAGE_PIXELS, CAPE_PREDICT_TIMEOUT_S, CAPE_PREDICT_CACHE_SIZE: predictions
     CAPE_MAX_ATTEMPTS, CAPE_HEARTBEAT_TIMEOUT_S, CAPE_REDISPATCH_AFTER_S, CAPE_REAPER_INTERVAL_S: see the reaper
+
+Read by the library itself (cape.weights), the same in the API, the workers and the CLI, so not a field here:
+    CAPE_DOWNLOAD_WEIGHTS  true (default) or false: whether ImageNet backbone weights missing from torchvision's cache
+                        (TORCH_HOME) may be downloaded; false makes the API refuse (422) a job whose weights are not
+                        in the cache it sees
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cape.predict_inputs import MAX_IMAGE_PIXELS
@@ -29,6 +37,16 @@ class Settings(BaseSettings):
     datasets: dict[str, str] = Field(default_factory=lambda: {"synthetic": "data/synthetic"})
     default_dataset: str = "synthetic"
     artifacts_dir: Path = Path("artifacts")
+    # The artifact store (service/artifacts.py): empty keeps every job's files in artifacts_dir; s3://bucket/prefix
+    # puts them in S3-compatible object storage that every worker and the API reach. No keys set: botocore's own
+    # chain (AWS_* variables, ~/.aws, an instance role). With a remote store a worker runs each job in a scratch
+    # folder under work_dir (copied from the store when it claims the job) and keeps its model cache there.
+    artifacts_url: str = ""
+    s3_endpoint_url: str | None = None  # MinIO or another S3-compatible server; None: AWS
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: SecretStr | None = None
+    s3_region: str | None = None
+    work_dir: Path = Path("work")
     # A job runs for hours: the broker must not hand its message to a second worker while the first still trains.
     visibility_timeout_s: int = 7 * 24 * 3600
     heartbeat_interval_s: float = 10.0

@@ -1,9 +1,20 @@
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from cape.data.synthetic import generate
+
+# Tests never download model weights: a test that would need ImageNet weights gets the offline error instead (the
+# worker and API processes the tests start inherit this).
+os.environ["CAPE_DOWNLOAD_WEIGHTS"] = "false"
+# The crop cache of this test session only (the processes the tests start inherit it): a test sees the crops its own
+# session cut, never a stale cache of an earlier checkout, and nothing accumulates in the user's ~/.cache.
+os.environ["CAPE_CROP_CACHE_DIR"] = tempfile.mkdtemp(prefix="cape-test-crops-")
+atexit.register(shutil.rmtree, os.environ["CAPE_CROP_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""Real servers for the end-to-end tests: redis-server, PostgreSQL, a Celery worker process and uvicorn.
+"""Real servers for the end-to-end tests: redis-server, PostgreSQL, moto's S3 server, a Celery worker process and
+uvicorn.
 
 The servers themselves are service/local_servers.py's; this adds only what is pytest's: a server whose binary is
 missing makes the test skip with the reason (``.ci/run`` installs them all). Each starts on a free loopback port and
@@ -18,8 +19,8 @@ from service.local_servers import MissingBinary, fresh_database, free_port, pool
 
 REPO = Path(__file__).resolve().parents[1]
 
-__all__ = ["RestartableRedis", "celery_worker", "free_port", "fresh_database", "pool_children", "postgres_server",
-           "redis_server", "restart_postgres", "uvicorn_server", "wait_until"]
+__all__ = ["RestartableRedis", "celery_worker", "free_port", "fresh_database", "moto_server", "pool_children",
+           "postgres_server", "redis_server", "restart_postgres", "uvicorn_server", "wait_until"]
 
 
 @contextmanager
@@ -46,6 +47,15 @@ def postgres_server() -> Iterator[str]:
         local_servers.postgres_binaries()
     with local_servers.postgres_server() as url:
         yield url
+
+
+@contextmanager
+def moto_server(log: Path | None = None) -> Iterator[local_servers.MotoServer]:
+    """moto's S3-compatible server on loopback; yields it (``create_bucket``, ``store_env``)."""
+    with _skip_if_missing():
+        server = local_servers.MotoServer(log=log)
+    with server:
+        yield server
 
 
 @contextmanager

@@ -93,7 +93,7 @@ def test_collate_pads_mixed_k_with_masks(catalog):
 
 
 def test_loader_caches_crops(catalog):
-    loader = InstanceLoader(catalog, input_size=32, cache_size=2)
+    loader = InstanceLoader(catalog, input_size=32, memory_bytes=2**20)
     x = catalog.instance(catalog.category_ids("train")[0], 0)
     assert loader.load(x) is loader.load(x)
 

@@ -99,7 +99,7 @@ def test_autoregressive_decoding_never_reads_the_targets(model, mixed_batch):
 def test_missing_backbone_weights_is_a_clear_error(tmp_path):
     from cape.errors import CheckpointError
 
-    with pytest.raises(CheckpointError, match="backbone weights file not found: .*nope.pth .*never downloaded"):
+    with pytest.raises(CheckpointError, match="backbone weights file not found: .*nope.pth \\(give a local state-dict file"):
         CapeModel(TINY.model_copy(update={"backbone_weights": str(tmp_path / "nope.pth")}))
 
 

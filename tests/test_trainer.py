@@ -14,7 +14,7 @@ from cape.evaluation import score_batch
 from cape.metrics import PCKAccumulator
 from cape.model import ModelOutput
 from cape.checkpoints import LAST
-from cape.trainer import Trainer
+from cape.trainer import Callback, Trainer
 from tests.test_model import TINY
 
 
@@ -38,7 +38,7 @@ def tiny_config(root, **overrides) -> TrainConfig:
     return TrainConfig(**fields)
 
 
-class StopAfter:
+class StopAfter(Callback):
     """should_stop() turns True once ``calls`` questions have been answered with False."""
 
     def __init__(self, calls: int):

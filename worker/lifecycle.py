@@ -1,6 +1,7 @@
 """What a worker process does around its tasks (Celery signals):
 
-- every pool process drops the database connections it inherited through fork (sharing a socket corrupts it);
+- every pool process drops the database connections it inherited through fork (sharing a socket corrupts it) and
+  makes its own artifact store client;
 - the main process runs the reaper once at start and then periodically, in a thread: a pool process can be busy
   training for hours, so the reaper must not wait in the task queue behind it;
 - on a warm shutdown (SIGTERM) the main process asks this worker's running jobs to hand off: they stop at the
@@ -17,6 +18,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session
 
 from service import job_state
+from service.artifacts import get_store
 from service.db import get_engine
 from service.dispatch import dispatch
 from service.reaper import reap
@@ -29,6 +31,7 @@ _stop = threading.Event()
 @worker_process_init.connect
 def _fresh_connections(**_):
     get_engine().dispose(close=False)
+    get_store()  # this process's own store client (none survives a fork), made before a job waits for it
 
 
 def _reap_periodically() -> None:

@@ -1,15 +1,15 @@
 """``predict(request)``: keypoints on a person's images with a job's checkpoint, answered on the request's reply list.
 
 Runs on its own queue (``predict``) and its own worker, so a prediction never waits behind a training job. The
-worker keeps the most recently used trained models loaded (CAPE_PREDICT_CACHE_SIZE), each keyed by its checkpoint
-file's identity, so a newer best checkpoint of a running job is loaded afresh.
+worker keeps the most recently used trained models loaded (CAPE_PREDICT_CACHE_SIZE), each keyed by its checkpoint's
+ETag in the artifact store, so a newer best checkpoint of a running job is fetched (a remote store: once, into a
+local copy under CAPE_WORK_DIR) and loaded afresh.
 """
 
 from __future__ import annotations
 
 import base64
 import logging
-import os
 import time
 import uuid
 from collections import OrderedDict
@@ -19,7 +19,7 @@ from celery.signals import worker_process_init
 from cape.errors import CheckpointError
 from cape.predict_inputs import InputError, PredictInputs
 from cape.run_files import CHECKPOINT_FILES
-from service.artifacts import run_folder
+from service.artifacts import get_store
 from service.prediction import PREDICT_TASK, send_reply
 from service.settings import get_settings
 from worker.celery_app import app
@@ -35,17 +35,16 @@ def _load_torch(**_):
 
 
 class ModelCache:
-    """The ``size`` most recently used trained models, by (checkpoint path, its mtime and size, device)."""
+    """The ``size`` most recently used trained models, by a key that names one version of a checkpoint on one
+    device ((job, checkpoint name, ETag, device))."""
 
     def __init__(self, size: int):
         self.size = size
         self._models: OrderedDict[tuple, object] = OrderedDict()
 
-    def get(self, path, device):
+    def get(self, key: tuple, path, device):
         from cape.trained import load_trained
 
-        stat = os.stat(path)
-        key = (str(path), stat.st_mtime_ns, stat.st_size, str(device))
         if key in self._models:
             self._models.move_to_end(key)
             return self._models[key], True
@@ -67,12 +66,14 @@ def _answer(request: dict) -> dict:
     global _cache
     settings = get_settings()
     _cache = _cache or ModelCache(settings.predict_cache_size)
-    name = request["checkpoint"]
-    path = run_folder(uuid.UUID(request["job_id"])) / CHECKPOINT_FILES[name]
-    if not path.is_file():
-        raise CheckpointError(f"job {request['job_id']} has no {name} checkpoint on this worker ({path})")
+    name, job_id = request["checkpoint"], uuid.UUID(request["job_id"])
     started = time.perf_counter()
-    trained, cached = _cache.get(path, resolve_device(settings.device))
+    copy = get_store().local_copy(job_id, CHECKPOINT_FILES[name], settings.work_dir / "cache")
+    if copy is None:
+        raise CheckpointError(f"job {job_id} has no {name} checkpoint in the artifact store")
+    path, info = copy
+    device = resolve_device(settings.device)
+    trained, cached = _cache.get((job_id, name, info.etag, str(device)), path, device)
     load_ms = 1000 * (time.perf_counter() - started)
     inputs = PredictInputs.from_json(request["inputs"])
     query = decode(base64.b64decode(request["query_image"]), inputs.query, "query_image")

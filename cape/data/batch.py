@@ -12,7 +12,8 @@ Two words, one meaning each, everywhere in the project: **labelled** = v > 0 in 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 
 import torch
@@ -34,7 +35,58 @@ class EpisodeSamples:
     queries: tuple[Sample, ...]
 
 
+@dataclass(frozen=True)
+class EpisodeRequest:
+    """What a DataLoader worker is asked to build: an episode and the seed of its augmentation (None: none)."""
+
+    episode: Episode
+    augment_seed: int | None = None
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Build samples on one thread, in the main process (``num_workers=0``) as DataLoader workers do: a crop's
+    operations are too small for intra-op threads to pay, and beside other busy threads they cost far more than
+    they save (7x slower on 2 loaded cores, benchmarks/input_pipeline.py). Reductions then also sum in the same
+    order everywhere, so batches do not depend on where they were built."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+class EpisodeSource(Dataset):
+    """Builds the samples of any requested episode: the dataset of a run's one DataLoader, whose batch sampler says
+    which episodes (training, validation or test) its persistent workers build next (see ``cape.data.run_data``)."""
+
+    def __init__(self, catalog: MP100Catalog, loader: InstanceLoader, augment: v2.Transform | None = None):
+        self.catalog, self.loader, self.augment = catalog, loader, augment
+
+    def __getitem__(self, request: EpisodeRequest) -> EpisodeSamples:
+        augment = self.augment if request.augment_seed is not None else None
+        with _one_thread():
+            if augment is None:
+                return self._episode_samples(request.episode, None)
+            # transforms.v2 draws from torch's global RNG: seed it per episode so an episode's augmentation does not
+            # depend on what ran before it (resumed runs, DataLoader workers) and leave the caller's RNG untouched.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(request.augment_seed)
+                return self._episode_samples(request.episode, augment)
+
+    def _episode_samples(self, episode: Episode, augment: v2.Transform | None) -> EpisodeSamples:
+        return EpisodeSamples(
+            category_id=episode.category_id,
+            skeleton=self.catalog.category(episode.category_id).skeleton,
+            supports=tuple(to_sample(self.loader.load(x), augment) for x in episode.supports),
+            queries=tuple(to_sample(self.loader.load(x), augment) for x in episode.queries),
+        )
+
+
 class EpisodeDataset(Dataset):
+    """A list of episodes as a dataset (what ``EpisodeSource`` builds, by position)."""
+
     def __init__(
         self,
         catalog: MP100Catalog,
@@ -45,32 +97,15 @@ class EpisodeDataset(Dataset):
     ):
         if augment is not None and (augment_seeds is None or len(augment_seeds) != len(episodes)):
             raise ValueError("augmentation needs one seed per episode")
-        self.catalog, self.episodes, self.loader = catalog, episodes, loader
-        self.augment, self.augment_seeds = augment, augment_seeds
+        self.source = EpisodeSource(catalog, loader, augment)
+        seeds = augment_seeds if augment is not None else [None] * len(episodes)
+        self.requests = [EpisodeRequest(e, s) for e, s in zip(episodes, seeds)]
 
     def __len__(self) -> int:
-        return len(self.episodes)
+        return len(self.requests)
 
     def __getitem__(self, i: int) -> EpisodeSamples:
-        episode = self.episodes[i]
-        if self.augment is None:
-            return self._episode_samples(episode)
-        # transforms.v2 draws from torch's global RNG: seed it per episode so an episode's augmentation does not
-        # depend on what ran before it (resumed runs, DataLoader workers) and leave the caller's RNG untouched.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.augment_seeds[i])
-            return self._episode_samples(episode)
-
-    def _episode_samples(self, episode: Episode) -> EpisodeSamples:
-        return EpisodeSamples(
-            category_id=episode.category_id,
-            skeleton=self.catalog.category(episode.category_id).skeleton,
-            supports=self._samples(episode.supports),
-            queries=self._samples(episode.queries),
-        )
-
-    def _samples(self, instances) -> tuple[Sample, ...]:
-        return tuple(to_sample(self.loader.load(x), self.augment) for x in instances)
+        return self.source[self.requests[i]]
 
 
 @dataclass
@@ -97,6 +132,14 @@ class EpisodeBatch:
             for f in fields(self)
         }
         return EpisodeBatch(**moved)
+
+    def pin_memory(self) -> EpisodeBatch:
+        """Called by a DataLoader with ``pin_memory=True``: page-locked copies, so ``to(cuda, non_blocking=True)``
+        overlaps the copy with the GPU's work."""
+        pinned = {
+            f.name: (v.pin_memory() if isinstance(v := getattr(self, f.name), torch.Tensor) else v) for f in fields(self)
+        }
+        return EpisodeBatch(**pinned)
 
 
 def _pad(tensors: list[torch.Tensor], k: int) -> torch.Tensor:

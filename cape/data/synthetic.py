@@ -1,6 +1,6 @@
 """A small synthetic dataset in the exact MP-100 layout, so the whole product runs without a download.
 
-``python -m cape.data.synthetic --out DIR [--seed S] [--workers N]`` writes::
+``python -m cape.data.synthetic --out DIR [--seed S] [--workers N] [--image_size small|mp100]`` writes::
 
     DIR/annotations/mp100_split{1..5}_{train,val,test}.json   COCO keypoints, 15 files
     DIR/images/<category dir>/<nnn>.jpg
@@ -20,6 +20,10 @@ Design:
 - Visibility is decided in the plan from the geometry that will be drawn: a keypoint is v=1 exactly when
   an occluder patch or a later-drawn marker covers part of its disc, so every v=2 keypoint is fully visible in
   the pixels. About 5% of keypoints are v=0 (unlabelled, x = y = 0), as in the real files.
+- Image sizes: ``small`` (the default) draws each side from 160-480 px, so the whole product runs on two cores;
+  ``mp100`` draws them from the distribution of the real MP-100 photos (``MP100_LONG_SIDE``, ``MP100_ASPECT``:
+  median 1024 x 684, 5 % over 3000 px, up to 6016 px), to measure the input pipeline on photos of that size.
+  Markers, limbs and margins grow with the image there, so a crop resized to the model's input still shows them.
 - The MP-100 quirks the loaders must survive are reproduced on purpose: 1-based skeletons, ~20% empty
   skeletons, a few empty keypoint-name lists, two different categories named "face", and images holding two
   annotations.
@@ -51,6 +55,18 @@ INSTANCES_PER_CATEGORY = 24
 TREE_K = (5, 30)  # inclusive range of keypoints of an articulated category
 POLYGON_K = (5, 16)  # polygons stay small so their corners stay apart
 IMAGE_SIDE = (160, 480)
+IMAGE_SIZES = ("small", "mp100")
+# The real photos' sizes, measured on the two MP-100 annotation files at hand (split1_val and split3_test: 3,432
+# images): quantiles (in %) of the long side, and of short side / long side. Mean 1.3 megapixels.
+MP100_LONG_SIDE = (
+    (0, 160), (5, 192), (10, 246), (15, 500), (25, 599), (30, 766), (35, 922), (40, 1024), (75, 1024), (80, 1280),
+    (85, 1844), (90, 2016), (95, 2992), (99, 4257), (100, 6016),
+)
+MP100_ASPECT = (
+    (0, 0.31), (5, 0.626), (10, 0.664), (15, 0.666), (20, 0.667), (40, 0.668), (45, 0.684), (50, 0.737), (55, 0.75),
+    (70, 0.751), (75, 0.801), (80, 0.91), (85, 1.0), (100, 1.0),
+)
+MP100_PORTRAIT = 0.173  # share of the photos taller than wide (square ones are 16.6 %: aspect 1.0 above)
 NUM_EMPTY_SKELETONS = 20
 NUM_EMPTY_NAME_LISTS = 5
 SHARED_NAME = "face"  # real MP-100 has two categories called "face"
@@ -235,9 +251,10 @@ class DatasetPlan:
         return sum(len(image.instances) for image in self.images)
 
 
-def plan_dataset(seed: int = 0) -> DatasetPlan:
-    """The whole dataset minus its pixels, a pure function of ``seed``."""
+def plan_dataset(seed: int = 0, image_size: str = "small") -> DatasetPlan:
+    """The whole dataset minus its pixels, a pure function of ``seed`` and ``image_size``."""
     _check_seed(seed)
+    _check_image_size(image_size)
     catalog_rng = np.random.default_rng([seed, _CATALOG_STREAM])
     special = catalog_rng.permutation(np.arange(1, NUM_CATEGORIES + 1))
     empty_skeleton = set(special[:NUM_EMPTY_SKELETONS].tolist())
@@ -255,8 +272,13 @@ def plan_dataset(seed: int = 0) -> DatasetPlan:
     images = []
     for cid, category in categories.items():
         rng = np.random.default_rng([seed, _INSTANCE_STREAM, cid])
-        images.extend(_plan_category_images(category, rng, image_ids, annotation_ids))
+        images.extend(_plan_category_images(category, rng, image_ids, annotation_ids, image_size))
     return DatasetPlan(seed=seed, categories=categories, images=tuple(images), splits=splits)
+
+
+def _check_image_size(image_size) -> None:
+    if image_size not in IMAGE_SIZES:
+        raise ValueError(f"image_size must be one of {', '.join(IMAGE_SIZES)}, got {image_size!r}")
 
 
 def _check_seed(seed) -> None:
@@ -318,16 +340,18 @@ def _plan_category(
     )
 
 
-def _plan_category_images(category: CategoryPlan, rng, image_ids, annotation_ids) -> list[ImagePlan]:
+def _plan_category_images(category: CategoryPlan, rng, image_ids, annotation_ids, image_size: str) -> list[ImagePlan]:
     # 1-3 images hold two instances: about 10% of images, as in MP-100's multi-instance images.
     doubles = int(rng.integers(1, 4))
     counts = [2] * doubles + [1] * (INSTANCES_PER_CATEGORY - 2 * doubles)
     rng.shuffle(counts)
     images = []
     for index, count in enumerate(counts):
-        width, height = _image_size(rng, count)
+        width, height = _image_size(rng, count) if image_size == "small" else _mp100_image_size(rng, count)
+        # Drawing sizes grow with the image beyond the small sizes (so 1 for all of them: their plans are unchanged).
+        scale = max(1.0, max(width, height) / IMAGE_SIDE[1])
         instances = tuple(
-            _plan_instance(category.template, rng, region, next(annotation_ids))
+            _plan_instance(category.template, rng, region, next(annotation_ids), scale)
             for region in _regions(width, height, count)
         )
         images.append(
@@ -351,6 +375,22 @@ def _image_size(rng: np.random.Generator, count: int) -> tuple[int, int]:
     return (long_side, short_side) if rng.random() < 0.5 else (short_side, long_side)
 
 
+def _mp100_image_size(rng: np.random.Generator, count: int) -> tuple[int, int]:
+    """A size drawn from the real photos' distribution; an image with two instances is at least twice the smallest
+    side long, as in the small sizes."""
+    while True:
+        long_side = round(_quantile(MP100_LONG_SIDE, rng.uniform(0, 100)))
+        if count == 1 or long_side >= 2 * IMAGE_SIDE[0]:
+            break
+    short_side = max(1, round(long_side * _quantile(MP100_ASPECT, rng.uniform(0, 100))))
+    return (short_side, long_side) if rng.random() < MP100_PORTRAIT else (long_side, short_side)
+
+
+def _quantile(table: tuple[tuple[float, float], ...], percent: float) -> float:
+    """Inverse of a distribution given by its quantiles: linear between them."""
+    return float(np.interp(percent, [q for q, _ in table], [v for _, v in table]))
+
+
 def _regions(width: int, height: int, count: int) -> list[tuple[int, int, int, int]]:
     """Disjoint x, y, w, h boxes, one per instance: two instances split the image along its long side."""
     if count == 1:
@@ -362,11 +402,11 @@ def _regions(width: int, height: int, count: int) -> list[tuple[int, int, int, i
     return [(0, 0, width, half), (0, half, width, height - half)]
 
 
-def _plan_instance(template, rng: np.random.Generator, region, annotation_id: int) -> InstancePlan:
+def _plan_instance(template, rng: np.random.Generator, region, annotation_id: int, scale: float = 1.0) -> InstancePlan:
     points = _rotate(template.pose(rng), rng.uniform(-math.pi / 4, math.pi / 4))
-    points = _place(points, region, rng)
+    points = _place(points, region, rng, scale)
     extent = float((points.max(0) - points.min(0)).max())
-    radius = float(np.clip(round(extent / 40), 3, 6))  # markers grow with the object, within limits
+    radius = float(np.clip(round(extent / 40), 3, round(6 * scale)))  # markers grow with the object, within limits
     line_width = max(2, round(radius * 1.2))
     points = np.round(points, 2)  # what is written is what is drawn
 
@@ -396,20 +436,21 @@ def _rotate(points: np.ndarray, angle: float) -> np.ndarray:
     return points @ np.array([[c, s], [-s, c]])
 
 
-def _place(points: np.ndarray, region, rng: np.random.Generator) -> np.ndarray:
+def _place(points: np.ndarray, region, rng: np.random.Generator, scale: float = 1.0) -> np.ndarray:
     """Scale the shape to fill 45-90% of its region and put it anywhere it fits inside the margins."""
     x, y, w, h = region
-    usable = np.array([w, h], dtype=float) - 2 * MARGIN
+    margin = MARGIN * scale  # stays more than the largest marker radius (6 * scale)
+    usable = np.array([w, h], dtype=float) - 2 * margin
     points = points - points.min(0)
     size = np.maximum(points.max(0), 1e-6)
     points = points * (rng.uniform(0.45, 0.9) * float((usable / size).min()))
     slack = usable - points.max(0)
-    return points + np.array([x, y], dtype=float) + MARGIN + rng.uniform(0, 1, 2) * slack
+    return points + np.array([x, y], dtype=float) + margin + rng.uniform(0, 1, 2) * slack
 
 
 def _occluder(point: np.ndarray, radius: float, region, rng: np.random.Generator) -> tuple[float, ...]:
     """A patch that hides a marker completely, with a random overhang that stays inside the instance's region
-    (markers lie MARGIN > radius inside it, so clipping never uncovers the marker, nor touches a neighbour)."""
+    (markers lie MARGIN * scale > radius inside it, so clipping never uncovers the marker, nor touches a neighbour)."""
     x, y, w, h = region
     grow = radius + 1 + rng.uniform(0, radius, 4)
     low = np.maximum(point - grow[:2], (x, y))
@@ -433,9 +474,9 @@ def _covered(points: np.ndarray, radius: float, occluders) -> np.ndarray:
 # Annotation files.
 
 
-def build_annotations(seed: int = 0) -> dict[str, dict]:
+def build_annotations(seed: int = 0, image_size: str = "small") -> dict[str, dict]:
     """``{"mp100_split1_train.json": coco_dict, ...}`` for the 15 files; no pixels are rendered."""
-    return annotation_files(plan_dataset(seed))
+    return annotation_files(plan_dataset(seed, image_size))
 
 
 def annotation_files(plan: DatasetPlan) -> dict[str, dict]:
@@ -559,9 +600,10 @@ def _render_job(job: tuple[ImagePlan, CategoryPlan, int, str]) -> None:
 # Writing a dataset.
 
 
-def generate(out_dir: str | Path, seed: int = 0, workers: int | None = None) -> dict:
+def generate(out_dir: str | Path, seed: int = 0, workers: int | None = None, image_size: str = "small") -> dict:
     """Write the dataset under ``out_dir`` (files there are overwritten) and return a summary."""
     _check_seed(seed)
+    _check_image_size(image_size)
     workers = (os.cpu_count() or 1) if workers is None else workers
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
@@ -570,7 +612,7 @@ def generate(out_dir: str | Path, seed: int = 0, workers: int | None = None) -> 
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} exists and is not a directory")
 
-    plan = plan_dataset(seed)
+    plan = plan_dataset(seed, image_size)
     (out / "annotations").mkdir(parents=True, exist_ok=True)
     files = annotation_files(plan)
     for name, content in files.items():
@@ -594,6 +636,7 @@ def generate(out_dir: str | Path, seed: int = 0, workers: int | None = None) -> 
     return {
         "out_dir": str(out),
         "seed": seed,
+        "image_size": image_size,
         "categories": len(plan.categories),
         "instances": plan.num_instances,
         "images": len(plan.images),
@@ -630,10 +673,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--workers", type=_positive_int, default=None, help="render processes (default: all cores)"
     )
+    parser.add_argument(
+        "--image_size", choices=IMAGE_SIZES, default="small",
+        help="small: 160-480 px a side (default); mp100: the sizes of the real MP-100 photos (median 1024 x 684, "
+        "up to 6016 px: 2,191 photos, 300 MB)",
+    )
     args = parser.parse_args(argv)
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"--out {args.out} exists and is not a directory")
-    summary = generate(args.out, seed=args.seed, workers=args.workers)
+    summary = generate(args.out, seed=args.seed, workers=args.workers, image_size=args.image_size)
     print(
         f"wrote {summary['categories']} categories, {summary['instances']} instances, {summary['images']} images "
         f"and {summary['annotation_files']} annotation files to {summary['out_dir']} in {summary['seconds']:.1f} s"

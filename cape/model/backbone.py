@@ -1,19 +1,20 @@
 """The image backbone: a torchvision ResNet cut after layer2 (stride 8) or layer3 (stride 16).
 
 Either cut gives a 16 x 16 map for the presets (128 px at stride 8, 256 px at stride 16): fine enough to localise
-keypoints, small enough for attention over it. Weights are random or loaded from a local file: never downloaded.
+keypoints, small enough for attention over it. The backbone starts from random weights ("none"), torchvision's
+ImageNet weights ("imagenet", through its weights API and cache: see cape.weights) or a local state-dict file.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 from torch import nn
 from torchvision import models
 from torchvision.ops import FrozenBatchNorm2d
 
+from cape.config import IMAGENET, RANDOM_INIT
 from cape.errors import CheckpointError
+from cape.weights import load_imagenet_state_dict, weights_file
 
 _CHANNELS = {
     ("resnet18", "layer2"): 128, ("resnet34", "layer2"): 128, ("resnet50", "layer2"): 512,
@@ -22,15 +23,18 @@ _CHANNELS = {
 
 
 class Backbone(nn.Module):
-    def __init__(self, name: str, layer: str, weights_path: str | None = None, load_weights: bool = True):
-        """``load_weights=False`` builds the same modules without reading ``weights_path``: for a model whose trained
-        state comes from a checkpoint, on a machine that may not have the weights file."""
+    def __init__(self, name: str, layer: str, weights: str = RANDOM_INIT, load_weights: bool = True):
+        """``weights``: ModelConfig.backbone_weights. ``load_weights=False`` builds the same modules without reading
+        the weights: for a model whose trained state comes from a checkpoint, on a machine that may not have them."""
         super().__init__()
         # Pretrained weights come with batch statistics worth keeping (DETR freezes them); random ones must learn them.
-        norm = FrozenBatchNorm2d if weights_path else nn.BatchNorm2d
+        norm = nn.BatchNorm2d if weights == RANDOM_INIT else FrozenBatchNorm2d
         resnet = getattr(models, name)(weights=None, norm_layer=norm)
-        if weights_path and load_weights:
-            _load_weights(resnet, weights_path)
+        if weights != RANDOM_INIT and load_weights:
+            if weights == IMAGENET:
+                _load_state(resnet, load_imagenet_state_dict(name), f"torchvision's ImageNet weights of {name}")
+            else:
+                _load_state(resnet, torch.load(weights_file(weights), map_location="cpu", weights_only=True), weights)
         stages = [resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool, resnet.layer1, resnet.layer2]
         if layer == "layer3":
             stages.append(resnet.layer3)
@@ -42,16 +46,12 @@ class Backbone(nn.Module):
         return self.body(images)
 
 
-def _load_weights(resnet: nn.Module, path: str) -> None:
-    file = Path(path)
-    if not file.is_file():
-        raise CheckpointError(f"backbone weights file not found: {file} (weights are never downloaded: give a local file)")
-    state = torch.load(file, map_location="cpu", weights_only=True)
+def _load_state(resnet: nn.Module, state: dict, source: str) -> None:
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # the classifier is not used
     missing, unexpected = resnet.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing or unexpected:
         raise CheckpointError(
-            f"{file} does not fit the backbone: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"{source} does not fit the backbone: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
         )

@@ -6,13 +6,12 @@ import json
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query
-from fastapi.responses import FileResponse
+from fastapi import APIRouter, Path, Query, Response
 from pydantic import BaseModel
 
 from cape.config import MAX_EPOCHS
-from cape.run_files import INPUTS, LOG, PREDICTIONS_JSON, PREDICTIONS_PNG, epoch_folder, picture_epochs
-from service.artifacts import read_from, run_folder
+from cape.run_files import INPUTS, PREDICTIONS_JSON, PREDICTIONS_PNG
+from service.artifacts import epoch_file, get_store, picture_epochs, read_log
 from service.auth import OwnerDep
 from service.db import SessionDep
 from service.errors import not_found, responses
@@ -46,9 +45,10 @@ def get_logs(
     """The job's own log (the banner, a line per epoch, warnings, the error with its cause) from ``offset`` on.
     Poll with ``offset=next_offset`` until ``complete``."""
     job = owned_job(session, job_id, owner)
-    data = read_from(run_folder(job_id) / LOG, offset)
+    # The status is read before the log: a job that was terminal then has all of its log in the store now.
+    data, size = read_log(get_store(), job_id, offset)
     end = offset + len(data)
-    complete = job.status in TERMINAL and not read_from(run_folder(job_id) / LOG, end, 1)
+    complete = job.status in TERMINAL and end >= size
     return LogChunk(job_id=job_id, offset=offset, next_offset=end, text=data.decode("utf-8", "replace"), complete=complete)
 
 
@@ -56,8 +56,8 @@ def get_logs(
 def list_pictures(job_id: uuid.UUID, session: SessionDep, owner: OwnerDep) -> Pictures:
     """Which pictures exist: the input picture, and the epochs with prediction pictures."""
     owned_job(session, job_id, owner)
-    folder = run_folder(job_id)
-    return Pictures(job_id=job_id, inputs=(folder / INPUTS).is_file(), epochs=picture_epochs(folder))
+    store = get_store()
+    return Pictures(job_id=job_id, inputs=store.exists(job_id, INPUTS), epochs=picture_epochs(store, job_id))
 
 
 @router.get("/{job_id}/epochs/{epoch}/predictions", responses=responses(401, 404, 503))
@@ -65,27 +65,28 @@ def get_predictions(job_id: uuid.UUID, epoch: EpochPath, session: SessionDep, ow
     """Per drawn validation query: its file, the support's keypoints, ground truth and prediction in image pixels,
     which keypoints counted and which were correct at PCK@0.2."""
     owned_job(session, job_id, owner)
-    path = epoch_folder(run_folder(job_id), epoch) / PREDICTIONS_JSON
-    if not path.is_file():
+    data = get_store().read(job_id, epoch_file(epoch, PREDICTIONS_JSON))
+    if data is None:
         raise not_found(f"predictions of epoch {epoch} of job {job_id}")
-    return {"job_id": str(job_id), **json.loads(path.read_text())}
+    return {"job_id": str(job_id), **json.loads(data)}
 
 
-@router.get("/{job_id}/epochs/{epoch}/predictions.png", response_class=FileResponse, responses={**PNG, **responses(401, 404, 503)})
-def get_predictions_png(job_id: uuid.UUID, epoch: EpochPath, session: SessionDep, owner: OwnerDep) -> FileResponse:
+@router.get("/{job_id}/epochs/{epoch}/predictions.png", response_class=Response, responses={**PNG, **responses(401, 404, 503)})
+def get_predictions_png(job_id: uuid.UUID, epoch: EpochPath, session: SessionDep, owner: OwnerDep) -> Response:
     """The drawn validation queries of the epoch: the support beside the query, ground truth and predictions."""
     owned_job(session, job_id, owner)
-    return _png(epoch_folder(run_folder(job_id), epoch) / PREDICTIONS_PNG, f"prediction picture of epoch {epoch} of job {job_id}")
+    return _png(job_id, epoch_file(epoch, PREDICTIONS_PNG), f"prediction picture of epoch {epoch} of job {job_id}")
 
 
-@router.get("/{job_id}/inputs.png", response_class=FileResponse, responses={**PNG, **responses(401, 404, 503)})
-def get_inputs_png(job_id: uuid.UUID, session: SessionDep, owner: OwnerDep) -> FileResponse:
+@router.get("/{job_id}/inputs.png", response_class=Response, responses={**PNG, **responses(401, 404, 503)})
+def get_inputs_png(job_id: uuid.UUID, session: SessionDep, owner: OwnerDep) -> Response:
     """What the model is fed: the first training episode's crops after augmentation, with their keypoints."""
     owned_job(session, job_id, owner)
-    return _png(run_folder(job_id) / INPUTS, f"input picture of job {job_id}")
+    return _png(job_id, INPUTS, f"input picture of job {job_id}")
 
 
-def _png(path, what: str) -> FileResponse:
-    if not path.is_file():
+def _png(job_id: uuid.UUID, name: str, what: str) -> Response:
+    data = get_store().read(job_id, name)  # a picture is small: read whole, sent with its length
+    if data is None:
         raise not_found(what)
-    return FileResponse(path, media_type="image/png")
+    return Response(data, media_type="image/png")

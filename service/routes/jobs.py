@@ -21,10 +21,11 @@ from cape.config import MAX_EPOCHS, TrainConfig
 from cape.data.catalog import MP100Catalog
 from cape.data.episodes import PROTOCOL_QUERIES, check_episode_shape
 from cape.data.run_choices import check_run_choices
-from cape.errors import DatasetError
+from cape.errors import CheckpointError, DatasetError
 from cape.run_files import CHECKPOINT_FILES
+from cape.weights import check_backbone_weights
 from service import job_state
-from service.artifacts import run_folder
+from service.artifacts import get_store
 from service.auth import OwnerDep
 from service.catalogs import get_catalog
 from service.db import ReadsDep, SessionDep
@@ -88,13 +89,23 @@ MAX_LOG_OFFSET = 2**40
 
 def _train_config(body: JobCreate, root: str) -> TrainConfig:
     try:
-        return TrainConfig(**body.model_dump(exclude=set(JOB_FIELDS)), dataset_root=root)
+        config = TrainConfig(**body.model_dump(exclude=set(JOB_FIELDS)), dataset_root=root)
     except ValidationError as exc:
         detail = [
             {"loc": ["body", *err["loc"]], "msg": err["msg"].removeprefix("Value error, "), "type": err["type"]}
             for err in exc.errors()
         ]
         raise HTTPException(status_code=422, detail=detail) from None
+    # ImageNet weights that are not in the cache while downloads are off (cape.weights) are refused now rather than
+    # failing on a worker. The check is this process's view: docker-compose gives the API the workers' cache volume
+    # and their CAPE_DOWNLOAD_WEIGHTS; an API that does not share their cache leaves downloads on and checks nothing
+    # (a worker without the weights then fails the job with the same message).
+    try:
+        check_backbone_weights(config.resolved_model)
+    except CheckpointError as exc:
+        raise unprocessable(("body", "backbone_weights"), str(exc)) from None
+    # The job records what its backbone starts from by name, the preset's default included.
+    return config.model_copy(update={"backbone_weights": config.resolved_model.backbone_weights})
 
 
 def _check_against_dataset(config: TrainConfig, catalog: MP100Catalog) -> dict:
@@ -202,8 +213,9 @@ def _evaluate_job(session: Session, body: EvaluateCreate, owner: str) -> Job:
     if source.status != JobStatus.succeeded:
         detail = f"job {source.id} is {source.status}: only a succeeded training job can be evaluated"
         raise HTTPException(status_code=409, detail=detail)
-    if not (run_folder(source.id) / CHECKPOINT_FILES[body.checkpoint]).is_file():
-        others = [name for name, file in CHECKPOINT_FILES.items() if (run_folder(source.id) / file).is_file()]
+    store = get_store()
+    if not store.exists(source.id, CHECKPOINT_FILES[body.checkpoint]):
+        others = [name for name, file in CHECKPOINT_FILES.items() if store.exists(source.id, file)]
         raise HTTPException(
             status_code=409,
             detail=f"job {source.id} has no {body.checkpoint} checkpoint; it has: {', '.join(others) or 'none'}",

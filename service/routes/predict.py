@@ -7,12 +7,11 @@ The API checks the upload (cape/predict_inputs.py: header-only, no decoding) and
 from __future__ import annotations
 
 import base64
-import os
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import datetime, timezone
-from email.utils import formatdate
+from datetime import datetime
+from email.utils import format_datetime
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Header, HTTPException, Response, UploadFile
@@ -24,7 +23,7 @@ from sqlmodel import select
 
 from cape.predict_inputs import InputError, check_predict_inputs
 from cape.run_files import CHECKPOINT_FILES, CheckpointName
-from service.artifacts import run_folder
+from service.artifacts import get_store
 from service.auth import OwnerDep
 from service.db import ReadsDep, SessionDep
 from service.errors import not_found, responses, unprocessable
@@ -109,7 +108,8 @@ async def predict(
     rows = await db.fetch(JOB_STATUS, {"job_id": job_id})
     if not rows or rows[0].owner != owner:
         raise not_found(f"job {job_id}")
-    if not (run_folder(job_id) / CHECKPOINT_FILES[checkpoint]).is_file():
+    # In a worker thread: with a remote store this is a request to it, and the event loop serves others meanwhile.
+    if not await run_in_threadpool(get_store().exists, job_id, CHECKPOINT_FILES[checkpoint]):
         raise HTTPException(409, f"job {job_id} has no {checkpoint} checkpoint yet (status {rows[0].status})")
     support, query = await support_image.read(), await query_image.read()
     settings = get_settings()
@@ -145,22 +145,16 @@ async def predict(
     )
 
 
-def _etag(stat: os.stat_result) -> str:
-    return f'"{stat.st_mtime_ns:x}-{stat.st_size:x}"'
-
-
 @router.get("/{job_id}/checkpoints", response_model=CheckpointList, responses=responses(401, 404, 503))
 def list_checkpoints(job_id: uuid.UUID, session: SessionDep, owner: OwnerDep) -> CheckpointList:
     """The job's checkpoints that exist now: ``best`` (best validation PCK so far) and ``last`` (latest epoch)."""
     owned_job(session, job_id, owner)
     items = []
+    store = get_store()
     for name, file in CHECKPOINT_FILES.items():
-        try:
-            stat = (run_folder(job_id) / file).stat()
-        except FileNotFoundError:
-            continue
-        items.append(CheckpointFile(name=name, bytes=stat.st_size, etag=_etag(stat),
-                                    modified_at=datetime.fromtimestamp(stat.st_mtime, timezone.utc)))
+        info = store.info(job_id, file)
+        if info is not None:
+            items.append(CheckpointFile(name=name, bytes=info.size, etag=info.etag, modified_at=info.modified_at))
     return CheckpointList(job_id=job_id, items=items)
 
 
@@ -175,19 +169,19 @@ def download_checkpoint(
 ) -> Response:
     """The checkpoint file, for ``python -m cape.predict`` and ``python -m cape.evaluate`` (or to resume elsewhere)."""
     owned_job(session, job_id, owner)
-    try:
-        # Opened once, and everything (length, ETag, bytes) from that one open file: a running job replaces its
-        # checkpoints while they may be downloaded, and the open file stays the version whose length was sent.
-        handle = open(run_folder(job_id) / CHECKPOINT_FILES[name], "rb")
-    except FileNotFoundError:
-        raise not_found(f"{name} checkpoint of job {job_id}") from None
-    stat = os.fstat(handle.fileno())
-    etag = _etag(stat)
-    if if_none_match == etag:
+    # Opened once, and everything (length, ETag, bytes) from that one open version: a running job replaces its
+    # checkpoints while they may be downloaded, and the store reads only the version whose length was sent (a
+    # replaced S3 object fails the read: the client gets a short body, never a mix of two checkpoints).
+    opened = get_store().open(job_id, CHECKPOINT_FILES[name])
+    if opened is None:
+        raise not_found(f"{name} checkpoint of job {job_id}")
+    handle, info = opened
+    if if_none_match == info.etag:
         handle.close()
-        return Response(status_code=304, headers={"ETag": etag})
+        return Response(status_code=304, headers={"ETag": info.etag})
     headers = {
-        "Content-Length": str(stat.st_size), "ETag": etag, "Last-Modified": formatdate(stat.st_mtime, usegmt=True),
+        "Content-Length": str(info.size), "ETag": info.etag,
+        "Last-Modified": format_datetime(info.modified_at, usegmt=True),
         "Content-Disposition": f'attachment; filename="cape-{job_id}-{name}.pt"',
     }
     return StreamingResponse(_chunks(handle), media_type="application/octet-stream", headers=headers)
