@@ -9,18 +9,22 @@ is stopped when its context ends; the worker and uvicorn run from the repository
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from service import local_servers
-from service.local_servers import MissingBinary, fresh_database, free_port, pool_children, restart_postgres, wait_until
+from service.local_servers import (
+    MissingBinary, fresh_database, free_port, pool_children, restart_postgres, stack_env, wait_until,
+)
+from service.migrate import upgrade
 
 REPO = Path(__file__).resolve().parents[1]
 
 __all__ = ["RestartableRedis", "celery_worker", "free_port", "fresh_database", "moto_server", "pool_children",
-           "postgres_server", "redis_server", "restart_postgres", "uvicorn_server", "wait_until"]
+           "postgres_server", "redis_server", "restart_postgres", "sqlite_stack", "uvicorn_server", "wait_until"]
 
 
 @contextmanager
@@ -80,3 +84,19 @@ class RestartableRedis(local_servers.RedisServer):
     def __init__(self, tmp: Path):
         with _skip_if_missing():
             super().__init__(tmp, fsync_always=True)
+
+
+@contextmanager
+def sqlite_stack(tmp: Path, datasets: dict[str, Path], predict_worker: bool = False, **settings: str):
+    """The whole service in ``tmp``: redis-server, a migrated SQLite file, a training worker (and a predict worker),
+    the API; ``settings`` are CAPE_ settings (``heartbeat_interval_s="1"``). Yields base URL, environment, folder."""
+    with redis_server(tmp / "redis") as redis_url:
+        database = f"sqlite:///{tmp / 'cape.sqlite3'}"
+        env = stack_env(database, redis_url, datasets, tmp, **settings)
+        upgrade(database)
+        with ExitStack() as servers:
+            servers.enter_context(celery_worker(env, tmp / "worker.log"))
+            if predict_worker:
+                servers.enter_context(celery_worker(env, tmp / "predict.log", name="predict", queues="predict"))
+            base = servers.enter_context(uvicorn_server(env, tmp / "api.log"))
+            yield SimpleNamespace(base=base, env=env, tmp=tmp)

@@ -16,11 +16,9 @@ from cape.run_files import CHECKPOINT_FILES, TEST_METRICS, json_safe
 from service import job_state
 from service.artifacts import run_folder
 from service.db import get_engine
-from service.local_servers import stack_env
-from service.migrate import upgrade
 from service.models import TERMINAL, JobStatus
 from tests.conftest import KEY_A, KEY_B, auth, reset_service_caches
-from tests.servers import celery_worker, redis_server, uvicorn_server
+from tests.servers import sqlite_stack
 from tests.test_e2e import poll, wait_for
 
 SMALL_CATEGORY_INSTANCES = 18  # the "small" dataset's first test category in split 1: 5 + 15 do not fit
@@ -203,13 +201,8 @@ def test_training_bodies_keep_their_schema_and_their_error_locations(client):
 def stack(tmp_path_factory, small_root):
     """API + redis + one worker on SQLite, with the small dataset as the only (so the default) one."""
     tmp = tmp_path_factory.mktemp("evaluate")
-    database = f"sqlite:///{tmp / 'cape.sqlite3'}"
-    with redis_server(tmp) as redis_url:
-        env = stack_env(database, redis_url, {"small": small_root}, tmp)
-        upgrade(database)
-        with celery_worker(env, tmp / "worker.log"), uvicorn_server(env, tmp / "api.log") as base:
-            with httpx.Client(base_url=base, timeout=30) as client:
-                yield client, tmp / "artifacts"
+    with sqlite_stack(tmp, {"small": small_root}) as stack, httpx.Client(base_url=stack.base, timeout=30) as client:
+        yield client, tmp / "artifacts"
 
 
 def test_an_evaluate_job_runs_the_protocol_on_its_sources_checkpoint(stack, small_root):

@@ -15,15 +15,12 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import httpx
 import pytest
 
 from cape.data.catalog import MP100Catalog
-from service.local_servers import stack_env
-from service.migrate import upgrade
-from tests.servers import celery_worker, redis_server, uvicorn_server
+from tests.servers import sqlite_stack, uvicorn_server
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed (pip install -e '.[test]')")
 from selenium.common.exceptions import StaleElementReferenceException, WebDriverException  # noqa: E402
@@ -53,15 +50,9 @@ FIRST = {"epochs": "3", "batch_size": "1", "num_queries_per_episode": "1", "epis
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, synthetic_root):
     """The API (open), a training worker, a predict worker, Redis and SQLite; yields base URL, environment and folder."""
-    tmp = tmp_path_factory.mktemp("page")
-    with redis_server(tmp / "redis") as redis_url:
-        database = f"sqlite:///{tmp / 'cape.sqlite3'}"
-        env = stack_env(database, redis_url, {"synthetic": synthetic_root}, tmp, heartbeat_interval_s="1")
-        upgrade(database)
-        with (celery_worker(env, tmp / "worker.log"),
-              celery_worker(env, tmp / "predict.log", name="predict", queues="predict"),
-              uvicorn_server(env, tmp / "api.log") as base):
-            yield SimpleNamespace(base=base, env=env, tmp=tmp)
+    with sqlite_stack(tmp_path_factory.mktemp("page"), {"synthetic": synthetic_root}, predict_worker=True,
+                      heartbeat_interval_s="1") as stack:
+        yield stack
 
 
 @pytest.fixture(scope="module")

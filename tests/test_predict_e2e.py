@@ -17,24 +17,16 @@ from PIL import Image
 
 from cape.data.catalog import MP100Catalog
 from cape.metrics import correct_keypoints
-from service.local_servers import stack_env
-from service.migrate import upgrade
-from tests.servers import REPO, celery_worker, redis_server, uvicorn_server
+from tests.servers import REPO, sqlite_stack
 from tests.test_e2e import single_image, wait_for
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, synthetic_root):
     tmp = tmp_path_factory.mktemp("predict")
-    with redis_server(tmp / "redis") as redis_url:
-        database = f"sqlite:///{tmp / 'cape.sqlite3'}"
-        env = stack_env(database, redis_url, {"synthetic": synthetic_root}, tmp, heartbeat_interval_s="1")
-        upgrade(database)
-        with (celery_worker(env, tmp / "worker.log"),
-              celery_worker(env, tmp / "predict.log", name="predict", queues="predict"),
-              uvicorn_server(env, tmp / "api.log") as base,
-              httpx.Client(base_url=base, timeout=60) as client):
-            yield client, tmp
+    with (sqlite_stack(tmp, {"synthetic": synthetic_root}, predict_worker=True, heartbeat_interval_s="1") as stack,
+          httpx.Client(base_url=stack.base, timeout=60) as client):
+        yield client, tmp
 
 
 @pytest.fixture(scope="module")

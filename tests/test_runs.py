@@ -9,9 +9,7 @@ import httpx
 import pytest
 
 from cape.data.catalog import MP100Catalog
-from service.local_servers import stack_env
-from service.migrate import upgrade
-from tests.servers import celery_worker, redis_server, uvicorn_server
+from tests.servers import sqlite_stack
 from tests.test_e2e import poll, single_image
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -26,13 +24,8 @@ def png_size(data: bytes) -> tuple[int, int]:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, synthetic_root):
     tmp = tmp_path_factory.mktemp("runs")
-    database = f"sqlite:///{tmp / 'cape.sqlite3'}"
-    with redis_server(tmp) as redis_url:
-        env = stack_env(database, redis_url, {"synthetic": synthetic_root}, tmp)
-        upgrade(database)
-        with celery_worker(env, tmp / "worker.log"), uvicorn_server(env, tmp / "api.log") as base:
-            with httpx.Client(base_url=base, timeout=30) as client:
-                yield client
+    with sqlite_stack(tmp, {"synthetic": synthetic_root}) as stack, httpx.Client(base_url=stack.base, timeout=30) as client:
+        yield client
 
 
 @pytest.fixture(scope="module")
