@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
@@ -26,12 +27,20 @@ def epoch_folder(run_folder: Path, epoch: int) -> Path:
     return run_folder / EPOCHS / str(epoch)
 
 
+def complete_epochs(names: Iterable[str]) -> list[int]:
+    """Of a run folder's file names (``epochs/3/predictions.json``, relative, with slashes), the epochs whose
+    prediction pictures are complete (their JSON is written last), in order. For a local folder and a store alike."""
+    epochs = []
+    for name in names:
+        parts = name.split("/")
+        if len(parts) == 3 and parts[0] == EPOCHS and parts[1].isdigit() and parts[2] == PREDICTIONS_JSON:
+            epochs.append(int(parts[1]))
+    return sorted(epochs)
+
+
 def picture_epochs(run_folder: Path) -> list[int]:
-    """The epochs whose prediction pictures are complete (the JSON is written last), in order."""
-    folder = run_folder / EPOCHS
-    if not folder.is_dir():
-        return []
-    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and (p / PREDICTIONS_JSON).is_file())
+    """complete_epochs of a local run folder."""
+    return complete_epochs(p.relative_to(run_folder).as_posix() for p in run_folder.glob(f"{EPOCHS}/*/{PREDICTIONS_JSON}"))
 
 
 def never_correct(run_folder: Path) -> list[int] | None:

@@ -31,7 +31,7 @@ from typing import BinaryIO
 
 import fsspec
 
-from cape.run_files import CHECKPOINT_FILES, EPOCHS, LOG, METRICS, PREDICTIONS_JSON, epoch_folder
+from cape.run_files import CHECKPOINT_FILES, EPOCHS, LOG, METRICS, PREDICTIONS_JSON, complete_epochs, epoch_folder
 from service.settings import get_settings
 
 LOG_CHUNK = 64 * 1024  # the most a log request returns at once
@@ -190,12 +190,7 @@ def epoch_file(epoch: int, name: str) -> str:
 
 def picture_epochs(store: ArtifactStore, job_id: uuid.UUID) -> list[int]:
     """The epochs whose prediction pictures are complete (their JSON is written, and pushed, last), in order."""
-    epochs = []
-    for name in store.names(job_id, EPOCHS):
-        parts = name.split("/")
-        if len(parts) == 3 and parts[1].isdigit() and parts[2] == PREDICTIONS_JSON:
-            epochs.append(int(parts[1]))
-    return sorted(epochs)
+    return complete_epochs(store.names(job_id, EPOCHS))
 
 
 def read_log(store: ArtifactStore, job_id: uuid.UUID, offset: int, limit: int = LOG_CHUNK) -> tuple[bytes, int]:
