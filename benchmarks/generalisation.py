@@ -39,7 +39,8 @@ def main() -> int:
 
     config = TrainConfig(
         mode="full", dataset_root=str(root), preset="small", epochs=args.epochs, episodes_per_epoch=args.episodes_per_epoch,
-        batch_size=4, num_queries_per_episode=2, num_shots=1, lr=5e-4, device="cpu", seed=0, test_episodes_per_category=10,
+        batch_size=4, num_queries_per_episode=2, num_shots=1, lr=5e-4, device="cpu", seed=0,
+        test_episodes_per_category=0,  # the protocol runs below, 1-shot and 5-shot, on the best checkpoint
     )
     started = time.perf_counter()
     Trainer(config, Path(args.output_dir) / "full", log=print).fit()
