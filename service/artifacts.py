@@ -31,6 +31,7 @@ from typing import BinaryIO
 
 import fsspec
 
+from cape.errors import CheckpointError
 from cape.run_files import CHECKPOINT_FILES, EPOCHS, LOG, METRICS, PREDICTIONS_JSON, complete_epochs, epoch_folder
 from service.settings import get_settings
 
@@ -305,6 +306,15 @@ class RunFolder:
         checkpoints would fill its disk). The local store's folder is the store: it stays."""
         if self.mirrored and self.path.exists():
             shutil.rmtree(self.path)
+
+
+def checkpoint_copy(job_id: uuid.UUID, name: str) -> tuple[Path, ObjectInfo]:
+    """The job's ``best`` or ``last`` checkpoint as a file on this machine (for torch.load), with the version it is;
+    CheckpointError when the job has none. A remote store's is fetched once per version (see local_copy)."""
+    copy = get_store().local_copy(job_id, CHECKPOINT_FILES[name], get_settings().work_dir / "cache")
+    if copy is None:
+        raise CheckpointError(f"job {job_id} has no {name} checkpoint in the artifact store")
+    return copy
 
 
 def run_folder(job_id: uuid.UUID) -> Path:

@@ -18,8 +18,7 @@ from celery.signals import worker_process_init
 
 from cape.errors import CheckpointError
 from cape.predict_inputs import InputError, PredictInputs
-from cape.run_files import CHECKPOINT_FILES
-from service.artifacts import get_store
+from service.artifacts import checkpoint_copy
 from service.prediction import PREDICT_TASK, send_reply
 from service.settings import get_settings
 from worker.celery_app import app
@@ -68,10 +67,7 @@ def _answer(request: dict) -> dict:
     _cache = _cache or ModelCache(settings.predict_cache_size)
     name, job_id = request["checkpoint"], uuid.UUID(request["job_id"])
     started = time.perf_counter()
-    copy = get_store().local_copy(job_id, CHECKPOINT_FILES[name], settings.work_dir / "cache")
-    if copy is None:
-        raise CheckpointError(f"job {job_id} has no {name} checkpoint in the artifact store")
-    path, info = copy
+    path, info = checkpoint_copy(job_id, name)
     device = resolve_device(settings.device)
     trained, cached = _cache.get((job_id, name, info.etag, str(device)), path, device)
     load_ms = 1000 * (time.perf_counter() - started)

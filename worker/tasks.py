@@ -24,10 +24,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session
 
 from cape.epoch_record import EpochRecord
-from cape.errors import CapeError, CheckpointError
-from cape.run_files import CHECKPOINT_FILES, LOG, RunFiles, json_safe, never_correct
+from cape.errors import CapeError
+from cape.run_files import LOG, RunFiles, json_safe, never_correct
 from service import job_state
-from service.artifacts import RunFolder, get_store
+from service.artifacts import RunFolder, checkpoint_copy, get_store
 from service.db import get_engine
 from service.dispatch import RUN_JOB_TASK, dispatch
 from service.models import EvaluateConfig, Job, JobStatus
@@ -254,16 +254,11 @@ def _evaluate(
     )
     if callbacks.should_stop():
         return Outcome(True, None, "before it started")
-    settings = get_settings()
-    # The source's checkpoint as a file on this machine: with a remote store, fetched once per version.
-    copy = get_store().local_copy(request.from_job, CHECKPOINT_FILES[request.checkpoint], settings.work_dir / "cache")
-    if copy is None:
-        raise CheckpointError(f"job {request.from_job} has no {request.checkpoint} checkpoint in the artifact store")
-    checkpoint, _ = copy
+    checkpoint, _ = checkpoint_copy(request.from_job, request.checkpoint)
     try:
         evaluation = evaluate_checkpoint(
             checkpoint, "test", request.shots, request.episodes_per_category, PROTOCOL_QUERIES, _dataset_root(dataset),
-            request.seed, settings.device, log=log.info, should_stop=callbacks.should_stop,
+            request.seed, get_settings().device, log=log.info, should_stop=callbacks.should_stop,
         )
     except EvaluationStopped:
         return Outcome(True, None, "during the evaluation")
