@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DATA_ROOT ?= data/synthetic
 SPLIT ?= 1
 
-.PHONY: run catalog test data bench bench-generalisation bench-service bench-streams bench-predict bench-input clean
+.PHONY: run catalog test test-fast lint format data bench bench-generalisation bench-service bench-streams bench-predict bench-input clean
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 is required"'
@@ -20,13 +20,25 @@ $(DATA_ROOT)/annotations: | $(VENV)/.installed
 data: $(VENV)/.installed $(DATA_ROOT)/annotations
 
 run: data  # the embedded default: SQLite, a local Redis, one worker, the API on http://127.0.0.1:8000
-	$(PY) -m service.embedded
+	$(PY) -m devtools.embedded
 
 catalog: data
 	$(PY) -m cape.data.catalog --dataset_root $(DATA_ROOT) --split $(SPLIT)
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed  # everything: unit tests, then the end-to-end tests (real servers, a browser)
 	$(PY) -m pytest -q
+
+test-fast: $(VENV)/.installed  # the unit tests alone (tests/unit): the inner loop, under 2 minutes on 2 cores
+	$(PY) -m pytest -q tests/unit
+
+lint: $(VENV)/.installed  # ruff's lint and format check (pyproject.toml), then the import contracts
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
+
+format: $(VENV)/.installed  # apply ruff's formatting and safe fixes
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
 
 bench: data
 	$(PY) -m benchmarks.synthetic_generation

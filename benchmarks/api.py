@@ -3,7 +3,7 @@
     .venv/bin/python -m benchmarks.api [--database sqlite|postgresql] [--dataset_root DIR] [--seconds 10]
                                        [--connections 32] [--repeats 3]
 
-Starts the whole stack on loopback (service/local_servers.py): redis-server, the database (a SQLite file, or a
+Starts the whole stack on loopback (devtools/local_servers.py): redis-server, the database (a SQLite file, or a
 throwaway PostgreSQL cluster with ``--database postgresql``), the Alembic migrations, one uvicorn process and one
 Celery worker on the CPU. Then it measures
 
@@ -49,12 +49,20 @@ from benchmarks.common import dataset_root
 from benchmarks.http_load import closed_loop_load
 from cape.data.catalog import MP100Catalog
 from cape.epoch_record import EpochRecord
+from devtools.local_servers import (
+    MissingBinary,
+    RedisServer,
+    Server,
+    celery_worker,
+    fresh_database,
+    postgres_binaries,
+    postgres_server,
+    redis_binary,
+    stack_env,
+    uvicorn_server,
+)
 from service import job_state
 from service.db import make_engine
-from service.local_servers import (
-    MissingBinary, RedisServer, Server, celery_worker, fresh_database, postgres_binaries, postgres_server, redis_binary,
-    stack_env, uvicorn_server,
-)
 from service.migrate import upgrade
 from service.models import TERMINAL, JobStatus
 
@@ -111,8 +119,16 @@ def service_env(database_url: str, broker_url: str, root: Path, tmp: Path) -> di
 
 
 def single_image_job(category: int, **overrides) -> dict:
-    body = {"mode": "single_image", "category_id": category, "image_index": 0, "epochs": 1, "episodes_per_epoch": 1,
-            "batch_size": 1, "num_queries_per_episode": 1, "seed": 0}
+    body = {
+        "mode": "single_image",
+        "category_id": category,
+        "image_index": 0,
+        "epochs": 1,
+        "episodes_per_epoch": 1,
+        "batch_size": 1,
+        "num_queries_per_episode": 1,
+        "seed": 0,
+    }
     return {**body, **overrides}
 
 
@@ -124,7 +140,9 @@ def job_with_history(base: str, database_url: str, category: int) -> str:
     worker's own ``record_epoch``; reading them costs the same whatever the job's status.
     """
     with httpx.Client(base_url=base, timeout=30) as client:
-        job_id = client.post("/jobs", json=single_image_job(category, epochs=HISTORY_EPOCHS)).raise_for_status().json()["id"]
+        job_id = (
+            client.post("/jobs", json=single_image_job(category, epochs=HISTORY_EPOCHS)).raise_for_status().json()["id"]
+        )
         client.post(f"/jobs/{job_id}/cancel").raise_for_status()
     engine = make_engine(database_url)
     try:
@@ -138,8 +156,16 @@ def job_with_history(base: str, database_url: str, category: int) -> str:
 
 def fake_epoch(epoch: int) -> EpochRecord:
     loss = 2.0 / epoch
-    return EpochRecord(epoch=epoch, loss=loss, loss_ce=loss / 2, loss_coords=loss / 2, pck=min(1.0, epoch / 100),
-                       mpck=min(1.0, epoch / 100), lr=5e-4, seconds=1.5)
+    return EpochRecord(
+        epoch=epoch,
+        loss=loss,
+        loss_ce=loss / 2,
+        loss_coords=loss / 2,
+        pck=min(1.0, epoch / 100),
+        mpck=min(1.0, epoch / 100),
+        lr=5e-4,
+        seconds=1.5,
+    )
 
 
 # --- measuring helpers ----------------------------------------------------------------------------------------
@@ -180,16 +206,28 @@ class Alone:
 
 
 def measure_alone(base: str, path: str, connections: int, seconds: float, server: Server) -> Alone:
-    result = closed_loop_load(base, {"endpoint": path}, connections, seconds, warm_up=min(1.0, seconds),
-                              server_cpu=lambda: cpu_seconds(server.pid))
+    result = closed_loop_load(
+        base,
+        {"endpoint": path},
+        connections,
+        seconds,
+        warm_up=min(1.0, seconds),
+        server_cpu=lambda: cpu_seconds(server.pid),
+    )
     tally = result.tallies["endpoint"]
     answers = len(tally.latencies)
 
     def per_answer(cpu: float) -> float:
         return 1000 * cpu / answers if answers else math.nan
 
-    return Alone(answers / result.seconds, percentile_ms(tally.latencies, 0.50), percentile_ms(tally.latencies, 0.99),
-                 tally.non_2xx + tally.errors, per_answer(result.server_cpu), per_answer(result.client_cpu))
+    return Alone(
+        answers / result.seconds,
+        percentile_ms(tally.latencies, 0.50),
+        percentile_ms(tally.latencies, 0.99),
+        tally.non_2xx + tally.errors,
+        per_answer(result.server_cpu),
+        per_answer(result.client_cpu),
+    )
 
 
 def ratio(metrics: Alone, healthz: Alone) -> float:
@@ -198,14 +236,18 @@ def ratio(metrics: Alone, healthz: Alone) -> float:
 
 def median_of(runs: list[Alone]) -> Alone:
     """Each figure's median over the runs; failures summed."""
-    return Alone(*(statistics.median(getattr(r, name) for r in runs) for name in ("rps", "p50", "p99")),
-                 sum(r.failures for r in runs),
-                 *(statistics.median(getattr(r, name) for r in runs) for name in ("server_cpu_ms", "client_cpu_ms")))
+    return Alone(
+        *(statistics.median(getattr(r, name) for r in runs) for name in ("rps", "p50", "p99")),
+        sum(r.failures for r in runs),
+        *(statistics.median(getattr(r, name) for r in runs) for name in ("server_cpu_ms", "client_cpu_ms")),
+    )
 
 
 def row(label: str, endpoint: str, a: Alone, last: str = "") -> str:
-    return (f"  {label:<7} {endpoint:<8} {a.rps:>7.0f} {a.p50:>7.1f} {a.p99:>7.1f} {a.failures:>6}   "
-            f"{a.server_cpu_ms:>7.2f} {a.client_cpu_ms:>6.2f}{last}")
+    return (
+        f"  {label:<7} {endpoint:<8} {a.rps:>7.0f} {a.p50:>7.1f} {a.p99:>7.1f} {a.failures:>6}   "
+        f"{a.server_cpu_ms:>7.2f} {a.client_cpu_ms:>6.2f}{last}"
+    )
 
 
 # (label, query, judged against the targets)
@@ -220,10 +262,14 @@ def read_load(base: str, job_id: str, connections: int, seconds: float, repeats:
     for label, query, judged in READ_LOADS:
         path = f"/jobs/{job_id}/metrics" + (f"?{query}" if query else "")
         runs = f"{repeats} run{'s' if repeats != 1 else ''} of {seconds:g} s"
-        print(f"\nread load: GET {path.replace(job_id, '{id}')}, {label}\n"
-              f"  and GET /healthz; each endpoint alone at {connections} connections, in turn, {runs} each")
-        print(f"  {'run':<7} {'endpoint':<8} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'failed':>6}   "
-              f"CPU ms/request: uvicorn, client   ratio metrics/healthz req/s")
+        print(
+            f"\nread load: GET {path.replace(job_id, '{id}')}, {label}\n"
+            f"  and GET /healthz; each endpoint alone at {connections} connections, in turn, {runs} each"
+        )
+        print(
+            f"  {'run':<7} {'endpoint':<8} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'failed':>6}   "
+            f"CPU ms/request: uvicorn, client   ratio metrics/healthz req/s"
+        )
         metrics_runs, healthz_runs = [], []
         for i in range(1, repeats + 1):
             metrics = measure_alone(base, path, connections, seconds, server)
@@ -239,10 +285,12 @@ def read_load(base: str, job_id: str, connections: int, seconds: float, repeats:
         failed = metrics.failures + healthz.failures
         line = f"  metrics alone: {median_ratio:.2f} of healthz's rate, p99 {metrics.p99:.1f} ms"
         if judged:  # a fast answer that is an error does not count
-            line += (f"  (targets: ratio >= {METRICS_RATIO_TARGET}: "
-                     f"{verdict(median_ratio >= METRICS_RATIO_TARGET and not failed)}; "
-                     f"p99 < {METRICS_P99_TARGET_MS:.0f} ms: {verdict(metrics.p99 < METRICS_P99_TARGET_MS and not failed)}; "
-                     f"failed requests {failed})")
+            line += (
+                f"  (targets: ratio >= {METRICS_RATIO_TARGET}: "
+                f"{verdict(median_ratio >= METRICS_RATIO_TARGET and not failed)}; "
+                f"p99 < {METRICS_P99_TARGET_MS:.0f} ms: {verdict(metrics.p99 < METRICS_P99_TARGET_MS and not failed)}; "
+                f"failed requests {failed})"
+            )
         else:
             line += f"  (no target: shown for what a {HISTORY_EPOCHS}-row answer costs; failed requests {failed})"
         print(line)
@@ -283,10 +331,14 @@ def dispatch_latency(base: str, category: int) -> None:
         warm_up = dispatch_once(client, category, timeout=300)  # the worker imports torch on its first job
         latencies = [dispatch_once(client, category, timeout=120) for _ in range(DISPATCH_JOBS)]
     median_ms, max_ms = 1000 * statistics.median(latencies), 1000 * max(latencies)
-    print(f"\ndispatch latency, POST /jobs -> status running, idle worker, {DISPATCH_JOBS} jobs "
-          f"(warm-up job, not counted: {1000 * warm_up:.0f} ms):")
-    print(f"  median {median_ms:.0f} ms, max {max_ms:.0f} ms "
-          f"(target median < {DISPATCH_MEDIAN_TARGET_MS:.0f} ms: {verdict(median_ms < DISPATCH_MEDIAN_TARGET_MS)})")
+    print(
+        f"\ndispatch latency, POST /jobs -> status running, idle worker, {DISPATCH_JOBS} jobs "
+        f"(warm-up job, not counted: {1000 * warm_up:.0f} ms):"
+    )
+    print(
+        f"  median {median_ms:.0f} ms, max {max_ms:.0f} ms "
+        f"(target median < {DISPATCH_MEDIAN_TARGET_MS:.0f} ms: {verdict(median_ms < DISPATCH_MEDIAN_TARGET_MS)})"
+    )
 
 
 # --- main -----------------------------------------------------------------------------------------------------
@@ -295,10 +347,17 @@ def dispatch_latency(base: str, category: int) -> None:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.api", description=__doc__.split("\n\n")[0])
     parser.add_argument("--database", choices=["sqlite", "postgresql"], default="sqlite")
-    parser.add_argument("--dataset_root", default=None, help="synthetic dataset; generated into data/synthetic when unset and absent")
+    parser.add_argument(
+        "--dataset_root", default=None, help="synthetic dataset; generated into data/synthetic when unset and absent"
+    )
     parser.add_argument("--seconds", type=float, default=10.0, help="duration of each measured read-load run")
     parser.add_argument("--connections", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3, help="measured runs per endpoint and read load; the verdicts use their medians")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="measured runs per endpoint and read load; the verdicts use their medians",
+    )
     return parser.parse_args()
 
 
@@ -307,9 +366,11 @@ def main() -> None:
     require_binaries([args.database])
     root = dataset_root(args.dataset_root)
     category = MP100Catalog(root).category_ids("train")[0]
-    print(f"API benchmark: database {args.database}, {args.connections} connections, {args.seconds:g} s per run, "
-          f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}), one uvicorn process, one Celery "
-          f"worker (cpu), client on the same machine; dataset {root}, category {category}")
+    print(
+        f"API benchmark: database {args.database}, {args.connections} connections, {args.seconds:g} s per run, "
+        f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}), one uvicorn process, one Celery "
+        f"worker (cpu), client on the same machine; dataset {root}, category {category}"
+    )
     with tempfile.TemporaryDirectory(prefix="cape-bench-api-") as tmp_name, ExitStack() as stack:
         tmp = Path(tmp_name)
         broker_url = stack.enter_context(redis_server(tmp)).url

@@ -16,13 +16,13 @@ import time
 from pathlib import Path
 
 from benchmarks.common import dataset_root
-from cape.checkpoints import BEST
 from cape.config import TrainConfig
 from cape.data.catalog import MP100Catalog
 from cape.data.episodes import PROTOCOL_QUERIES
-from cape.evaluate import format_split_table
-from cape.evaluation import evaluate_checkpoint
-from cape.trainer import Trainer
+from cape.evaluation.protocol import evaluate_checkpoint
+from cape.evaluation.table import format_split_table
+from cape.model.checkpoint import BEST
+from cape.training.trainer import Trainer
 
 BUDGET_SECONDS = 15 * 60
 
@@ -38,22 +38,46 @@ def main() -> int:
     root = dataset_root(args.dataset_root)
 
     config = TrainConfig(
-        mode="full", dataset_root=str(root), preset="small", epochs=args.epochs, episodes_per_epoch=args.episodes_per_epoch,
-        batch_size=4, num_queries_per_episode=2, num_shots=1, lr=5e-4, device="cpu", seed=0,
+        mode="full",
+        dataset_root=str(root),
+        preset="small",
+        epochs=args.epochs,
+        episodes_per_epoch=args.episodes_per_epoch,
+        batch_size=4,
+        num_queries_per_episode=2,
+        num_shots=1,
+        lr=5e-4,
+        device="cpu",
+        seed=0,
         test_episodes_per_category=0,  # the protocol runs below, 1-shot and 5-shot, on the best checkpoint
     )
     started = time.perf_counter()
     Trainer(config, Path(args.output_dir) / "full", log=print).fit()
     seconds = time.perf_counter() - started
-    print(f"\nfull mode: {args.epochs} epochs x {args.episodes_per_epoch} episodes in {seconds / 60:.1f} min "
-          f"(budget {BUDGET_SECONDS / 60:.0f} min: {'ok' if seconds <= BUDGET_SECONDS else 'OVER'})")
+    print(
+        f"\nfull mode: {args.epochs} epochs x {args.episodes_per_epoch} episodes in {seconds / 60:.1f} min "
+        f"(budget {BUDGET_SECONDS / 60:.0f} min: {'ok' if seconds <= BUDGET_SECONDS else 'OVER'})"
+    )
     results = {
-        shots: {1: evaluate_checkpoint(Path(args.output_dir) / "full" / BEST, "test", shots, 10, PROTOCOL_QUERIES,
-                                       str(root), 0, "cpu", log=lambda _: None)}
+        shots: {
+            1: evaluate_checkpoint(
+                Path(args.output_dir) / "full" / BEST,
+                "test",
+                shots,
+                10,
+                PROTOCOL_QUERIES,
+                str(root),
+                0,
+                "cpu",
+                log=lambda _: None,
+            )
+        }
         for shots in (1, 5)
     }
-    print(f"the best checkpoint on split 1's {len(results[1][1].names)} unseen test categories, 10 episodes of "
-          f"{PROTOCOL_QUERIES} queries per category:")
+    print(
+        f"the best checkpoint on split 1's {len(results[1][1].names)} unseen test categories, 10 episodes of "
+        f"{PROTOCOL_QUERIES} queries per category:"
+    )
     print(format_split_table(results))
     one = results[1][1]
     gain = 100 * (one.model.category_mean_pck - one.baseline.category_mean_pck)
@@ -62,16 +86,28 @@ def main() -> int:
     catalog = MP100Catalog(root)
     category = catalog.category_ids("train")[0]
     config = TrainConfig(
-        mode="category", category_id=category, dataset_root=str(root), preset="small", epochs=args.category_epochs,
-        episodes_per_epoch=100, batch_size=4, num_queries_per_episode=2, lr=5e-4, device="cpu", seed=0,
-        val_episodes_per_category=4, val_queries_per_episode=10,
+        mode="category",
+        category_id=category,
+        dataset_root=str(root),
+        preset="small",
+        epochs=args.category_epochs,
+        episodes_per_epoch=100,
+        batch_size=4,
+        num_queries_per_episode=2,
+        lr=5e-4,
+        device="cpu",
+        seed=0,
+        val_episodes_per_category=4,
+        val_queries_per_episode=10,
     )
     started = time.perf_counter()
     result = Trainer(config, Path(args.output_dir) / "category", log=lambda _: None).fit()
     last = result.history[-1]
-    print(f"\ncategory mode, category {category} ({catalog.category(category).name}): PCK@0.2 on its train images "
-          f"{100 * last.pck:.2f}% after {args.category_epochs} epochs ({(time.perf_counter() - started) / 60:.1f} min) "
-          f"(target >= 90%: {'ok' if last.pck >= 0.9 else 'MISSED'})")
+    print(
+        f"\ncategory mode, category {category} ({catalog.category(category).name}): PCK@0.2 on its train images "
+        f"{100 * last.pck:.2f}% after {args.category_epochs} epochs ({(time.perf_counter() - started) / 60:.1f} min) "
+        f"(target >= 90%: {'ok' if last.pck >= 0.9 else 'MISSED'})"
+    )
     return 0
 
 

@@ -71,13 +71,14 @@ async def _open(host: str, port: int) -> _Connection:
     return connection
 
 
-async def _closed_loop(host: str, port: int, request: bytes, deadline: float, tally: Tally, timeout: float,
-                       connection: _Connection) -> _Connection:
+async def _closed_loop(
+    host: str, port: int, request: bytes, deadline: float, tally: Tally, timeout: float, connection: _Connection
+) -> _Connection:
     while time.perf_counter() < deadline:
         started = time.perf_counter()
         try:
             status = await connection.get(request, timeout)
-        except (OSError, asyncio.TimeoutError, httptools.HttpParserError):
+        except (TimeoutError, OSError, httptools.HttpParserError):
             tally.errors += 1
             connection.transport.close()
             connection = await _open(host, port)  # a broken connection is replaced, as a real client would
@@ -96,8 +97,15 @@ class LoadResult:
     server_cpu: float  # the same for the server, as read by the caller's probe (NaN without one)
 
 
-async def _run(base: str, paths: dict[str, str], connections: int, warm_up: float, seconds: float,
-               timeout: float, server_cpu: Callable[[], float]) -> LoadResult:
+async def _run(
+    base: str,
+    paths: dict[str, str],
+    connections: int,
+    warm_up: float,
+    seconds: float,
+    timeout: float,
+    server_cpu: Callable[[], float],
+) -> LoadResult:
     url = urlsplit(base)
     host, port = url.hostname, url.port or 80
     names = [list(paths)[i % len(paths)] for i in range(connections)]  # the connections alternate between paths
@@ -108,10 +116,12 @@ async def _run(base: str, paths: dict[str, str], connections: int, warm_up: floa
         tallies = {name: Tally() for name in paths}
         started = time.perf_counter()
         deadline = started + duration
-        conns[:] = await asyncio.gather(*(
-            _closed_loop(host, port, requests[name], deadline, tallies[name], timeout, conn)
-            for conn, name in zip(conns, names)
-        ))
+        conns[:] = await asyncio.gather(
+            *(
+                _closed_loop(host, port, requests[name], deadline, tallies[name], timeout, conn)
+                for conn, name in zip(conns, names)
+            )
+        )
         return tallies, time.perf_counter() - started  # the last answers come in a little after the deadline
 
     try:
@@ -124,8 +134,15 @@ async def _run(base: str, paths: dict[str, str], connections: int, warm_up: floa
             conn.transport.close()
 
 
-def closed_loop_load(base: str, paths: dict[str, str], connections: int, seconds: float, warm_up: float = 1.0,
-                     timeout: float = 10.0, server_cpu: Callable[[], float] = lambda: float("nan")) -> LoadResult:
+def closed_loop_load(
+    base: str,
+    paths: dict[str, str],
+    connections: int,
+    seconds: float,
+    warm_up: float = 1.0,
+    timeout: float = 10.0,
+    server_cpu: Callable[[], float] = lambda: float("nan"),
+) -> LoadResult:
     """``connections`` keep-alive connections, given to ``paths`` in turn, each in a closed loop for ``seconds``
     after an unmeasured ``warm_up``. ``server_cpu`` reads the server's CPU seconds so far."""
     return uvloop.run(_run(base, paths, connections, warm_up, seconds, timeout, server_cpu))

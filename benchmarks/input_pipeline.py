@@ -99,8 +99,14 @@ def _run_data(config: TrainConfig, catalog: MP100Catalog, cache: Path) -> RunDat
 
 def measure(catalog, preset: str, workers: int, episodes: list[Episode], args) -> dict:
     config = TrainConfig(
-        mode="full", dataset_root=str(catalog.root), preset=preset, num_workers=workers, batch_size=args.batch_size,
-        num_shots=args.shots, num_queries_per_episode=args.queries, test_episodes_per_category=0,
+        mode="full",
+        dataset_root=str(catalog.root),
+        preset=preset,
+        num_workers=workers,
+        batch_size=args.batch_size,
+        num_shots=args.shots,
+        num_queries_per_episode=args.queries,
+        test_episodes_per_category=0,
     )
     requests = [EpisodeRequest(e, seed) for seed, e in enumerate(episodes)]  # augmented, as in training
     with tempfile.TemporaryDirectory(prefix="crops-") as cache:

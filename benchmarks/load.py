@@ -3,7 +3,7 @@
     .venv/bin/python -m benchmarks.load [--database sqlite|postgresql|both] [--clients 200] [--seconds 60]
                                         [--dataset_root DIR]
 
-Starts the embedded-default stack on loopback (service/local_servers.py, as benchmarks/api.py does):
+Starts the embedded-default stack on loopback (devtools/local_servers.py, as benchmarks/api.py does):
 redis-server, the database (a SQLite file, or a throwaway PostgreSQL cluster), the Alembic migrations, one uvicorn
 process and one Celery worker on the CPU; ``--database both`` (the default) runs the whole benchmark on SQLite, then
 on PostgreSQL. Then:
@@ -58,13 +58,21 @@ import httpx
 from sqlmodel import Session, func, select
 
 from benchmarks.api import (
-    api_server, cpu_seconds, database, percentile_ms, redis_server, require_binaries, service_env, single_image_job,
-    verdict, worker,
+    api_server,
+    cpu_seconds,
+    database,
+    percentile_ms,
+    redis_server,
+    require_binaries,
+    service_env,
+    single_image_job,
+    verdict,
+    worker,
 )
 from benchmarks.common import dataset_root
 from cape.data.catalog import MP100Catalog
+from devtools.local_servers import Server, pool_children
 from service.db import make_engine
-from service.local_servers import Server, pool_children
 from service.models import TERMINAL, EpochMetric, Job, JobStatus
 
 # The request mix, per iteration of a client: the rest of the draws poll metrics.
@@ -110,7 +118,9 @@ class Observed:
     created: set[str] = field(default_factory=set)  # ids that a 201 named
     acknowledged: set[str] = field(default_factory=set)  # ids that a 201 or a replay's 200 named
     keys: dict[str, dict] = field(default_factory=dict)  # Idempotency-Key -> the body sent with it, from its first send
-    key_answers: dict[str, list] = field(default_factory=lambda: defaultdict(list))  # key -> [(status, id)], None id: no answer
+    key_answers: dict[str, list] = field(
+        default_factory=lambda: defaultdict(list)
+    )  # key -> [(status, id)], None id: no answer
     seen: dict[str, set] = field(default_factory=lambda: defaultdict(set))  # job id -> epochs a metrics answer listed
     broken_answers: list[str] = field(default_factory=list)  # metrics answers not contiguous from after_epoch
     racing_replays: int = 0  # replays sent before any request with their key had been answered
@@ -173,8 +183,12 @@ class SimulatedClient:
 
     def new_body(self) -> dict:
         category = self.rng.choice(list(self.images))
-        return single_image_job(category, image_index=self.rng.randrange(self.images[category]),
-                                seed=self.rng.randrange(2**31), **CLIENT_JOB)
+        return single_image_job(
+            category,
+            image_index=self.rng.randrange(self.images[category]),
+            seed=self.rng.randrange(2**31),
+            **CLIENT_JOB,
+        )
 
     async def submit(self) -> None:
         draw = self.rng.random()
@@ -205,8 +219,9 @@ class SimulatedClient:
 
     async def poll_metrics(self, job_id: str) -> None:
         after = self.after_epoch.get(job_id, 0)
-        response = await timed(self.observed, METRICS,
-                               lambda: self.http.get(f"/jobs/{job_id}/metrics", params={"after_epoch": after}))
+        response = await timed(
+            self.observed, METRICS, lambda: self.http.get(f"/jobs/{job_id}/metrics", params={"after_epoch": after})
+        )
         if response is None or response.status_code != 200:
             return
         epochs = [item["epoch"] for item in response.json()["items"]]
@@ -218,15 +233,18 @@ class SimulatedClient:
         self.after_epoch[job_id] = response.json()["next_after_epoch"]
 
 
-async def run_clients(base: str, count: int, seconds: float, observed: Observed, images: dict[int, int],
-                      on_start) -> float:
+async def run_clients(
+    base: str, count: int, seconds: float, observed: Observed, images: dict[int, int], on_start
+) -> float:
     """The clients' loops, without a pause: a warm-up, then the measured window. Returns the measured time, from the
     window's start until the last of its requests ended. ``on_start`` (run in a thread) takes the window's snapshot."""
     # A client per connection, made before any clock starts: making one takes long enough to skew the window.
     limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
     async with AsyncExitStack() as stack:
-        https = [await stack.enter_async_context(httpx.AsyncClient(base_url=base, limits=limits, timeout=REQUEST_TIMEOUT_S))
-                 for _ in range(count)]
+        https = [
+            await stack.enter_async_context(httpx.AsyncClient(base_url=base, limits=limits, timeout=REQUEST_TIMEOUT_S))
+            for _ in range(count)
+        ]
         clients = [SimulatedClient(http, i, observed, images) for i, http in enumerate(https)]
 
         async def window() -> None:
@@ -283,8 +301,10 @@ async def cancel_all(base: str, job_ids: list[str], connections: int = 8) -> Cou
                 statuses[type(exc).__name__] += 1
 
     async with AsyncExitStack() as stack:
-        https = [await stack.enter_async_context(httpx.AsyncClient(base_url=base, timeout=REQUEST_TIMEOUT_S))
-                 for _ in range(connections)]
+        https = [
+            await stack.enter_async_context(httpx.AsyncClient(base_url=base, timeout=REQUEST_TIMEOUT_S))
+            for _ in range(connections)
+        ]
         await asyncio.gather(*(canceller(http) for http in https))
     return statuses
 
@@ -319,8 +339,10 @@ def wind_down(base: str, database_url: str, timeout: float = 300.0) -> str:
             with Session(engine) as session:
                 left = session.exec(select(func.count()).select_from(Job).where(Job.status.in_(ACTIVE))).one()
             if left == 0:
-                return (f"API serving again {drained:.1f} s after the load; {len(active)} queued or running jobs "
-                        f"cancelled (answers {dict(statuses)}), all terminal")
+                return (
+                    f"API serving again {drained:.1f} s after the load; {len(active)} queued or running jobs "
+                    f"cancelled (answers {dict(statuses)}), all terminal"
+                )
             if time.monotonic() > deadline:
                 return f"INCOMPLETE: {left} jobs still active {timeout:.0f} s after they were cancelled"
             time.sleep(0.2)
@@ -339,7 +361,8 @@ def integrity(database_url: str, observed: Observed) -> dict[str, int]:
     try:
         with Session(engine) as session:
             duplicated = session.exec(
-                select(EpochMetric.job_id, EpochMetric.epoch).group_by(EpochMetric.job_id, EpochMetric.epoch)
+                select(EpochMetric.job_id, EpochMetric.epoch)
+                .group_by(EpochMetric.job_id, EpochMetric.epoch)
                 .having(func.count() > 1)
             ).all()
             rows = defaultdict(set)
@@ -347,7 +370,8 @@ def integrity(database_url: str, observed: Observed) -> dict[str, int]:
                 rows[str(job_id)].add(epoch)
             jobs = {str(job.id): job for job in session.exec(select(Job))}
             key_counts = session.exec(
-                select(Job.owner, Job.idempotency_key, func.count()).where(Job.idempotency_key.is_not(None))
+                select(Job.owner, Job.idempotency_key, func.count())
+                .where(Job.idempotency_key.is_not(None))
                 .group_by(Job.owner, Job.idempotency_key)
             ).all()
     finally:
@@ -362,17 +386,23 @@ def integrity(database_url: str, observed: Observed) -> dict[str, int]:
         "(b) epochs seen through the API, not in the database": seen_lost,
         "(b) metrics answers with a hole": len(observed.broken_answers),
         "(c) (owner, key) with more than one job": sum(1 for *_, count in key_counts if count > 1),
-        "(c) keys answered with different jobs": sum(1 for answers in observed.key_answers.values()
-                                                     if len({job for _, job in answers if job}) > 1),
-        "(c) keys answered 201 more than once": sum(1 for answers in observed.key_answers.values()
-                                                    if sum(status == 201 for status, _ in answers) > 1),
+        "(c) keys answered with different jobs": sum(
+            1 for answers in observed.key_answers.values() if len({job for _, job in answers if job}) > 1
+        ),
+        "(c) keys answered 201 more than once": sum(
+            1 for answers in observed.key_answers.values() if sum(status == 201 for status, _ in answers) > 1
+        ),
         "(c) keys whose job in the database is not the one answered": sum(
-            1 for key, answers in observed.key_answers.items()
-            if any(job and key_jobs.get(key) != job for _, job in answers)),
+            1
+            for key, answers in observed.key_answers.items()
+            if any(job and key_jobs.get(key) != job for _, job in answers)
+        ),
         "(d) acknowledged jobs not in the database": len(observed.acknowledged - set(jobs)),
-    } | {"_jobs in the database that no answer named": len(set(jobs) - observed.acknowledged - set(observed.training)),
-         "_replays sent while their key's first request was in flight": observed.racing_replays,
-         "_epoch rows": sum(len(epochs) for epochs in rows.values())}
+    } | {
+        "_jobs in the database that no answer named": len(set(jobs) - observed.acknowledged - set(observed.training)),
+        "_replays sent while their key's first request was in flight": observed.racing_replays,
+        "_epoch rows": sum(len(epochs) for epochs in rows.values()),
+    }
 
 
 # --- report ---------------------------------------------------------------------------------------------------
@@ -390,20 +420,30 @@ def report_load(observed: Observed, elapsed: float, cpu: dict[str, float]) -> Ta
         print_row(kind, tally, elapsed)
     print_row("all", everything, elapsed)
     requests = len(everything.latencies)
-    per_request = (f"uvicorn {1000 * cpu['server'] / requests:.2f} ms, client {1000 * cpu['client'] / requests:.2f} ms"
-                   if requests else "n/a (no answers)")
-    print(f"  CPU per answered request: {per_request}; share of a core: uvicorn {cpu['server'] / elapsed:.0%}, "
-          f"worker {cpu['worker'] / elapsed:.0%}, client {cpu['client'] / elapsed:.0%}")
+    per_request = (
+        f"uvicorn {1000 * cpu['server'] / requests:.2f} ms, client {1000 * cpu['client'] / requests:.2f} ms"
+        if requests
+        else "n/a (no answers)"
+    )
+    print(
+        f"  CPU per answered request: {per_request}; share of a core: uvicorn {cpu['server'] / elapsed:.0%}, "
+        f"worker {cpu['worker'] / elapsed:.0%}, client {cpu['client'] / elapsed:.0%}"
+    )
     return everything
 
 
 def print_row(name: str, tally: Tally, elapsed: float) -> None:
     fives = sum(count for status, count in tally.statuses.items() if status >= 500)
-    others = ", ".join(f"{status}: {count}" for status, count in sorted(tally.statuses.items())
-                       if not 200 <= status < 300 and status < 500)
+    others = ", ".join(
+        f"{status}: {count}"
+        for status, count in sorted(tally.statuses.items())
+        if not 200 <= status < 300 and status < 500
+    )
     missing = ", ".join(f"{name}: {count}" for name, count in tally.no_answer.items())
-    print(f"  {name:<38} {len(tally.latencies) / elapsed:>7.1f} {percentile_ms(tally.latencies, 0.50):>8.1f} "
-          f"{percentile_ms(tally.latencies, 0.99):>8.1f} {fives:>5}  {others or '-':<13}  {missing or '-'}")
+    print(
+        f"  {name:<38} {len(tally.latencies) / elapsed:>7.1f} {percentile_ms(tally.latencies, 0.50):>8.1f} "
+        f"{percentile_ms(tally.latencies, 0.99):>8.1f} {fives:>5}  {others or '-':<13}  {missing or '-'}"
+    )
 
 
 def report_integrity(figures: dict[str, int]) -> int:
@@ -435,8 +475,11 @@ ACCESS_LINE = re.compile(r'" (\d{3}) ')
 def access_statuses(log: Path) -> Counter:
     """uvicorn's access log by status, for the whole run: it also lists the answers that came after the client
     had given up waiting."""
-    return Counter(int(m.group(1)) for line in log.read_text(errors="replace").splitlines()
-                   if "HTTP/1.1" in line and (m := ACCESS_LINE.search(line)))
+    return Counter(
+        int(m.group(1))
+        for line in log.read_text(errors="replace").splitlines()
+        if "HTTP/1.1" in line and (m := ACCESS_LINE.search(line))
+    )
 
 
 # --- main -----------------------------------------------------------------------------------------------------
@@ -454,7 +497,9 @@ def run_on(kind: str, root: Path, category: int, images: dict[int, int], clients
         tmp = Path(tmp_name)
         broker_url = stack.enter_context(redis_server(tmp)).url
         database_url = stack.enter_context(database(kind, tmp))
-        env = service_env(database_url, broker_url, root, tmp) | {"CAPE_HEARTBEAT_INTERVAL_S": str(HEARTBEAT_INTERVAL_S)}
+        env = service_env(database_url, broker_url, root, tmp) | {
+            "CAPE_HEARTBEAT_INTERVAL_S": str(HEARTBEAT_INTERVAL_S)
+        }
         api = stack.enter_context(api_server(env, tmp / "api.log"))
         base = api.url
         training_worker = stack.enter_context(worker(env, tmp / "worker.log", name="load"))
@@ -465,8 +510,11 @@ def run_on(kind: str, root: Path, category: int, images: dict[int, int], clients
 
         def on_start() -> None:  # the measured window starts: where the training job and the CPU clocks are
             snapshot["epoch"] = training_progress(database_url, training)[1]
-            snapshot["cpu"] = {"server": cpu_seconds(api.pid), "worker": worker_cpu(training_worker),
-                               "client": time.process_time()}
+            snapshot["cpu"] = {
+                "server": cpu_seconds(api.pid),
+                "worker": worker_cpu(training_worker),
+                "client": time.process_time(),
+            }
 
         elapsed = asyncio.run(run_clients(base, clients, seconds, observed, images, on_start))
         cpu = {"server": cpu_seconds(api.pid), "worker": worker_cpu(training_worker), "client": time.process_time()}
@@ -476,22 +524,30 @@ def run_on(kind: str, root: Path, category: int, images: dict[int, int], clients
         print(f"load, {elapsed:.1f} s measured (from the window's start until its last request ended):")
         everything = report_load(observed, elapsed, cpu)
         busy = status == JobStatus.running
-        print(f"  worker during the window: training job {status}, epochs {snapshot['epoch']} -> {epoch} "
-              f"({(epoch - snapshot['epoch']) / elapsed:.2f} epoch rows/s; target: still running at the end: {verdict(busy)})")
+        print(
+            f"  worker during the window: training job {status}, epochs {snapshot['epoch']} -> {epoch} "
+            f"({(epoch - snapshot['epoch']) / elapsed:.2f} epoch rows/s; target: still running at the end: {verdict(busy)})"
+        )
         fives = {code: count for code, count in sorted(everything.statuses.items()) if code >= 500}
         unanswered = sum(everything.no_answer.values())
         by_status = f" {fives}" if fives else ""
-        print(f"  5xx answers: {sum(fives.values())}{by_status} (target 0: {verdict(not fives)}); requests without an answer in "
-              f"{REQUEST_TIMEOUT_S:.0f} s: {unanswered} (target 0: {verdict(unanswered == 0)})")
+        print(
+            f"  5xx answers: {sum(fives.values())}{by_status} (target 0: {verdict(not fives)}); requests without an answer in "
+            f"{REQUEST_TIMEOUT_S:.0f} s: {unanswered} (target 0: {verdict(unanswered == 0)})"
+        )
 
         ended = wind_down(base, database_url)
         print(f"wind-down: {ended}")
-        print(f"integrity ({len(observed.created)} jobs created by 201, {len(observed.key_answers)} Idempotency-Keys "
-              f"sent {sum(map(len, observed.key_answers.values()))} times):")
+        print(
+            f"integrity ({len(observed.created)} jobs created by 201, {len(observed.key_answers)} Idempotency-Keys "
+            f"sent {sum(map(len, observed.key_answers.values()))} times):"
+        )
         missed = report_integrity(integrity(database_url, observed))
         missed += bool(fives) + (unanswered != 0) + (not busy) + ended.startswith("INCOMPLETE")
-        print(f"uvicorn's access log, whole run (warm-up, wind-down and abandoned requests included): "
-              f"{dict(sorted(access_statuses(tmp / 'api.log').items()))}")
+        print(
+            f"uvicorn's access log, whole run (warm-up, wind-down and abandoned requests included): "
+            f"{dict(sorted(access_statuses(tmp / 'api.log').items()))}"
+        )
         for name in ("api.log", "worker.log"):
             for line in log_exceptions(tmp / name):
                 print(f"  {name}: {line}")
@@ -505,8 +561,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--database", choices=["sqlite", "postgresql", "both"], default="both")
     parser.add_argument("--clients", type=int, default=200)
     parser.add_argument("--seconds", type=float, default=60.0, help="length of the measured load window")
-    parser.add_argument("--dataset_root", default=None,
-                        help="synthetic dataset; generated into data/synthetic when unset and absent")
+    parser.add_argument(
+        "--dataset_root", default=None, help="synthetic dataset; generated into data/synthetic when unset and absent"
+    )
     return parser.parse_args()
 
 
@@ -516,9 +573,11 @@ def main() -> int:
     catalog = MP100Catalog(root)
     categories = catalog.category_ids("train")
     images = {c: catalog.instance_counts(c)["train"] for c in categories[:CLIENT_CATEGORIES]}
-    print(f"load benchmark: {args.clients} clients, {args.seconds:g} s, {os.cpu_count()} cores "
-          f"({platform.processor() or platform.machine()}), one uvicorn process, one Celery worker (cpu) training, "
-          f"client on the same machine; dataset {root}, training category {categories[0]}")
+    print(
+        f"load benchmark: {args.clients} clients, {args.seconds:g} s, {os.cpu_count()} cores "
+        f"({platform.processor() or platform.machine()}), one uvicorn process, one Celery worker (cpu) training, "
+        f"client on the same machine; dataset {root}, training category {categories[0]}"
+    )
     kinds = ["sqlite", "postgresql"] if args.database == "both" else [args.database]
     require_binaries(kinds)
     missed = sum(run_on(kind, root, categories[0], images, args.clients, args.seconds) for kind in kinds)

@@ -32,11 +32,20 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from benchmarks.api import REPO, api_server, database, percentile_ms, redis_server, require_binaries, service_env, verdict
+from benchmarks.api import (
+    REPO,
+    api_server,
+    database,
+    percentile_ms,
+    redis_server,
+    require_binaries,
+    service_env,
+    verdict,
+)
 from benchmarks.common import dataset_root
 from cape.data.catalog import MP100Catalog
-from cape.metrics import correct_keypoints
-from service.local_servers import celery_worker
+from cape.evaluation.metrics import correct_keypoints
+from devtools.local_servers import celery_worker
 
 WARM_REQUESTS = 100
 CLIENTS, THROUGHPUT_S = 8, 10.0
@@ -57,10 +66,15 @@ def wait(client: httpx.Client, job_id: str, timeout: float = 900) -> dict:
 def request_for(catalog: MP100Catalog, category: int, support_index: int, query_index: int, query_bytes=None):
     support, query = catalog.instance(category, support_index), catalog.instance(category, query_index)
     keypoints = [[x, y, int(v)] for (x, y), v in zip(support.keypoints.tolist(), support.visibility.tolist())]
-    files = {"support_image": ("s.jpg", catalog.image_path(support).read_bytes(), "image/jpeg"),
-             "query_image": ("q.jpg", query_bytes or catalog.image_path(query).read_bytes(), "image/jpeg")}
-    data = {"support_keypoints": json.dumps(keypoints), "support_bbox": json.dumps(list(support.bbox)),
-            "skeleton": json.dumps([list(e) for e in catalog.category(category).skeleton])}
+    files = {
+        "support_image": ("s.jpg", catalog.image_path(support).read_bytes(), "image/jpeg"),
+        "query_image": ("q.jpg", query_bytes or catalog.image_path(query).read_bytes(), "image/jpeg"),
+    }
+    data = {
+        "support_keypoints": json.dumps(keypoints),
+        "support_bbox": json.dumps(list(support.bbox)),
+        "skeleton": json.dumps([list(e) for e in catalog.category(category).skeleton]),
+    }
     if query_bytes is None:
         data["query_bbox"] = json.dumps(list(query.bbox))
     return files, data, query
@@ -130,20 +144,35 @@ def main() -> int:
     root = dataset_root(args.dataset_root)
     catalog = MP100Catalog(root)
     category = catalog.category_ids("train")[0]
-    print(f"predict benchmark: {os.cpu_count()} cores, CPU, small preset, SQLite, one training and one predict worker, "
-          f"client on the same machine; dataset {root}, category {category}", flush=True)
+    print(
+        f"predict benchmark: {os.cpu_count()} cores, CPU, small preset, SQLite, one training and one predict worker, "
+        f"client on the same machine; dataset {root}, category {category}",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory(prefix="cape-bench-predict-") as tmp_name, ExitStack() as stack:
         tmp = Path(tmp_name)
         broker_url = stack.enter_context(redis_server(tmp)).url
         env = service_env(stack.enter_context(database("sqlite", tmp)), broker_url, root, tmp)
         stack.enter_context(celery_worker(env, tmp / "worker.log", name="bench", mingle=False, cwd=REPO))
-        stack.enter_context(celery_worker(env, tmp / "predict.log", name="predict", queues="predict", mingle=False, cwd=REPO))
+        stack.enter_context(
+            celery_worker(env, tmp / "predict.log", name="predict", queues="predict", mingle=False, cwd=REPO)
+        )
         base = stack.enter_context(api_server(env, tmp / "api.log")).url
         client = stack.enter_context(httpx.Client(base_url=base, timeout=120))
 
         print("training a single-image job (10 epochs) and a category job (8 epochs) ...", flush=True)
-        single = train(client, {"mode": "single_image", "category_id": category, "image_index": 0, "epochs": 10,
-                                "batch_size": 1, "num_queries_per_episode": 1, "episodes_per_epoch": 20})
+        single = train(
+            client,
+            {
+                "mode": "single_image",
+                "category_id": category,
+                "image_index": 0,
+                "epochs": 10,
+                "batch_size": 1,
+                "num_queries_per_episode": 1,
+                "episodes_per_epoch": 20,
+            },
+        )
         whole = train(client, {"mode": "category", "category_id": category, "epochs": 8, "episodes_per_epoch": 40})
 
         print("\nlatency, one query per request, through HTTP (cold first: no checkpoint has been used yet)")
@@ -156,34 +185,47 @@ def main() -> int:
                     raise SystemExit(f"the {name} checkpoint of job {job['id']} was loaded already: not a cold request")
                 cold.append((elapsed, answer["timing"]["load_ms"]))
         worst = max(c[0] for c in cold)
-        print(f"  cold (first request for each of 4 checkpoints): median {1000 * statistics.median(c[0] for c in cold):.0f} ms, "
-              f"worst {1000 * worst:.0f} ms, of which loading the model {statistics.median(c[1] for c in cold):.0f} ms "
-              f"(median)  target < 2000 ms: {verdict(worst < 2.0)}")
+        print(
+            f"  cold (first request for each of 4 checkpoints): median {1000 * statistics.median(c[0] for c in cold):.0f} ms, "
+            f"worst {1000 * worst:.0f} ms, of which loading the model {statistics.median(c[1] for c in cold):.0f} ms "
+            f"(median)  target < 2000 ms: {verdict(worst < 2.0)}"
+        )
         print("\ncorrectness")
         files, data, query = request_for(catalog, category, 0, 0)
         answer, _ = post(client, single["id"], files, data, checkpoint="last")
-        validation = client.get(f"/jobs/{single['id']}/epochs/{single['total_epochs']}/predictions").json()["queries"][0]
+        validation = client.get(f"/jobs/{single['id']}/epochs/{single['total_epochs']}/predictions").json()["queries"][
+            0
+        ]
         gap = float(np.abs(np.array(answer["keypoints"]) - np.array(validation["pred"])).max())
         same = abs(pck(answer, query) - validation["pck"]) < 1e-9
-        print(f"  single-image job, support = query = its image: PCK@0.2 {100 * pck(answer, query):.1f}% "
-              f"(validation at epoch {single['total_epochs']}: {100 * validation['pck']:.1f}%), largest gap to "
-              f"validation's predictions {gap:.2e} px  {verdict(same and gap < 1e-3)}")
+        print(
+            f"  single-image job, support = query = its image: PCK@0.2 {100 * pck(answer, query):.1f}% "
+            f"(validation at epoch {single['total_epochs']}: {100 * validation['pck']:.1f}%), largest gap to "
+            f"validation's predictions {gap:.2e} px  {verdict(same and gap < 1e-3)}"
+        )
         n = len(catalog.instances(category, "train"))
         scores = []
         for index in range(1, min(n, 11)):
             files, data, query = request_for(catalog, category, 0, index)
             scores.append(pck(post(client, whole["id"], files, data)[0], query))
-        print(f"  category job, support = image 0, queries = images 1..{len(scores)} of the category: mean PCK@0.2 "
-              f"{100 * statistics.mean(scores):.1f}% (the job's best validation PCK on its train images: "
-              f"{100 * whole['best_pck']:.1f}%)")
+        print(
+            f"  category job, support = image 0, queries = images 1..{len(scores)} of the category: mean PCK@0.2 "
+            f"{100 * statistics.mean(scores):.1f}% (the job's best validation PCK on its train images: "
+            f"{100 * whole['best_pck']:.1f}%)"
+        )
 
         print("\nlatency, warm")
         files, data, _ = request_for(catalog, category, 0, 1)
         rows = [("dataset image", files, data)]
         big = photo_sized(files["query_image"][1])
         _, photo_data, _ = request_for(catalog, category, 0, 1)
-        rows.append(("12 MP photo (4000x3000 JPEG)", {**files, "query_image": ("q.jpg", big, "image/jpeg")},
-                     {k: v for k, v in photo_data.items() if k != "query_bbox"}))
+        rows.append(
+            (
+                "12 MP photo (4000x3000 JPEG)",
+                {**files, "query_image": ("q.jpg", big, "image/jpeg")},
+                {k: v for k, v in photo_data.items() if k != "query_bbox"},
+            )
+        )
         for label, row_files, row_data in rows:
             post(client, whole["id"], row_files, row_data)
             took, inference = [], []
@@ -192,13 +234,17 @@ def main() -> int:
                 took.append(elapsed)
                 inference.append(answer["timing"]["inference_ms"])
             p50 = percentile_ms(took, 0.5)
-            print(f"  warm, {label}: p50 {p50:.0f} ms, p99 {percentile_ms(took, 0.99):.0f} ms over {WARM_REQUESTS} requests "
-                  f"(model alone p50 {statistics.median(inference):.0f} ms)"
-                  + (f"  target p50 < 150 ms: {verdict(p50 < 150)}" if label == "dataset image" else ""))
+            print(
+                f"  warm, {label}: p50 {p50:.0f} ms, p99 {percentile_ms(took, 0.99):.0f} ms over {WARM_REQUESTS} requests "
+                f"(model alone p50 {statistics.median(inference):.0f} ms)"
+                + (f"  target p50 < 150 ms: {verdict(p50 < 150)}" if label == "dataset image" else "")
+            )
 
         rate, latencies, failures = throughput(base, whole["id"], files, data)
-        print(f"\nthroughput, {CLIENTS} clients for {THROUGHPUT_S:.0f} s, one predict worker: {rate:.1f} requests/s, "
-              f"p50 {percentile_ms(latencies, 0.5):.0f} ms, p99 {percentile_ms(latencies, 0.99):.0f} ms, {failures} failed")
+        print(
+            f"\nthroughput, {CLIENTS} clients for {THROUGHPUT_S:.0f} s, one predict worker: {rate:.1f} requests/s, "
+            f"p50 {percentile_ms(latencies, 0.5):.0f} ms, p99 {percentile_ms(latencies, 0.99):.0f} ms, {failures} failed"
+        )
     return 0
 
 

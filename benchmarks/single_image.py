@@ -22,7 +22,7 @@ from benchmarks.common import dataset_root, matmul_flops_per_second
 from cape.config import TrainConfig
 from cape.data.batch import collate_episodes
 from cape.data.catalog import MP100Catalog
-from cape.trainer import Callback, Trainer
+from cape.training.trainer import Callback, Trainer
 
 LOSS_TARGET, EPOCH_TARGET, SECONDS_TARGET = 0.1, 20, 60.0
 
@@ -71,8 +71,16 @@ def main() -> int:
     rows, rates = [], []
     for cid in categories:
         config = TrainConfig(
-            mode="single_image", category_id=cid, dataset_root=str(root), preset=args.preset, epochs=50, batch_size=1,
-            num_queries_per_episode=1, episodes_per_epoch=20, device="cpu", seed=0,
+            mode="single_image",
+            category_id=cid,
+            dataset_root=str(root),
+            preset=args.preset,
+            epochs=50,
+            batch_size=1,
+            num_queries_per_episode=1,
+            episodes_per_epoch=20,
+            device="cpu",
+            seed=0,
         )
         started = time.perf_counter()
         watch = Watch(started, stop_when_reached=not args.full)
@@ -95,10 +103,14 @@ def main() -> int:
     flops = flops_per_step(trainer)
     peak = matmul_flops_per_second()
     steps_per_second = statistics.median(rates)
-    print(f"\npreset {args.preset}: {params / 1e6:.2f} M parameters, {flops / 1e9:.2f} GFLOP per training step (batch 1)")
+    print(
+        f"\npreset {args.preset}: {params / 1e6:.2f} M parameters, {flops / 1e9:.2f} GFLOP per training step (batch 1)"
+    )
     print(f"steps/s (median over categories, validation included): {steps_per_second:.1f}")
-    print(f"machine float32 matmul: {peak / 1e9:.0f} GFLOP/s; achieved {flops * steps_per_second / 1e9:.1f} GFLOP/s "
-          f"= {100 * flops * steps_per_second / peak:.1f}% of it")
+    print(
+        f"machine float32 matmul: {peak / 1e9:.0f} GFLOP/s; achieved {flops * steps_per_second / 1e9:.1f} GFLOP/s "
+        f"= {100 * flops * steps_per_second / peak:.1f}% of it"
+    )
     met = sum(r[-1] for r in rows)
     print(f"target (both by epoch {EPOCH_TARGET} and within {SECONDS_TARGET:.0f} s): {met} of {len(rows)} categories")
     return 0

@@ -3,7 +3,7 @@ and what the streams cost the API.
 
     .venv/bin/python -m benchmarks.streams [--streams 500] [--epochs 30] [--idle_seconds 30] [--dataset_root DIR]
 
-Starts the embedded-default stack on loopback (service/local_servers.py, as benchmarks/api.py does): redis-server,
+Starts the embedded-default stack on loopback (devtools/local_servers.py, as benchmarks/api.py does): redis-server,
 a SQLite file, the Alembic migrations and one uvicorn process. Then:
 
 1. a real single_image job (``--epochs`` epochs of two one-image episodes) is submitted; no worker runs yet, so it
@@ -49,8 +49,16 @@ import httpx
 import uvloop
 
 from benchmarks.api import (
-    api_server, cpu_seconds, database, percentile_ms, redis_server, require_binaries, service_env, single_image_job,
-    verdict, worker,
+    api_server,
+    cpu_seconds,
+    database,
+    percentile_ms,
+    redis_server,
+    require_binaries,
+    service_env,
+    single_image_job,
+    verdict,
+    worker,
 )
 from benchmarks.common import dataset_root
 from cape.data.catalog import MP100Catalog
@@ -217,27 +225,36 @@ def report(crowd: Crowd, figures: Figures, args: argparse.Namespace) -> bool:
     repeated = sum(len(s.epochs) - len(set(s.epochs)) for s in crowd.streams)
     out_of_order = sum(any(a >= b for a, b in zip(s.epochs, s.epochs[1:])) for s in crowd.streams)
     not_ended = sum(not s.ended for s in crowd.streams)
-    errors = [s.error for s in crowd.streams if s.error] + [f"HTTP {s.http_status}" for s in crowd.streams
-                                                            if s.http_status != 200]
+    errors = [s.error for s in crowd.streams if s.error] + [
+        f"HTTP {s.http_status}" for s in crowd.streams if s.http_status != 200
+    ]
     latencies = [x for s in crowd.streams for x in s.latencies]
     p50, p99, worst = percentile_ms(latencies, 0.50), percentile_ms(latencies, 0.99), 1000 * max(latencies, default=0)
     n = args.streams
     complete = not wrong and not not_ended and not errors
 
     print(f"\nstreams: {n} opened in {figures.connect_s:.1f} s, each got its first status")
-    print(f"  delivery: {len(latencies)} epoch events of {n * args.epochs} expected; streams with a missing, repeated "
-          f"or out-of-order epoch: {len(wrong)} (missing {missing}, repeated {repeated}, out of order in "
-          f"{out_of_order} streams); streams not ended by `end`: {not_ended}; errors: {len(errors)} "
-          f"{errors[:3] if errors else ''}(target 0: {verdict(complete)})")
-    print(f"  commit -> client latency, every epoch on every stream: p50 {p50:.0f} ms, p99 {p99:.0f} ms, max "
-          f"{worst:.0f} ms (target p99 < {P99_TARGET_MS:.0f} ms: {verdict(p99 < P99_TARGET_MS and complete)})")
-    print(f"  API CPU, streams idle on a queued job ({figures.idle_s:.0f} s, {figures.idle_pings} keep-alive pings "
-          f"sent): {figures.idle_cpu:.2f} % of a core (target < {IDLE_CPU_TARGET:g} %: "
-          f"{verdict(figures.idle_cpu < IDLE_CPU_TARGET)}); with no stream open: {figures.baseline_cpu:.2f} %")
+    print(
+        f"  delivery: {len(latencies)} epoch events of {n * args.epochs} expected; streams with a missing, repeated "
+        f"or out-of-order epoch: {len(wrong)} (missing {missing}, repeated {repeated}, out of order in "
+        f"{out_of_order} streams); streams not ended by `end`: {not_ended}; errors: {len(errors)} "
+        f"{errors[:3] if errors else ''}(target 0: {verdict(complete)})"
+    )
+    print(
+        f"  commit -> client latency, every epoch on every stream: p50 {p50:.0f} ms, p99 {p99:.0f} ms, max "
+        f"{worst:.0f} ms (target p99 < {P99_TARGET_MS:.0f} ms: {verdict(p99 < P99_TARGET_MS and complete)})"
+    )
+    print(
+        f"  API CPU, streams idle on a queued job ({figures.idle_s:.0f} s, {figures.idle_pings} keep-alive pings "
+        f"sent): {figures.idle_cpu:.2f} % of a core (target < {IDLE_CPU_TARGET:g} %: "
+        f"{verdict(figures.idle_cpu < IDLE_CPU_TARGET)}); with no stream open: {figures.baseline_cpu:.2f} %"
+    )
     per_epoch_ms = 10 * figures.train_cpu * figures.train_s / args.epochs  # CPU ms per epoch: % * s * 10
-    print(f"  API CPU while the job trains ({figures.train_s:.0f} s, {args.epochs} epochs): {figures.train_cpu:.1f} % "
-          f"of a core, {per_epoch_ms:.0f} ms per epoch for all {n} streams ({per_epoch_ms * 1000 / n:.0f} us per "
-          f"stream); the client: {figures.train_client_cpu:.1f} %")
+    print(
+        f"  API CPU while the job trains ({figures.train_s:.0f} s, {args.epochs} epochs): {figures.train_cpu:.1f} % "
+        f"of a core, {per_epoch_ms:.0f} ms per epoch for all {n} streams ({per_epoch_ms * 1000 / n:.0f} us per "
+        f"stream); the client: {figures.train_client_cpu:.1f} %"
+    )
     print("  API RSS: " + ", ".join(f"{label} {mib:.0f} MiB" for label, mib in figures.rss.items()))
     before, idle = list(figures.rss.values())[:2]
     print(f"  memory per open stream: {1024 * (idle - before) / n:.0f} KiB")
@@ -249,8 +266,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--streams", type=int, default=500)
     parser.add_argument("--epochs", type=int, default=30, help="the training job's epochs")
     parser.add_argument("--idle_seconds", type=float, default=30.0, help="how long the streams idle before training")
-    parser.add_argument("--dataset_root", default=None,
-                        help="synthetic dataset; generated into data/synthetic when unset and absent")
+    parser.add_argument(
+        "--dataset_root", default=None, help="synthetic dataset; generated into data/synthetic when unset and absent"
+    )
     return parser.parse_args()
 
 
@@ -262,9 +280,12 @@ def main() -> int:
     # Each stream is a socket in this process and in uvicorn (which inherits the limit).
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4 * args.streams + 256)), hard))
-    print(f"SSE streams benchmark: {args.streams} streams of one job, {args.epochs} epochs, database sqlite, "
-          f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}), one uvicorn process, one Celery "
-          f"worker (cpu), client on the same machine; dataset {root}, category {category}", flush=True)
+    print(
+        f"SSE streams benchmark: {args.streams} streams of one job, {args.epochs} epochs, database sqlite, "
+        f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}), one uvicorn process, one Celery "
+        f"worker (cpu), client on the same machine; dataset {root}, category {category}",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory(prefix="cape-bench-streams-") as tmp_name, ExitStack() as stack:
         tmp = Path(tmp_name)
         broker_url = stack.enter_context(redis_server(tmp)).url
@@ -273,9 +294,11 @@ def main() -> int:
         api = stack.enter_context(api_server(env, tmp / "api.log"))
         body = single_image_job(category, epochs=args.epochs, **JOB)
         job_id = httpx.post(f"{api.url}/jobs", json=body, timeout=30).raise_for_status().json()["id"]
-        crowd, figures = uvloop.run(follow(
-            api.url, job_id, args, api.pid, lambda: stack.enter_context(worker(env, tmp / "worker.log", "bench"))
-        ))
+        crowd, figures = uvloop.run(
+            follow(
+                api.url, job_id, args, api.pid, lambda: stack.enter_context(worker(env, tmp / "worker.log", "bench"))
+            )
+        )
         job = httpx.get(f"{api.url}/jobs/{job_id}", timeout=30).json()
         if job["status"] != "succeeded":
             print(f"  the job ended {job['status']}: {job['error']}")

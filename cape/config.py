@@ -15,7 +15,7 @@ MAX_EPOCHS = 1000
 # with more is refused rather than run as a decoding of hundreds of autoregressive steps.
 MAX_KEYPOINTS = 100
 Preset = Literal["small", "base"]
-# What a backbone starts from, by name: torchvision's ImageNet weights (cape.weights says which file) or random
+# What a backbone starts from, by name: torchvision's ImageNet weights (cape.backbone_weights says which file) or random
 # initialisation. ModelConfig.backbone_weights may also be a local state-dict file (the CLI's, never a client's).
 IMAGENET, RANDOM_INIT = "imagenet", "none"
 NamedWeights = Literal["imagenet", "none"]
@@ -28,7 +28,8 @@ class ModelConfig(BaseModel):
 
     backbone: Literal["resnet18", "resnet34", "resnet50"] = "resnet18"
     backbone_weights: str = Field(
-        default=RANDOM_INIT, min_length=1,
+        default=RANDOM_INIT,
+        min_length=1,
         description="imagenet (torchvision's ImageNet weights), none (random initialisation) or a state-dict file",
     )
     feature_layer: Literal["layer2", "layer3"] = Field(
@@ -62,8 +63,15 @@ PRESETS: dict[str, ModelConfig] = {
     # The CUDA default: ResNet-50 at 256 px, from ImageNet, as every published CAPE model fine-tunes a pretrained
     # backbone: from random weights a comparison with the papers would start far behind.
     "base": ModelConfig(
-        backbone="resnet50", backbone_weights=IMAGENET, feature_layer="layer3", input_size=256, d_model=256,
-        num_heads=8, encoder_layers=3, decoder_layers=4, num_bins=128,
+        backbone="resnet50",
+        backbone_weights=IMAGENET,
+        feature_layer="layer3",
+        input_size=256,
+        d_model=256,
+        num_heads=8,
+        encoder_layers=3,
+        decoder_layers=4,
+        num_bins=128,
     ),
 }
 
@@ -78,13 +86,19 @@ class TrainConfig(BaseModel):
     category_id: int | None = Field(default=None, description="required for single_image and category modes")
     image_index: int = Field(default=0, ge=0, description="single_image: position among the category's train instances")
 
-    dataset_root: str = Field(default="data/synthetic", description="folder with annotations/ and images/ in the MP-100 layout")
+    dataset_root: str = Field(
+        default="data/synthetic", description="folder with annotations/ and images/ in the MP-100 layout"
+    )
     split: int = Field(default=1, ge=1, le=5, description="MP-100 split, 1..5")
-    category_split_file: str | None = Field(default=None, description="JSON {train, val, test: [category ids]} overriding the split's")
+    category_split_file: str | None = Field(
+        default=None, description="JSON {train, val, test: [category ids]} overriding the split's"
+    )
 
     # One rule for the CLI, the API and the worker: the preset is what the run asks for, "small" unless it says
     # otherwise, whatever device it lands on. The same request trains the same model on any machine.
-    preset: Preset = Field(default="small", description="model size: small (ResNet-18, 128 px) or base (ResNet-50, 256 px)")
+    preset: Preset = Field(
+        default="small", description="model size: small (ResNet-18, 128 px) or base (ResNet-50, 256 px)"
+    )
     backbone_weights: NamedWeights | None = Field(
         default=None,
         description="what the backbone starts from: imagenet (torchvision's ImageNet weights) or none (random); "
@@ -98,22 +112,43 @@ class TrainConfig(BaseModel):
     num_shots: int = Field(default=1, ge=1, le=5, description="support images per episode (1-shot or up to 5-shot)")
     num_queries_per_episode: int = Field(default=2, ge=1, le=64, description="query images per training episode")
     lr: float = Field(default=5e-4, gt=0, le=1.0, description="peak learning rate (AdamW, linear warm-up then cosine)")
-    weight_decay: float = Field(default=1e-4, ge=0, le=1.0, description="AdamW weight decay (not on norms, biases and learned tokens)")
+    weight_decay: float = Field(
+        default=1e-4, ge=0, le=1.0, description="AdamW weight decay (not on norms, biases and learned tokens)"
+    )
     warmup_epochs: float = Field(default=1.0, ge=0, le=100, description="epochs of linear learning-rate warm-up")
     clip_max_norm: float = Field(default=1.0, ge=0, le=1000, description="0 disables gradient clipping")
     use_amp: bool = Field(default=True, description="bf16 autocast; only takes effect on CUDA")
-    augment: bool = Field(default=True, description="keypoint-aware augmentation of training episodes (never in single_image)")
-    val_episodes_per_category: int = Field(default=2, ge=1, le=1000, description="fixed validation episodes per category")
+    augment: bool = Field(
+        default=True, description="keypoint-aware augmentation of training episodes (never in single_image)"
+    )
+    val_episodes_per_category: int = Field(
+        default=2, ge=1, le=1000, description="fixed validation episodes per category"
+    )
     val_queries_per_episode: int = Field(default=5, ge=1, le=64, description="queries per validation episode")
-    test_episodes_per_category: int = Field(default=10, ge=0, le=1000, description="full mode: test episodes per unseen category at the end (0: no test)")
+    test_episodes_per_category: int = Field(
+        default=10, ge=0, le=1000, description="full mode: test episodes per unseen category at the end (0: no test)"
+    )
     picture_every: int = Field(
-        default=5, ge=1, le=1000,
+        default=5,
+        ge=1,
+        le=1000,
         description="full mode: draw the validation pictures every N epochs and at the last (other modes: every epoch)",
     )
-    seed: int = Field(default=0, ge=0, le=2**31 - 1, description="seed of the model's initialisation, the episodes and their augmentation")
-    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$", description="auto (CUDA when there is one), cpu, cuda, cuda:N or mps")
+    seed: int = Field(
+        default=0,
+        ge=0,
+        le=2**31 - 1,
+        description="seed of the model's initialisation, the episodes and their augmentation",
+    )
+    device: str = Field(
+        default="auto",
+        pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$",
+        description="auto (CUDA when there is one), cpu, cuda, cuda:N or mps",
+    )
     num_workers: int | None = Field(
-        default=None, ge=0, le=64,
+        default=None,
+        ge=0,
+        le=64,
         description="DataLoader worker processes; unset: automatic, min(8, cores - 1) on CUDA and 0 on the CPU",
     )
 

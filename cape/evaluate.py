@@ -6,7 +6,7 @@
 
 The paper table is what CAPE papers report: one model per MP-100 split, each tested on its own split's test
 categories, 1-shot and 5-shot, PCK@0.2 per split and the mean over splits; the copy-the-support baseline on the same
-episodes is printed under it. The evaluation itself is cape/evaluation.py.
+episodes is printed under it. The evaluation itself is cape/evaluation/protocol.py.
 """
 
 from __future__ import annotations
@@ -16,85 +16,43 @@ import json
 import sys
 from pathlib import Path
 
-from typing import TYPE_CHECKING
-
 from cape.data.episodes import PROTOCOL_QUERIES
 from cape.errors import CapeError
-from cape.metrics import PCKSummary
 from cape.run_files import json_safe
-
-if TYPE_CHECKING:  # torch loads only once the arguments are parsed
-    from cape.evaluation import CheckpointEvaluation
-
-
-def format_table(summary: PCKSummary, names: dict[int, str]) -> str:
-    lines = [f"{'id':>4}  {'category':<28} {'queries':>7} {'PCK@0.2':>8} {'mPCK':>7}"]
-    for cid, row in sorted(summary.per_category.items()):
-        lines.append(
-            f"{cid:>4}  {names.get(cid, '')[:28]:<28} {row['num_queries']:>7} {100 * row['pck']:>7.2f}% {100 * row['mpck']:>6.2f}%"
-        )
-    lines.append(
-        f"{'':>4}  {'mean over categories':<28} {summary.num_queries:>7} "
-        f"{100 * summary.category_mean_pck:>7.2f}% {100 * summary.category_mean_mpck:>6.2f}%"
-    )
-    return "\n".join(lines)
-
-
-def format_split_table(results: dict[int, dict[int, CheckpointEvaluation]]) -> str:
-    """PCK@0.2 (%) per split and the mean over splits, a row per shot count, then the baseline's rows:
-    ``results[shots][split]``."""
-    splits = sorted(next(iter(results.values())))
-    header = f"{'PCK@0.2 (%)':<34}" + "".join(f"{f'Split {s}':>9}" for s in splits) + f"{'Mean':>9}"
-    lines = [header, "-" * len(header)]
-    for label, pick in (("model", lambda e: e.model), ("copy-the-support baseline", lambda e: e.baseline)):
-        for shots, by_split in sorted(results.items()):
-            values = [100 * pick(by_split[s]).category_mean_pck for s in splits]
-            mean = sum(values) / len(values)
-            name = f"{label}, {shots}-shot"
-            lines.append(f"{name:<34}" + "".join(f"{v:>9.2f}" for v in values) + f"{mean:>9.2f}")
-    return "\n".join(lines)
-
-
-def split_table_json(results: dict[int, dict[int, CheckpointEvaluation]], paths: dict[int, str]) -> dict:
-    from cape.evaluation import protocol_result
-
-    out = {}
-    for shots, by_split in sorted(results.items()):
-        rows = {
-            f"split{s}": {"checkpoint": paths[s], "epoch": e.epoch, **protocol_result(e.model, e.baseline, e.names)}
-            for s, e in sorted(by_split.items())
-        }
-        out[f"{shots}-shot"] = {
-            "splits": rows,
-            "mean_pck": sum(r["pck"] for r in rows.values()) / len(rows),
-            "mean_baseline_copy_support_pck": sum(r["baseline_copy_support_pck"] for r in rows.values()) / len(rows),
-        }
-    return out
 
 
 def _split_of(path: str) -> int:
     """The split a checkpoint's run trained on (its config says)."""
-    from cape import checkpoints
+    from cape.model import checkpoint
 
-    return int(checkpoints.load(path)["config"]["split"])
+    return int(checkpoint.load(path)["config"]["split"])
 
 
 def split_table(args) -> int:
-    from cape.evaluation import evaluate_checkpoint
+    from cape.evaluation.protocol import CheckpointEvaluation, evaluate_checkpoint
+    from cape.evaluation.table import format_split_table, split_table_json
 
     paths: dict[int, str] = {}
     for path in args.checkpoints:
         split = _split_of(path)
         if split in paths:
-            raise CapeError(f"{paths[split]} and {path} were both trained on split {split}: give one checkpoint per split")
+            raise CapeError(
+                f"{paths[split]} and {path} were both trained on split {split}: give one checkpoint per split"
+            )
         paths[split] = path
     results: dict[int, dict[int, CheckpointEvaluation]] = {}
     for shots in args.shots:
         for split, path in sorted(paths.items()):
             results.setdefault(shots, {})[split] = evaluate_checkpoint(
-                Path(path), subset="test", shots=shots, episodes_per_category=args.episodes_per_category,
-                queries_per_episode=args.queries_per_episode, dataset_root=args.dataset_root, seed=args.seed,
-                device=args.device, log=lambda line: print(line, file=sys.stderr),
+                Path(path),
+                subset="test",
+                shots=shots,
+                episodes_per_category=args.episodes_per_category,
+                queries_per_episode=args.queries_per_episode,
+                dataset_root=args.dataset_root,
+                seed=args.seed,
+                device=args.device,
+                log=lambda line: print(line, file=sys.stderr),
             )
     print(format_split_table(results))
     if args.json_path:
@@ -109,26 +67,44 @@ def main(argv: list[str] | None = None) -> int:
     )
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--checkpoint", help="one checkpoint: a table per category")
-    which.add_argument("--checkpoints", nargs="+", metavar="CHECKPOINT",
-                       help="one checkpoint per MP-100 split (each knows its split): the paper table over the splits")
-    parser.add_argument("--split", choices=("val", "test"), default="test",
-                        help="with --checkpoint: which categories of the run's split (the paper table is always test)")
-    parser.add_argument("--shots", type=int, choices=(1, 5), nargs="+", default=[1],
-                        help="1 and/or 5 (with --checkpoint, the first is used)")
+    which.add_argument(
+        "--checkpoints",
+        nargs="+",
+        metavar="CHECKPOINT",
+        help="one checkpoint per MP-100 split (each knows its split): the paper table over the splits",
+    )
+    parser.add_argument(
+        "--split",
+        choices=("val", "test"),
+        default="test",
+        help="with --checkpoint: which categories of the run's split (the paper table is always test)",
+    )
+    parser.add_argument(
+        "--shots",
+        type=int,
+        choices=(1, 5),
+        nargs="+",
+        default=[1],
+        help="1 and/or 5 (with --checkpoint, the first is used)",
+    )
     parser.add_argument("--episodes_per_category", type=int, default=20)
     parser.add_argument("--queries_per_episode", type=int, default=PROTOCOL_QUERIES)
     parser.add_argument("--dataset_root", help="defaults to the run's dataset")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", dest="json_path", help="also write the results to this file")
-    parser.add_argument("--baseline", action="store_true", help="show the copy-the-support baseline instead of the model")
+    parser.add_argument(
+        "--baseline", action="store_true", help="show the copy-the-support baseline instead of the model"
+    )
     args = parser.parse_args(argv)
     if args.checkpoints:
         try:
             return split_table(args)
         except CapeError as exc:
             parser.exit(2, f"{parser.prog}: error: {exc}\n")
-    from cape.evaluation import evaluate_checkpoint, summary_dict  # torch loads here, after the arguments parsed
+    # torch loads here, after the arguments parsed
+    from cape.evaluation.protocol import evaluate_checkpoint, summary_dict
+    from cape.evaluation.table import format_table
 
     try:
         evaluation = evaluate_checkpoint(

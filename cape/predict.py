@@ -5,8 +5,8 @@ checkpoint file (a run's checkpoint_best.pt, or one downloaded from GET /jobs/{i
         [--skeleton edges.json] [--support_bbox X Y W H] --query query.jpg [--query_bbox X Y W H] \\
         --out pred.png --json pred.json
 
-Every input is checked before torch is imported (cape/predict_inputs.py, as the API checks uploads): a mistake
-prints one line naming it and exits with code 2. The prediction itself is cape/prediction.py's.
+Every input is checked before torch is imported (cape/inference/inputs.py, as the API checks uploads): a mistake
+prints one line naming it and exits with code 2. The prediction itself is cape/inference/keypoints.py's.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from cape.errors import CapeError
-from cape.predict_inputs import check_predict_inputs
+from cape.inference.inputs import check_predict_inputs
 
 
 def _read(path: str, what: str) -> bytes:
@@ -38,14 +38,27 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cape.predict", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="a checkpoint file of a run")
     p.add_argument("--support", required=True, help="support image (JPEG, PNG or WebP)")
-    p.add_argument("--support_keypoints", required=True,
-                   help="JSON file (or inline JSON) [[x, y], ...] or [[x, y, v], ...] in support-image pixels")
+    p.add_argument(
+        "--support_keypoints",
+        required=True,
+        help="JSON file (or inline JSON) [[x, y], ...] or [[x, y, v], ...] in support-image pixels",
+    )
     p.add_argument("--skeleton", help="JSON file (or inline JSON) [[a, b], ...] of 0-based keypoint pairs")
-    p.add_argument("--support_bbox", nargs=4, type=float, metavar=("X", "Y", "W", "H"),
-                   help="the object's box in the support image; default: around its keypoints")
+    p.add_argument(
+        "--support_bbox",
+        nargs=4,
+        type=float,
+        metavar=("X", "Y", "W", "H"),
+        help="the object's box in the support image; default: around its keypoints",
+    )
     p.add_argument("--query", required=True, help="query image (JPEG, PNG or WebP)")
-    p.add_argument("--query_bbox", nargs=4, type=float, metavar=("X", "Y", "W", "H"),
-                   help="the object's box in the query image; default: the whole image")
+    p.add_argument(
+        "--query_bbox",
+        nargs=4,
+        type=float,
+        metavar=("X", "Y", "W", "H"),
+        help="the object's box in the query image; default: the whole image",
+    )
     p.add_argument("--out", help="write the query image with the predicted keypoints drawn (PNG)")
     p.add_argument("--json", dest="json_path", help="write the prediction as JSON")
     p.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:N or mps")
@@ -60,32 +73,40 @@ def main(argv: list[str] | None = None) -> int:
             raise CapeError(f"checkpoint not found: {args.checkpoint}")
         support, query = _read(args.support, "support image"), _read(args.query, "query image")
         inputs = check_predict_inputs(
-            support, _json_text(args.support_keypoints, "support keypoints file"), query,
+            support,
+            _json_text(args.support_keypoints, "support keypoints file"),
+            query,
             skeleton=_json_text(args.skeleton, "skeleton file"),
             support_bbox=json.dumps(args.support_bbox) if args.support_bbox else None,
             query_bbox=json.dumps(args.query_bbox) if args.query_bbox else None,
         )
         import torch  # loads here, after every input was found valid
 
-        from cape.device import resolve_device
-        from cape.pictures import draw_prediction
-        from cape.prediction import decode, predict
-        from cape.trained import load_trained
+        from cape.inference.keypoints import decode, predict_keypoints
+        from cape.model.checkpoint import load_trained
+        from cape.model.device import resolve_device
+        from cape.training.pictures import draw_prediction
 
         trained = load_trained(args.checkpoint, resolve_device(args.device))
         query_image = decode(query, inputs.query, "query_image")
-        result = predict(trained, decode(support, inputs.support, "support_image"), query_image, inputs)
+        result = predict_keypoints(trained, decode(support, inputs.support, "support_image"), query_image, inputs)
     except CapeError as exc:
         p.exit(2, f"{p.prog}: error: {exc}\n")
     answer = {
         "checkpoint": {"path": str(args.checkpoint), "epoch": trained.epoch, "val_pck": trained.val_pck},
-        "k": inputs.k, "keypoints": result.keypoints.tolist(), "confidence": result.confidence.tolist(),
-        "skeleton": [list(e) for e in inputs.skeleton], "support_bbox": list(inputs.support_bbox),
-        "query_bbox": list(inputs.query_bbox), "query_size": [inputs.query.width, inputs.query.height],
+        "k": inputs.k,
+        "keypoints": result.keypoints.tolist(),
+        "confidence": result.confidence.tolist(),
+        "skeleton": [list(e) for e in inputs.skeleton],
+        "support_bbox": list(inputs.support_bbox),
+        "query_bbox": list(inputs.query_bbox),
+        "query_size": [inputs.query.width, inputs.query.height],
     }
     val = "n/a" if trained.val_pck is None else f"{100 * trained.val_pck:.2f}%"
-    print(f"{args.checkpoint}: epoch {trained.epoch}, Val PCK@0.2 {val}; {inputs.k} keypoints in {args.query} "
-          f"({result.inference_ms:.0f} ms)")
+    print(
+        f"{args.checkpoint}: epoch {trained.epoch}, Val PCK@0.2 {val}; {inputs.k} keypoints in {args.query} "
+        f"({result.inference_ms:.0f} ms)"
+    )
     for i, ((x, y), c) in enumerate(zip(answer["keypoints"], answer["confidence"])):
         print(f"{i:>4}  x {x:9.2f}  y {y:9.2f}  confidence {c:.3f}")
     if args.json_path:

@@ -1,8 +1,8 @@
 """The files of a run in its output folder, and where each lies. Torch-free: the API reads some of them.
 
 ``config.json``, ``metrics.jsonl`` (one EpochRecord a line), ``test_metrics.json`` (full mode), ``log.txt`` (a
-job's log, written by the worker), ``inputs.png`` and ``epochs/<n>/predictions.{png,json}`` (cape/pictures.py).
-Checkpoints are written and read by cape/checkpoints.py; their file names are here, with the names users choose
+job's log, written by the worker), ``inputs.png`` and ``epochs/<n>/predictions.{png,json}`` (cape/training/pictures.py).
+Checkpoints are written and read by cape/model/checkpoint.py; their file names are here, with the names users choose
 them by, so that the API can find them without torch.
 """
 
@@ -40,7 +40,9 @@ def complete_epochs(names: Iterable[str]) -> list[int]:
 
 def picture_epochs(run_folder: Path) -> list[int]:
     """complete_epochs of a local run folder."""
-    return complete_epochs(p.relative_to(run_folder).as_posix() for p in run_folder.glob(f"{EPOCHS}/*/{PREDICTIONS_JSON}"))
+    return complete_epochs(
+        p.relative_to(run_folder).as_posix() for p in run_folder.glob(f"{EPOCHS}/*/{PREDICTIONS_JSON}")
+    )
 
 
 def never_correct(run_folder: Path) -> list[int] | None:

@@ -22,11 +22,11 @@ from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 from tqdm import tqdm
 
+from cape.backbone_weights import check_backbone_weights
 from cape.config import PRESETS, ModelConfig, NamedWeights, TrainConfig
 from cape.data.catalog import MP100Catalog
 from cape.data.run_choices import check_run_choices
 from cape.errors import CapeError
-from cape.weights import check_backbone_weights
 
 # TrainConfig fields the debug flags and the architecture flags set; every other field is a flag of its own name.
 SET_BY_OTHER_FLAGS = {"mode", "category_id", "image_index", "model", "backbone_weights"}
@@ -48,24 +48,32 @@ def _add_field_flag(parser: argparse.ArgumentParser, name: str, field: FieldInfo
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m cape.train", description="Train a CAPE model on MP-100.",
+        prog="python -m cape.train",
+        description="Train a CAPE model on MP-100.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--debug_single_image", type=int, metavar="CAT", help="memorise one image of category CAT")
-    mode.add_argument("--debug_overfit_category", type=int, metavar="CAT", help="train on the train images of one category")
+    mode.add_argument(
+        "--debug_overfit_category", type=int, metavar="CAT", help="train on the train images of one category"
+    )
     image_index = TrainConfig.model_fields["image_index"]
-    p.add_argument("--debug_single_image_index", type=int, default=image_index.default, metavar="I", help=image_index.description)
+    p.add_argument(
+        "--debug_single_image_index", type=int, default=image_index.default, metavar="I", help=image_index.description
+    )
     for name, field in TrainConfig.model_fields.items():
         if name not in SET_BY_OTHER_FLAGS:
             _add_field_flag(p, name, field)
     p.add_argument(
-        "--backbone_weights", metavar="imagenet|none|FILE",
+        "--backbone_weights",
+        metavar="imagenet|none|FILE",
         help="what the backbone starts from: imagenet (torchvision's ImageNet weights, from its cache: "
         "see python -m cape.weights), none (random initialisation) or a local state-dict file of the ResNet "
         "(default: the preset's; base: imagenet, small: none)",
     )
-    p.add_argument("--model", metavar="JSON", help='architecture fields that override the preset\'s, e.g. \'{"d_model": 64}\'')
+    p.add_argument(
+        "--model", metavar="JSON", help="architecture fields that override the preset's, e.g. '{\"d_model\": 64}'"
+    )
     p.add_argument("--output_dir", help="config.json, metrics.jsonl and checkpoints go here")
     p.add_argument("--print_freq", type=int, default=10, help="steps between running-loss updates")
     p.add_argument("--resume", metavar="CHECKPOINT")
@@ -120,9 +128,11 @@ def main(argv: list[str] | None = None) -> int:
         catalog = MP100Catalog(config.dataset_root, config.split, config.category_split_file)
         check_run_choices(config, catalog)
         check_backbone_weights(config.resolved_model)  # offline without the weights: say so before torch loads
-        from cape.trainer import Trainer  # torch loads here, after the arguments are known to be valid
+        from cape.training.trainer import Trainer  # torch loads here, after the arguments are known to be valid
 
-        trainer = Trainer(config, args.output_dir, progress=True, print_freq=args.print_freq, log=tqdm.write, catalog=catalog)
+        trainer = Trainer(
+            config, args.output_dir, progress=True, print_freq=args.print_freq, log=tqdm.write, catalog=catalog
+        )
         result = trainer.fit(resume=args.resume)
     except ValidationError as exc:
         p.exit(2, f"{p.prog}: error: {_validation_message(exc)}\n")

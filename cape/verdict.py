@@ -32,7 +32,8 @@ def single_image_verdict(
     """``first_memorised``: the first epoch where is_memorised held; ``finished``: the run did all its epochs."""
     if first_memorised is not None:
         return Verdict(
-            state="memorised", epoch=first_memorised,
+            state="memorised",
+            epoch=first_memorised,
             message=f"memorised at epoch {first_memorised}: loss < {MEMORISED_LOSS} and PCK@0.2 = 100 % held together "
             "for the first time",
         )
@@ -47,7 +48,8 @@ def single_image_verdict(
     else:
         where = f"every keypoint was correct at some epoch, but not with the loss below {MEMORISED_LOSS}"
     return Verdict(
-        state="not memorised", never_correct=never_correct,
+        state="not memorised",
+        never_correct=never_correct,
         message=f"not memorised in {epochs_done} epoch(s): loss < {MEMORISED_LOSS} and PCK@0.2 = 100 % never held "
         f"together; {where}. Check the pictures and the log: the model or the data pipeline has a bug, or the "
         "learning rate is off",

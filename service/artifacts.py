@@ -24,7 +24,7 @@ import threading
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
@@ -49,12 +49,15 @@ class ObjectInfo:
 
 def _local_info(stat: os.stat_result) -> ObjectInfo:
     # The inode changes with every os.replace, so two versions written in the same clock tick differ too.
-    return ObjectInfo(stat.st_size, f'"{stat.st_ino:x}-{stat.st_mtime_ns:x}-{stat.st_size:x}"',
-                      datetime.fromtimestamp(stat.st_mtime, timezone.utc))
+    return ObjectInfo(
+        stat.st_size,
+        f'"{stat.st_ino:x}-{stat.st_mtime_ns:x}-{stat.st_size:x}"',
+        datetime.fromtimestamp(stat.st_mtime, UTC),
+    )
 
 
 def _remote_info(details: dict) -> ObjectInfo:
-    return ObjectInfo(details["size"], details["ETag"], details["LastModified"].astimezone(timezone.utc))
+    return ObjectInfo(details["size"], details["ETag"], details["LastModified"].astimezone(UTC))
 
 
 class ArtifactStore:
@@ -106,7 +109,7 @@ class ArtifactStore:
         temporary files (a put or a checkpoint being written) are not files of the job yet."""
         base = self.path(job_id)
         found = self.fs.find(f"{base}/{under}" if under else base)
-        names = (path[len(base) + 1:] for path in found if path.startswith(base + "/"))
+        names = (path[len(base) + 1 :] for path in found if path.startswith(base + "/"))
         return sorted(name for name in names if not name.endswith(".tmp"))
 
     def open(self, job_id: uuid.UUID, name: str) -> tuple[BinaryIO, ObjectInfo] | None:
@@ -211,17 +214,22 @@ def get_store() -> ArtifactStore:
 
 
 @lru_cache(maxsize=4)
-def _store(url: str, endpoint: str | None, key: str | None, secret: str | None, region: str | None,
-           pid: int) -> ArtifactStore:
+def _store(
+    url: str, endpoint: str | None, key: str | None, secret: str | None, region: str | None, pid: int
+) -> ArtifactStore:
     # Keyed by the process id as well: a forked pool process makes its own (an S3 client's connections and event
     # loop do not survive a fork).
     if not url.startswith(("s3://", "s3a://")):
         return ArtifactStore(url)
     client = {k: v for k, v in {"endpoint_url": endpoint, "region_name": region}.items() if v}
     return ArtifactStore(
-        url, key=key, secret=secret, client_kwargs=client,
+        url,
+        key=key,
+        secret=secret,
+        client_kwargs=client,
         # Files change while a job runs: every question goes to the server, never to a cached listing.
-        use_listings_cache=False, skip_instance_cache=True,
+        use_listings_cache=False,
+        skip_instance_cache=True,
     )
 
 
@@ -282,9 +290,11 @@ class RunFolder:
         with self._lock:
             if not self._filled:
                 return []
-            candidates = list(names) if names is not None else [
-                p.relative_to(self.path).as_posix() for p in self.path.rglob("*") if p.is_file()
-            ]
+            candidates = (
+                list(names)
+                if names is not None
+                else [p.relative_to(self.path).as_posix() for p in self.path.rglob("*") if p.is_file()]
+            )
             changed = {}
             for name in candidates:
                 if name.endswith(".tmp"):  # a file still being written (checkpoints.save): not a version yet

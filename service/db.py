@@ -124,7 +124,9 @@ def _sqlite_loop_engine(url: str) -> Engine:
 
 # An asyncio engine's connections belong to the loop that opened them: one engine per loop (uvicorn has one per
 # process; tests start several), dropped with its loop.
-_async_engines: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, AsyncEngine]] = weakref.WeakKeyDictionary()
+_async_engines: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, AsyncEngine]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _async_engine(url: str) -> AsyncEngine:

@@ -38,8 +38,11 @@ def dispatch(job_id: uuid.UUID) -> bool:
     """Send the job's message. False when the broker cannot be reached: the job stays queued in the database."""
     try:
         producer().send_task(
-            RUN_JOB_TASK, args=[str(job_id)], queue=GPU_QUEUE,
-            retry=True, retry_policy={"max_retries": 1, "interval_start": 0.1},
+            RUN_JOB_TASK,
+            args=[str(job_id)],
+            queue=GPU_QUEUE,
+            retry=True,
+            retry_policy={"max_retries": 1, "interval_start": 0.1},
         )
     except OperationalError as exc:
         log.error("job %s stored as queued but not dispatched: broker unreachable (%s)", job_id, exc)

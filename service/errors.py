@@ -25,4 +25,7 @@ _DESCRIPTIONS = {
 def responses(*codes: int) -> dict:
     """OpenAPI entries for the error answers of a route, so clients and schema checks know them."""
     schema = {"type": "object", "properties": {"detail": {"type": "string"}}, "required": ["detail"]}
-    return {code: {"description": _DESCRIPTIONS[code], "content": {"application/json": {"schema": schema}}} for code in codes}
+    return {
+        code: {"description": _DESCRIPTIONS[code], "content": {"application/json": {"schema": schema}}}
+        for code in codes
+    }

@@ -36,9 +36,15 @@ def claim(session: Session, job_id: uuid.UUID, worker: str) -> bool:
     """queued -> running for this worker. False when the job is gone, already claimed, cancelled or finished."""
     now = utcnow()
     return _transition(
-        session, job_id, (JobStatus.queued,),
-        status=JobStatus.running, worker=worker, attempts=Job.attempts + 1, heartbeat_at=now,
-        started_at=func.coalesce(Job.started_at, now), handoff_requested=False,
+        session,
+        job_id,
+        (JobStatus.queued,),
+        status=JobStatus.running,
+        worker=worker,
+        attempts=Job.attempts + 1,
+        heartbeat_at=now,
+        started_at=func.coalesce(Job.started_at, now),
+        handoff_requested=False,
     )
 
 
@@ -64,8 +70,14 @@ def request_handoff(session: Session, worker: str) -> int:
 def requeue_after_handoff(session: Session, job_id: uuid.UUID, worker: str) -> bool:
     """running -> queued after a graceful stop; the try is given back, since nothing was lost."""
     return _transition(
-        session, job_id, (JobStatus.running,), held_by=worker,
-        status=JobStatus.queued, worker=None, handoff_requested=False, attempts=Job.attempts - 1,
+        session,
+        job_id,
+        (JobStatus.running,),
+        held_by=worker,
+        status=JobStatus.queued,
+        worker=None,
+        handoff_requested=False,
+        attempts=Job.attempts - 1,
     )
 
 
@@ -76,7 +88,9 @@ def request_cancel(session: Session, job_id: uuid.UUID) -> bool:
     False when the job is already terminal. Cancelling a job that is already cancelling changes nothing.
     """
     now = utcnow()
-    if _transition(session, job_id, (JobStatus.queued,), status=JobStatus.cancelled, cancel_requested=True, finished_at=now):
+    if _transition(
+        session, job_id, (JobStatus.queued,), status=JobStatus.cancelled, cancel_requested=True, finished_at=now
+    ):
         return True
     return _transition(
         session, job_id, (JobStatus.running, JobStatus.cancelling), status=JobStatus.cancelling, cancel_requested=True

@@ -11,10 +11,9 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
+from service.body_size_limit import BodySizeLimit
 from service.db import dispose_loop_engines
-from service.limits import BodySizeLimit
-from service.routes import artifacts, categories, health, jobs
-from service.routes import events, pages, predict
+from service.routes import artifacts, categories, events, health, jobs, pages, predict
 from service.settings import get_settings
 
 
@@ -47,8 +46,9 @@ def create_app() -> FastAPI:
     app.include_router(health.router)
     app.include_router(pages.router)  # the page: /, /new, /runs/{id}, /compare, /static (not in the OpenAPI schema)
     settings = get_settings()
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes,
-                       larger={predict.PREDICT_PATH: settings.max_upload_bytes})
+    app.add_middleware(
+        BodySizeLimit, max_bytes=settings.max_body_bytes, larger={predict.PREDICT_PATH: settings.max_upload_bytes}
+    )
     app.add_exception_handler(PoolTimeout, _database_unavailable)
     app.add_exception_handler(OperationalError, _database_unavailable)
     return app
@@ -57,7 +57,9 @@ def create_app() -> FastAPI:
 async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
     # Overload or an outage of the database is not the client's fault nor a bug: 503, and when to try again.
     return JSONResponse(
-        {"detail": f"database unavailable, try again: {type(exc).__name__}"}, status_code=503, headers={"Retry-After": "1"}
+        {"detail": f"database unavailable, try again: {type(exc).__name__}"},
+        status_code=503,
+        headers={"Retry-After": "1"},
     )
 
 

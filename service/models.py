@@ -7,13 +7,13 @@ queued -> cancelled. Terminal states never change; every transition is one condi
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, create_model
-from pydantic import Tag as UnionTag
 from pydantic import Field as PydanticField
+from pydantic import Tag as UnionTag
 from sqlalchemy import JSON, BigInteger, Column, DateTime, ForeignKey, Text, TypeDecorator, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
@@ -24,7 +24,7 @@ from cape.verdict import Verdict, single_image_verdict
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class JobStatus(StrEnum):
@@ -47,10 +47,10 @@ class UTCDateTime(TypeDecorator):
     cache_ok = True
 
     def process_bind_param(self, value, dialect):
-        return value.astimezone(timezone.utc) if value is not None and value.tzinfo else value
+        return value.astimezone(UTC) if value is not None and value.tzinfo else value
 
     def process_result_value(self, value, dialect):
-        return value.replace(tzinfo=timezone.utc) if value is not None and value.tzinfo is None else value
+        return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
 
 
 def _optional_timestamp() -> Any:
@@ -70,7 +70,9 @@ class Job(SQLModel, table=True):
     # single_image: the instance the job trains on, resolved when the job was accepted
     image_index: int | None = None
     image_file: str | None = Field(default=None, max_length=512)
-    image_annotation_id: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))  # MP-100 ids exceed 2**31
+    image_annotation_id: int | None = Field(
+        default=None, sa_column=Column(BigInteger, nullable=True)
+    )  # MP-100 ids exceed 2**31
     config: dict = Field(sa_column=Column(JSON, nullable=False))
     name: str | None = Field(default=None, max_length=NAME_MAX)
     # A sweep is the jobs that share a tag (GET /jobs?tag=...).
@@ -124,10 +126,28 @@ class EpochMetric(EpochMetricBase, table=True):
 # backbone_weights only by name: imagenet or none), the device, the DataLoader workers and the model's internals.
 # Bounds, defaults and descriptions come from TrainConfig.
 CLIENT_FIELDS = (
-    "mode", "category_id", "image_index", "split", "preset", "backbone_weights", "epochs", "episodes_per_epoch",
-    "batch_size", "num_shots", "num_queries_per_episode", "lr", "weight_decay", "warmup_epochs", "clip_max_norm",
-    "use_amp", "augment", "val_episodes_per_category", "val_queries_per_episode", "test_episodes_per_category",
-    "picture_every", "seed",
+    "mode",
+    "category_id",
+    "image_index",
+    "split",
+    "preset",
+    "backbone_weights",
+    "epochs",
+    "episodes_per_epoch",
+    "batch_size",
+    "num_shots",
+    "num_queries_per_episode",
+    "lr",
+    "weight_decay",
+    "warmup_epochs",
+    "clip_max_norm",
+    "use_amp",
+    "augment",
+    "val_episodes_per_category",
+    "val_queries_per_episode",
+    "test_episodes_per_category",
+    "picture_every",
+    "seed",
 )
 
 
@@ -135,9 +155,18 @@ Tag = Annotated[str, PydanticField(pattern=r"^[A-Za-z0-9_.:-]+$", min_length=1, 
 # Fields of a job that are not the run's: how the job is filed, not what it computes.
 JOB_FIELDS = {
     "dataset": (str | None, PydanticField(default=None, description="dataset name; the server's default when unset")),
-    "name": (str | None, PydanticField(default=None, min_length=1, max_length=NAME_MAX, description="a name for people")),
-    "tags": (list[Tag], PydanticField(default_factory=list, max_length=TAGS_MAX,
-                                      description="labels to find it by (GET /jobs?tag=...): a sweep shares one")),
+    "name": (
+        str | None,
+        PydanticField(default=None, min_length=1, max_length=NAME_MAX, description="a name for people"),
+    ),
+    "tags": (
+        list[Tag],
+        PydanticField(
+            default_factory=list,
+            max_length=TAGS_MAX,
+            description="labels to find it by (GET /jobs?tag=...): a sweep shares one",
+        ),
+    ),
 }
 
 

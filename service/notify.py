@@ -39,8 +39,9 @@ RECONNECT_FIRST_S, RECONNECT_MAX_S = 0.2, 5.0
 def _client(url: str) -> redis.Redis:
     # One retry, no back-off: after a Redis restart the pooled connection is dead and the retry reconnects; with
     # Redis down it fails at once. (The pool notices a fork, so a Celery pool process gets its own connections.)
-    return redis.Redis.from_url(url, socket_connect_timeout=PUBLISH_TIMEOUT_S, socket_timeout=PUBLISH_TIMEOUT_S,
-                                retry=Retry(NoBackoff(), 1))
+    return redis.Redis.from_url(
+        url, socket_connect_timeout=PUBLISH_TIMEOUT_S, socket_timeout=PUBLISH_TIMEOUT_S, retry=Retry(NoBackoff(), 1)
+    )
 
 
 _broker_down = False  # logged once per outage, not at every publish

@@ -49,7 +49,8 @@ def reap(session: Session, dispatcher, settings: Settings) -> ReapReport:
             target = report.cancelled
         elif attempts >= settings.max_attempts:
             values = dict(
-                status=JobStatus.failed, finished_at=now,
+                status=JobStatus.failed,
+                finished_at=now,
                 error=f"worker lost: {attempts} of {settings.max_attempts} attempts ended without a heartbeat "
                 f"(the last at {heartbeat_at:%Y-%m-%d %H:%M:%S} UTC); the worker may be running out of memory",
             )
@@ -63,17 +64,24 @@ def reap(session: Session, dispatcher, settings: Settings) -> ReapReport:
         notify.publish(job_id)  # the job's event streams look again
 
     resend_before = now - timedelta(seconds=settings.redispatch_after_s)
-    waiting = session.execute(
-        select(Job.id).where(
-            Job.status == JobStatus.queued, or_(Job.dispatched_at.is_(None), Job.dispatched_at < resend_before)
+    waiting = (
+        session.execute(
+            select(Job.id).where(
+                Job.status == JobStatus.queued, or_(Job.dispatched_at.is_(None), Job.dispatched_at < resend_before)
+            )
         )
-    ).scalars().all()
+        .scalars()
+        .all()
+    )
     for job_id in waiting:
         if job_state.dispatch_job(session, job_id, dispatcher):
             report.dispatched.append(job_id)
     if any((report.requeued, report.failed, report.cancelled, report.dispatched)):
         log.warning(
             "reaper: requeued %s, failed %s, cancelled %s, dispatched %s",
-            report.requeued, report.failed, report.cancelled, report.dispatched,
+            report.requeued,
+            report.failed,
+            report.cancelled,
+            report.dispatched,
         )
     return report

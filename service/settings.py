@@ -12,7 +12,7 @@
     CAPE_MAX_UPLOAD_BYTES, CAPE_MAX_IMAGE_PIXELS, CAPE_PREDICT_TIMEOUT_S, CAPE_PREDICT_CACHE_SIZE: predictions
     CAPE_MAX_ATTEMPTS, CAPE_HEARTBEAT_TIMEOUT_S, CAPE_REDISPATCH_AFTER_S, CAPE_REAPER_INTERVAL_S: see the reaper
 
-Read by the library itself (cape.weights), the same in the API, the workers and the CLI, so not a field here:
+Read by the library itself (cape.backbone_weights), the same in the API, the workers and the CLI, so not a field here:
     CAPE_DOWNLOAD_WEIGHTS  true (default) or false: whether ImageNet backbone weights missing from torchvision's cache
                         (TORCH_HOME) may be downloaded; false makes the API refuse (422) a job whose weights are not
                         in the cache it sees
@@ -26,7 +26,7 @@ from pathlib import Path
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from cape.predict_inputs import MAX_IMAGE_PIXELS
+from cape.inference.inputs import MAX_IMAGE_PIXELS
 
 
 class Settings(BaseSettings):
@@ -75,7 +75,9 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _default_dataset_exists(self) -> Settings:
         if self.default_dataset not in self.datasets:
-            raise ValueError(f"CAPE_DEFAULT_DATASET {self.default_dataset!r} is not one of CAPE_DATASETS {sorted(self.datasets)}")
+            raise ValueError(
+                f"CAPE_DEFAULT_DATASET {self.default_dataset!r} is not one of CAPE_DATASETS {sorted(self.datasets)}"
+            )
         return self
 
 

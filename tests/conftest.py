@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from cape.data.synthetic import generate
+from tests.helpers import KEY_A, KEY_B, reset_service_caches
 
 # Tests never download model weights: a test that would need ImageNet weights gets the offline error instead (the
 # worker and API processes the tests start inherit this).
@@ -30,17 +31,6 @@ def synthetic_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synthetic")
     generate(root, seed=0)
     return root
-
-
-def reset_service_caches() -> None:
-    """The service caches its settings, engine, broker producer and catalogs per process: tests change them."""
-    from service.catalogs import _load
-    from service.db import _sqlite_loop_engine, get_engine
-    from service.dispatch import producer
-    from service.settings import get_settings
-
-    for cached in (get_settings, get_engine, _sqlite_loop_engine, producer, _load):
-        cached.cache_clear()
 
 
 @pytest.fixture
@@ -86,9 +76,6 @@ def client(service_env, dispatched):
         yield test_client
 
 
-KEY_A, KEY_B = "key-a-0123456789", "key-b-9876543210"
-
-
 @pytest.fixture
 def secured(service_env, monkeypatch):
     """The API through TestClient with two API keys, KEY_A and KEY_B (see auth)."""
@@ -100,10 +87,6 @@ def secured(service_env, monkeypatch):
     monkeypatch.setenv("CAPE_API_KEYS", f"{KEY_A}, {KEY_B}")
     reset_service_caches()
     app = create_app()
-    app.dependency_overrides[get_dispatcher] = lambda: (lambda job_id: True)
+    app.dependency_overrides[get_dispatcher] = lambda: lambda job_id: True
     with TestClient(app) as client:
         yield client
-
-
-def auth(key):
-    return {"Authorization": f"Bearer {key}"}

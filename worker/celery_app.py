@@ -14,11 +14,11 @@ from __future__ import annotations
 from celery import Celery
 
 from service.dispatch import GPU_QUEUE, RUN_JOB_TASK
-from service.prediction import PREDICT_QUEUE, PREDICT_TASK
+from service.predict_queue import PREDICT_QUEUE, PREDICT_TASK
 from service.settings import get_settings
 
 settings = get_settings()
-app = Celery("cape", broker=settings.broker_url, include=["worker.tasks", "worker.predict", "worker.lifecycle"])
+app = Celery("cape", broker=settings.broker_url, include=["worker.tasks", "worker.prediction_task", "worker.lifecycle"])
 app.conf.update(
     task_acks_late=True,
     task_reject_on_worker_lost=True,

@@ -1,5 +1,5 @@
 """``run_job(job_id)``: claim the job, train it with cape.Trainer (or, for an evaluate job, evaluate a trained job's
-checkpoint with cape.evaluation), write its epochs or its result, end it.
+checkpoint with cape.evaluation.protocol), write its epochs or its result, end it.
 
 torch is imported inside the task, never at module import: the prefork pool forks before any CUDA state exists.
 Every write a task makes after its claim is conditional on still holding the job, so a worker the reaper took for
@@ -96,7 +96,7 @@ class LogPush(_Repeat):
 
 
 class JobCallbacks:
-    """The trainer's callbacks for one job (every method of cape.trainer.Callback, which is not imported here: it
+    """The trainer's callbacks for one job (every method of cape.training.trainer.Callback, which is not imported here: it
     would import torch before the pool forks): epoch rows and progress, its files in the store; cancellation,
     hand-off and loss of the job."""
 
@@ -225,13 +225,15 @@ def _dataset_root(dataset: str) -> str:
 
 def _train(job_id: uuid.UUID, config_fields: dict, dataset: str, attempt: int, callbacks: JobCallbacks) -> Outcome:
     from cape.config import TrainConfig
-    from cape.checkpoints import LAST
-    from cape.trainer import Trainer
+    from cape.model.checkpoint import LAST
+    from cape.training.trainer import Trainer
 
     config = TrainConfig(**config_fields, dataset_root=_dataset_root(dataset), device=get_settings().device)
     output = callbacks.run.path
     resume = output / LAST if (output / LAST).is_file() else None  # a job that ran before continues where it was
-    log.info("job %s: attempt %d, %s on %s (%s)", job_id, attempt, config.mode, dataset, "resuming" if resume else "fresh")
+    log.info(
+        "job %s: attempt %d, %s on %s (%s)", job_id, attempt, config.mode, dataset, "resuming" if resume else "fresh"
+    )
     trainer = Trainer(config, output, callbacks=[callbacks], log=log.info)
     result = trainer.fit(resume)
     return Outcome(result.status == "stopped", result.test, f"after {result.epochs_completed} epochs")
@@ -244,21 +246,36 @@ def _evaluate(
     checkpoint's own config says which), with the copy-the-support baseline. Nothing to resume: a stopped evaluation
     starts again from the beginning."""
     from cape.data.episodes import PROTOCOL_QUERIES
-    from cape.evaluate import format_table
-    from cape.evaluation import EvaluationStopped, evaluate_checkpoint, protocol_result
+    from cape.evaluation.protocol import EvaluationStopped, evaluate_checkpoint, protocol_result
+    from cape.evaluation.table import format_table
 
     log.info(
         "job %s: attempt %d, evaluate the %s checkpoint of job %s on the test categories of its split (dataset %s): "
-        "%d-shot, %d episodes per category, seed %d", job_id, attempt, request.checkpoint, request.from_job, dataset,
-        request.shots, request.episodes_per_category, request.seed,
+        "%d-shot, %d episodes per category, seed %d",
+        job_id,
+        attempt,
+        request.checkpoint,
+        request.from_job,
+        dataset,
+        request.shots,
+        request.episodes_per_category,
+        request.seed,
     )
     if callbacks.should_stop():
         return Outcome(True, None, "before it started")
     checkpoint, _ = checkpoint_copy(request.from_job, request.checkpoint)
     try:
         evaluation = evaluate_checkpoint(
-            checkpoint, "test", request.shots, request.episodes_per_category, PROTOCOL_QUERIES, _dataset_root(dataset),
-            request.seed, get_settings().device, log=log.info, should_stop=callbacks.should_stop,
+            checkpoint,
+            "test",
+            request.shots,
+            request.episodes_per_category,
+            PROTOCOL_QUERIES,
+            _dataset_root(dataset),
+            request.seed,
+            get_settings().device,
+            log=log.info,
+            should_stop=callbacks.should_stop,
         )
     except EvaluationStopped:
         return Outcome(True, None, "during the evaluation")

@@ -137,7 +137,8 @@ class EpisodeBatch:
         """Called by a DataLoader with ``pin_memory=True``: page-locked copies, so ``to(cuda, non_blocking=True)``
         overlaps the copy with the GPU's work."""
         pinned = {
-            f.name: (v.pin_memory() if isinstance(v := getattr(self, f.name), torch.Tensor) else v) for f in fields(self)
+            f.name: (v.pin_memory() if isinstance(v := getattr(self, f.name), torch.Tensor) else v)
+            for f in fields(self)
         }
         return EpisodeBatch(**pinned)
 

@@ -188,7 +188,9 @@ class MP100Catalog:
 
     def __init__(self, root: str | Path, split: int = 1, category_split_file: str | Path | None = None):
         if split not in SPLITS:
-            raise DatasetError(f"split {split} does not exist: split must be one of {', '.join(map(str, SPLITS))}", "split")
+            raise DatasetError(
+                f"split {split} does not exist: split must be one of {', '.join(map(str, SPLITS))}", "split"
+            )
         self.root = Path(root)
         self.split = split
         if not (self.root / "annotations").is_dir():

@@ -110,8 +110,17 @@ class CropDiskCache:
     def path(self, source: Path, instance: Instance, box: CropBox, input_size: int) -> Path:
         stat = source.stat()
         key = (
-            CROP_FORMAT, torchvision.__version__, str(source.absolute()), stat.st_size, stat.st_mtime_ns,
-            instance.image_width, instance.image_height, box.left, box.top, box.side, input_size,
+            CROP_FORMAT,
+            torchvision.__version__,
+            str(source.absolute()),
+            stat.st_size,
+            stat.st_mtime_ns,
+            instance.image_width,
+            instance.image_height,
+            box.left,
+            box.top,
+            box.side,
+            input_size,
         )
         digest = hashlib.sha256(repr(key).encode()).hexdigest()
         return self.root / str(input_size) / digest[:2] / f"{digest}.rgb"
@@ -189,7 +198,8 @@ class InstanceLoader:
             )
         keeps = self.disk is not None or self.memory_bytes > 0  # else the other crops would be thrown away
         others = [
-            x for x in self._instances_of(instance.file_name)
+            x
+            for x in self._instances_of(instance.file_name)
             if keeps and x.id != instance.id and x.id not in self._memory
         ]
         wanted = crop_instance(data, instance, self.input_size)

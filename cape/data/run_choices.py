@@ -21,7 +21,9 @@ def check_run_choices(config: TrainConfig, catalog: MP100Catalog) -> Instance | 
         categories = [c.category_id]
         check_episode_shape(catalog, categories, "train", c.num_shots, c.num_queries_per_episode)
         # validation: fixed episodes on the same category's train images
-        check_episode_shape(catalog, categories, "train", c.num_shots, c.val_queries_per_episode, "val_queries_per_episode")
+        check_episode_shape(
+            catalog, categories, "train", c.num_shots, c.val_queries_per_episode, "val_queries_per_episode"
+        )
         return None
     check_episode_shape(catalog, catalog.category_ids("train"), "train", c.num_shots, c.num_queries_per_episode)
     check_episode_shape(

@@ -26,7 +26,7 @@ from cape.data.catalog import MP100Catalog
 from cape.data.episodes import PROTOCOL_QUERIES, Episode, EpisodeSampler, fixed_episodes, single_image_episode
 from cape.data.instances import InstanceLoader
 from cape.data.transforms import train_augmentation
-from cape.device import resolve_device
+from cape.model.device import resolve_device
 from cape.verdict import EXPECTED_EPOCHS, MEMORISED_LOSS
 
 EVAL_BATCH = 8  # episodes per validation / test batch
@@ -80,7 +80,10 @@ def _loader_options(num_workers: int, pin_memory: bool, persistent: bool) -> dic
 
 
 def eval_batches(
-    catalog: MP100Catalog, episodes: Sequence[Episode], loader: InstanceLoader, num_workers: int = 0,
+    catalog: MP100Catalog,
+    episodes: Sequence[Episode],
+    loader: InstanceLoader,
+    num_workers: int = 0,
     pin_memory: bool = False,
 ) -> DataLoader:
     """Validation, test and evaluation batches of a one-off evaluation: fixed episodes, never augmented."""
@@ -159,23 +162,46 @@ class RunData:
             self.val_episodes = [self.single]
             self.augment = None  # memorising one image: it must be the same image every step
         elif c.mode == "category":
-            self.sampler = EpisodeSampler(self.catalog, [c.category_id], "train", c.num_shots, c.num_queries_per_episode, c.seed)
+            self.sampler = EpisodeSampler(
+                self.catalog, [c.category_id], "train", c.num_shots, c.num_queries_per_episode, c.seed
+            )
             self.val_episodes = fixed_episodes(
-                self.catalog, [c.category_id], "train", c.num_shots, c.val_queries_per_episode, c.val_episodes_per_category, c.seed
+                self.catalog,
+                [c.category_id],
+                "train",
+                c.num_shots,
+                c.val_queries_per_episode,
+                c.val_episodes_per_category,
+                c.seed,
             )
             self.augment = train_augmentation() if c.augment else None
         else:
             self.sampler = EpisodeSampler(
-                self.catalog, self.catalog.category_ids("train"), "train", c.num_shots, c.num_queries_per_episode, c.seed
+                self.catalog,
+                self.catalog.category_ids("train"),
+                "train",
+                c.num_shots,
+                c.num_queries_per_episode,
+                c.seed,
             )
             self.val_episodes = fixed_episodes(
-                self.catalog, self.catalog.category_ids("val"), "val", c.num_shots, c.val_queries_per_episode,
-                c.val_episodes_per_category, c.seed,
+                self.catalog,
+                self.catalog.category_ids("val"),
+                "val",
+                c.num_shots,
+                c.val_queries_per_episode,
+                c.val_episodes_per_category,
+                c.seed,
             )
             if c.test_episodes_per_category:
                 self.test_episodes = fixed_episodes(
-                    self.catalog, self.catalog.category_ids("test"), "test", c.num_shots, PROTOCOL_QUERIES,
-                    c.test_episodes_per_category, c.seed,
+                    self.catalog,
+                    self.catalog.category_ids("test"),
+                    "test",
+                    c.num_shots,
+                    PROTOCOL_QUERIES,
+                    c.test_episodes_per_category,
+                    c.seed,
                 )
             self.augment = train_augmentation() if c.augment else None
         device = device if device is not None else resolve_device(c.device)
@@ -213,7 +239,9 @@ class RunData:
     def banner(self) -> list[str]:
         c = self.config
         model = c.resolved_model
-        lines = [f"mode {c.mode} | dataset {c.dataset_root} split {c.split} | preset {c.preset} ({model.backbone}, {model.input_size} px)"]
+        lines = [
+            f"mode {c.mode} | dataset {c.dataset_root} split {c.split} | preset {c.preset} ({model.backbone}, {model.input_size} px)"
+        ]
         if c.mode == "single_image":
             x = self.single.queries[0]
             n = len(self.catalog.instances(c.category_id, "train"))

@@ -59,12 +59,37 @@ IMAGE_SIZES = ("small", "mp100")
 # The real photos' sizes, measured on the two MP-100 annotation files at hand (split1_val and split3_test: 3,432
 # images): quantiles (in %) of the long side, and of short side / long side. Mean 1.3 megapixels.
 MP100_LONG_SIDE = (
-    (0, 160), (5, 192), (10, 246), (15, 500), (25, 599), (30, 766), (35, 922), (40, 1024), (75, 1024), (80, 1280),
-    (85, 1844), (90, 2016), (95, 2992), (99, 4257), (100, 6016),
+    (0, 160),
+    (5, 192),
+    (10, 246),
+    (15, 500),
+    (25, 599),
+    (30, 766),
+    (35, 922),
+    (40, 1024),
+    (75, 1024),
+    (80, 1280),
+    (85, 1844),
+    (90, 2016),
+    (95, 2992),
+    (99, 4257),
+    (100, 6016),
 )
 MP100_ASPECT = (
-    (0, 0.31), (5, 0.626), (10, 0.664), (15, 0.666), (20, 0.667), (40, 0.668), (45, 0.684), (50, 0.737), (55, 0.75),
-    (70, 0.751), (75, 0.801), (80, 0.91), (85, 1.0), (100, 1.0),
+    (0, 0.31),
+    (5, 0.626),
+    (10, 0.664),
+    (15, 0.666),
+    (20, 0.667),
+    (40, 0.668),
+    (45, 0.684),
+    (50, 0.737),
+    (55, 0.75),
+    (70, 0.751),
+    (75, 0.801),
+    (80, 0.91),
+    (85, 1.0),
+    (100, 1.0),
 )
 MP100_PORTRAIT = 0.173  # share of the photos taller than wide (square ones are 16.6 %: aspect 1.0 above)
 NUM_EMPTY_SKELETONS = 20
@@ -670,11 +695,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", required=True, type=Path, help="dataset root to write (created if missing)")
     parser.add_argument("--seed", type=_non_negative_int, default=0, help="same seed, same bytes (default 0)")
+    parser.add_argument("--workers", type=_positive_int, default=None, help="render processes (default: all cores)")
     parser.add_argument(
-        "--workers", type=_positive_int, default=None, help="render processes (default: all cores)"
-    )
-    parser.add_argument(
-        "--image_size", choices=IMAGE_SIZES, default="small",
+        "--image_size",
+        choices=IMAGE_SIZES,
+        default="small",
         help="small: 160-480 px a side (default); mp100: the sizes of the real MP-100 photos (median 1024 x 684, "
         "up to 6016 px: 2,191 photos, 300 MB)",
     )

@@ -80,7 +80,9 @@ class CapeModel(nn.Module):
         )  # [B, K, d] each
         cells = query_features.flatten(2).transpose(1, 2)  # [B*Q, h*w, d]
         # Matching compares raw features of support and query (one space); the encoder then adds context.
-        match_logits, proposals = self.matcher(appearance.repeat_interleave(q, dim=0), cells, cell_centres(h, w, cells.device))
+        match_logits, proposals = self.matcher(
+            appearance.repeat_interleave(q, dim=0), cells, cell_centres(h, w, cells.device)
+        )
         support = support.repeat_interleave(q, dim=0) + self.proposal(proposals).to(support.dtype)
         pos = sine_position_encoding(h, w, self.config.d_model, features.device, features.dtype)
         memory = self.encoder(cells + pos)  # [B*Q, h*w, d]
@@ -105,8 +107,11 @@ class CapeModel(nn.Module):
         h = self.decoder(x, self.decoder.start(enc.memory, enc.memory_pos))
         logits, offsets = self.heads(h)
         return ModelOutput(
-            logits=logits, offsets=offsets, coords=self.heads.decode(logits, offsets),
-            match_logits=enc.match_logits, grid=enc.grid,
+            logits=logits,
+            offsets=offsets,
+            coords=self.heads.decode(logits, offsets),
+            match_logits=enc.match_logits,
+            grid=enc.grid,
         )
 
     # --- autoregressive decoding (validation, evaluation, inference) ---------------------------------------------
@@ -136,6 +141,9 @@ class CapeModel(nn.Module):
                 step_input = (enc.support[:, i + 1] + self.previous(step_coords).to(enc.support.dtype)).unsqueeze(1)
                 inputs.append(step_input)
         return ModelOutput(
-            logits=torch.stack(logits, 1), offsets=torch.stack(offsets, 1), coords=torch.stack(coords, 1),
-            match_logits=enc.match_logits, grid=enc.grid,
+            logits=torch.stack(logits, 1),
+            offsets=torch.stack(offsets, 1),
+            coords=torch.stack(coords, 1),
+            match_logits=enc.match_logits,
+            grid=enc.grid,
         )

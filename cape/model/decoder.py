@@ -65,7 +65,9 @@ class DecoderLayer(nn.Module):
             k, v = torch.cat(cache.self_k, dim=2), torch.cat(cache.self_v, dim=2)
         # The new step sees every cached step, so no mask is needed in the incremental case.
         x = x + self.drop(a.attend(a.q(h), k, v, causal=not incremental))
-        x = x + self.drop(self.cross_attn.attend(self.cross_attn.q(self.norm2(x)), cache.memory_k, cache.memory_v, False))
+        x = x + self.drop(
+            self.cross_attn.attend(self.cross_attn.q(self.norm2(x)), cache.memory_k, cache.memory_v, False)
+        )
         return x + self.drop(self.mlp(self.norm3(x)))
 
 

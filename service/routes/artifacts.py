@@ -1,4 +1,4 @@
-"""What a job's run leaves besides its rows: its log and its pictures (see cape/pictures.py), for the run page."""
+"""What a job's run leaves besides its rows: its log and its pictures (see cape/training/pictures.py), for the run page."""
 
 from __future__ import annotations
 
@@ -39,7 +39,9 @@ class Pictures(BaseModel):
 
 @router.get("/{job_id}/logs", response_model=LogChunk, responses=responses(401, 404, 503))
 def get_logs(
-    job_id: uuid.UUID, session: SessionDep, owner: OwnerDep,
+    job_id: uuid.UUID,
+    session: SessionDep,
+    owner: OwnerDep,
     offset: Annotated[int, Query(ge=0, le=MAX_LOG_OFFSET, description="bytes already read")] = 0,
 ) -> LogChunk:
     """The job's own log (the banner, a line per epoch, warnings, the error with its cause) from ``offset`` on.
@@ -49,7 +51,9 @@ def get_logs(
     data, size = read_log(get_store(), job_id, offset)
     end = offset + len(data)
     complete = job.status in TERMINAL and end >= size
-    return LogChunk(job_id=job_id, offset=offset, next_offset=end, text=data.decode("utf-8", "replace"), complete=complete)
+    return LogChunk(
+        job_id=job_id, offset=offset, next_offset=end, text=data.decode("utf-8", "replace"), complete=complete
+    )
 
 
 @router.get("/{job_id}/pictures", response_model=Pictures, responses=responses(401, 404, 503))
@@ -71,7 +75,9 @@ def get_predictions(job_id: uuid.UUID, epoch: EpochPath, session: SessionDep, ow
     return {"job_id": str(job_id), **json.loads(data)}
 
 
-@router.get("/{job_id}/epochs/{epoch}/predictions.png", response_class=Response, responses={**PNG, **responses(401, 404, 503)})
+@router.get(
+    "/{job_id}/epochs/{epoch}/predictions.png", response_class=Response, responses={**PNG, **responses(401, 404, 503)}
+)
 def get_predictions_png(job_id: uuid.UUID, epoch: EpochPath, session: SessionDep, owner: OwnerDep) -> Response:
     """The drawn validation queries of the epoch: the support beside the query, ground truth and predictions."""
     owned_job(session, job_id, owner)

@@ -42,7 +42,9 @@ def list_categories(dataset: DatasetQuery = None, split: SplitQuery = 1) -> Cate
     return CategoryList(dataset=name, split=split, items=catalog.summary)
 
 
-def _instance(dataset: str | None, split: int, category_id: int, index: int, subset: str) -> tuple[MP100Catalog, Instance]:
+def _instance(
+    dataset: str | None, split: int, category_id: int, index: int, subset: str
+) -> tuple[MP100Catalog, Instance]:
     catalog = get_catalog(dataset or get_settings().default_dataset, split, loc=("query", "dataset"))
     try:
         return catalog, catalog.instance(category_id, index, subset)
@@ -52,26 +54,41 @@ def _instance(dataset: str | None, split: int, category_id: int, index: int, sub
 
 @router.get("/{category_id}/instances/{index}", response_model=InstancePublic, responses=responses(401, 503))
 def get_instance(
-    category_id: int, index: Annotated[int, Path(ge=0, le=10**6)], dataset: DatasetQuery = None, split: SplitQuery = 1,
+    category_id: int,
+    index: Annotated[int, Path(ge=0, le=10**6)],
+    dataset: DatasetQuery = None,
+    split: SplitQuery = 1,
     subset: Literal["train", "val", "test"] = "train",
 ) -> InstancePublic:
     """The ``index``-th instance of the category (by annotation id, as a job's ``image_index``): its box, keypoints
     and skeleton, to show it before training on it."""
     catalog, x = _instance(dataset, split, category_id, index, subset)
     return InstancePublic(
-        category_id=category_id, index=index, annotation_id=x.id, file_name=x.file_name, width=x.image_width,
-        height=x.image_height, bbox=list(x.bbox), skeleton=[list(e) for e in catalog.category(category_id).skeleton],
+        category_id=category_id,
+        index=index,
+        annotation_id=x.id,
+        file_name=x.file_name,
+        width=x.image_width,
+        height=x.image_height,
+        bbox=list(x.bbox),
+        skeleton=[list(e) for e in catalog.category(category_id).skeleton],
         keypoints=[[px, py, v] for (px, py), v in zip(x.keypoints.tolist(), x.visibility.tolist())],
     )
 
 
 @router.get(
-    "/{category_id}/instances/{index}/image", response_class=FileResponse,
-    responses={200: {"content": {"image/jpeg": {}, "image/png": {}}, "description": "The original image"},
-               **responses(401, 503)},
+    "/{category_id}/instances/{index}/image",
+    response_class=FileResponse,
+    responses={
+        200: {"content": {"image/jpeg": {}, "image/png": {}}, "description": "The original image"},
+        **responses(401, 503),
+    },
 )
 def get_instance_image(
-    category_id: int, index: Annotated[int, Path(ge=0, le=10**6)], dataset: DatasetQuery = None, split: SplitQuery = 1,
+    category_id: int,
+    index: Annotated[int, Path(ge=0, le=10**6)],
+    dataset: DatasetQuery = None,
+    split: SplitQuery = 1,
     subset: Literal["train", "val", "test"] = "train",
 ) -> FileResponse:
     """The instance's original image file."""

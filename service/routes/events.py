@@ -92,7 +92,7 @@ class Feed:
             try:
                 last_epoch = await self._read(last_epoch)
                 wait, failing = RECHECK_S, False
-            except Exception as exc:  # noqa: BLE001 - the streams must hear of it, not wait for ever
+            except Exception as exc:
                 if not self.ready.is_set():
                     self.error = exc
                 elif not failing:
@@ -240,16 +240,24 @@ reconnect with `Last-Event-ID`."""
 def _event(name: str, data: dict, **more: dict) -> dict:
     """One kind of event, in OpenAPI 3.2's terms for an event stream's items (``itemSchema``)."""
     data_field = {"type": "string", "contentMediaType": "application/json", "contentSchema": data}
-    return {"type": "object", "required": ["event", "data"],
-            "properties": {"event": {"const": name}, "data": data_field, **more}}
+    return {
+        "type": "object",
+        "required": ["event", "data"],
+        "properties": {"event": {"const": name}, "data": data_field, **more},
+    }
 
 
-EVENT_SCHEMA = {"oneOf": [
-    _event("status", {"$ref": "#/components/schemas/JobPublic"}),
-    _event("epoch", {"$ref": "#/components/schemas/EpochMetricPublic"},
-           id={"type": "string", "description": "the epoch number"}),
-    _event("end", {"type": "object", "properties": {"status": {"type": "string"}}, "required": ["status"]}),
-]}
+EVENT_SCHEMA = {
+    "oneOf": [
+        _event("status", {"$ref": "#/components/schemas/JobPublic"}),
+        _event(
+            "epoch",
+            {"$ref": "#/components/schemas/EpochMetricPublic"},
+            id={"type": "string", "description": "the epoch number"},
+        ),
+        _event("end", {"type": "object", "properties": {"status": {"type": "string"}}, "required": ["status"]}),
+    ]
+}
 
 
 @router.get(
@@ -257,9 +265,13 @@ EVENT_SCHEMA = {"oneOf": [
     response_class=Response,
     summary="Follow a job (Server-Sent Events)",
     description=EVENTS_DESCRIPTION,
-    responses={200: {"description": "The event stream: `status`, `epoch` and, at the end, `end` events",
-                     "content": {"text/event-stream": {"itemSchema": EVENT_SCHEMA}}},
-               **responses(401, 404, 503)},
+    responses={
+        200: {
+            "description": "The event stream: `status`, `epoch` and, at the end, `end` events",
+            "content": {"text/event-stream": {"itemSchema": EVENT_SCHEMA}},
+        },
+        **responses(401, 404, 503),
+    },
 )
 async def job_events(
     feed: Annotated[Feed, Depends(watched_job)],

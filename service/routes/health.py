@@ -29,8 +29,14 @@ READY_SCHEMA = {
 @router.get(
     "/readyz",
     responses={
-        200: {"description": "Database and broker reachable", "content": {"application/json": {"schema": READY_SCHEMA}}},
-        503: {"description": "Database or broker unreachable", "content": {"application/json": {"schema": READY_SCHEMA}}},
+        200: {
+            "description": "Database and broker reachable",
+            "content": {"application/json": {"schema": READY_SCHEMA}},
+        },
+        503: {
+            "description": "Database or broker unreachable",
+            "content": {"application/json": {"schema": READY_SCHEMA}},
+        },
     },
 )
 def readyz() -> JSONResponse:

@@ -17,13 +17,13 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, func, select
 
+from cape.backbone_weights import check_backbone_weights
 from cape.config import MAX_EPOCHS, TrainConfig
 from cape.data.catalog import MP100Catalog
 from cape.data.episodes import PROTOCOL_QUERIES, check_episode_shape
 from cape.data.run_choices import check_run_choices
 from cape.errors import CheckpointError, DatasetError
 from cape.run_files import CHECKPOINT_FILES
-from cape.weights import check_backbone_weights
 from service import job_state
 from service.artifacts import get_store
 from service.auth import OwnerDep
@@ -35,6 +35,7 @@ from service.models import (
     CLIENT_FIELDS,
     JOB_FIELDS,
     JOB_REQUEST_TAGS,
+    TAG_MAX,
     EpochMetric,
     EpochMetricPublic,
     EvaluateConfig,
@@ -46,7 +47,6 @@ from service.models import (
     JobRequest,
     JobStatus,
     MetricList,
-    TAG_MAX,
 )
 from service.settings import get_settings
 
@@ -142,9 +142,13 @@ def _replay(session: Session, owner: str, key: str, request_hash: str, response:
 
 
 @router.post(
-    "", status_code=201, response_model=JobPublic,
-    responses={200: {"model": JobPublic, "description": "The job an earlier request with this Idempotency-Key created"},
-               **responses(400, 401, 409, 413, 503)},
+    "",
+    status_code=201,
+    response_model=JobPublic,
+    responses={
+        200: {"model": JobPublic, "description": "The job an earlier request with this Idempotency-Key created"},
+        **responses(400, 401, 409, 413, 503),
+    },
 )
 def create_job(
     body: JobRequest,
@@ -307,8 +311,12 @@ async def get_metrics(
         raise not_found(f"job {job_id}")
     # A job without new rows comes back as one row of NULL metrics (the outer join).
     items = [dict(zip(METRIC_FIELDS, row[2:])) for row in rows if row.epoch is not None]
-    body = {"job_id": job_id, "status": rows[0].status, "items": items,
-            "next_after_epoch": items[-1]["epoch"] if items else after_epoch}
+    body = {
+        "job_id": job_id,
+        "status": rows[0].status,
+        "items": items,
+        "next_after_epoch": items[-1]["epoch"] if items else after_epoch,
+    }
     # Every value comes from a typed column, so the answer goes straight to JSON in pydantic's core: validating it
     # against MetricList first cost a fifth of a 100-row answer's CPU. MetricList stays the documented schema, and
     # the tests validate answers against it. A diverged run's non-finite loss is null, as FastAPI writes it.
@@ -320,6 +328,8 @@ def cancel_job(job_id: uuid.UUID, session: SessionDep, owner: OwnerDep) -> JobPu
     """A queued job is cancelled at once; a running one becomes ``cancelling`` until its worker stops it."""
     job = owned_job(session, job_id, owner)
     if not job_state.request_cancel(session, job_id):
-        raise HTTPException(status_code=409, detail=f"job {job_id} is already {job.status}: a finished job cannot be cancelled")
+        raise HTTPException(
+            status_code=409, detail=f"job {job_id} is already {job.status}: a finished job cannot be cancelled"
+        )
     session.refresh(job)
     return JobPublic.of(job)

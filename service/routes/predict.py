@@ -1,7 +1,7 @@
 """Using a trained job: predict keypoints on your own images, and take its checkpoints away.
 
-The API checks the upload (cape/predict_inputs.py: header-only, no decoding) and hands it to a predict worker
-(service/prediction.py); it never loads the model, nor torch.
+The API checks the upload (cape/inference/inputs.py: header-only, no decoding) and hands it to a predict worker
+(service/predict_queue.py); it never loads the model, nor torch.
 """
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ from pydantic import BaseModel, Field
 from sqlalchemy import bindparam
 from sqlmodel import select
 
-from cape.predict_inputs import InputError, check_predict_inputs
+from cape.inference.inputs import InputError, check_predict_inputs
 from cape.run_files import CHECKPOINT_FILES, CheckpointName
 from service.artifacts import get_store
 from service.auth import OwnerDep
 from service.db import ReadsDep, SessionDep
 from service.errors import not_found, responses, unprocessable
 from service.models import Job
-from service.prediction import PredictorDep, PredictTimeout, PredictUnavailable
+from service.predict_queue import PredictionRequesterDep, PredictTimeout, PredictUnavailable
 from service.routes.jobs import owned_job
 from service.settings import get_settings
 
@@ -82,24 +82,34 @@ PNG = {"content": {"image/png": {}}}
 
 
 @router.post(
-    "/{job_id}/predict", response_model=PredictionPublic,
-    responses={200: {**PNG, "description": "The prediction; with Accept: image/png, the query image with it drawn"},
-               **responses(400, 401, 404, 409, 413, 503, 504)},
+    "/{job_id}/predict",
+    response_model=PredictionPublic,
+    responses={
+        200: {**PNG, "description": "The prediction; with Accept: image/png, the query image with it drawn"},
+        **responses(400, 401, 404, 409, 413, 503, 504),
+    },
 )
 async def predict(
     job_id: uuid.UUID,
     db: ReadsDep,
     owner: OwnerDep,
-    predictor: PredictorDep,
+    predictor: PredictionRequesterDep,
     support_image: Annotated[UploadFile, File(description="the support image: JPEG, PNG or WebP")],
-    support_keypoints: Annotated[str, Form(
-        max_length=JSON_FIELD,
-        description="JSON [[x, y], ...] or [[x, y, v], ...] in support-image pixels (v = 0: not labelled); K comes from it")],
+    support_keypoints: Annotated[
+        str,
+        Form(
+            max_length=JSON_FIELD,
+            description="JSON [[x, y], ...] or [[x, y, v], ...] in support-image pixels (v = 0: not labelled); K comes from it",
+        ),
+    ],
     query_image: Annotated[UploadFile, File(description="the query image: JPEG, PNG or WebP")],
     skeleton: Annotated[str | None, Form(max_length=JSON_FIELD, description="JSON [[a, b], ...], 0-based")] = None,
-    support_bbox: Annotated[str | None, Form(
-        max_length=200, description="JSON [x, y, w, h]; default: around the labelled keypoints")] = None,
-    query_bbox: Annotated[str | None, Form(max_length=200, description="JSON [x, y, w, h]; default: the whole image")] = None,
+    support_bbox: Annotated[
+        str | None, Form(max_length=200, description="JSON [x, y, w, h]; default: around the labelled keypoints")
+    ] = None,
+    query_bbox: Annotated[
+        str | None, Form(max_length=200, description="JSON [x, y, w, h]; default: the whole image")
+    ] = None,
     checkpoint: Annotated[CheckpointName, Form()] = "best",
     accept: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> PredictionPublic | Response:
@@ -115,15 +125,25 @@ async def predict(
     settings = get_settings()
     try:
         inputs = await run_in_threadpool(
-            check_predict_inputs, support, support_keypoints, query, skeleton, support_bbox, query_bbox,
+            check_predict_inputs,
+            support,
+            support_keypoints,
+            query,
+            skeleton,
+            support_bbox,
+            query_bbox,
             settings.max_image_pixels,
         )
     except InputError as exc:
         raise unprocessable(("body", exc.field), str(exc)) from None
     png = "image/png" in (accept or "")
     request = {
-        "job_id": str(job_id), "checkpoint": checkpoint, "inputs": inputs.to_json(), "png": png,
-        "support_image": base64.b64encode(support).decode(), "query_image": base64.b64encode(query).decode(),
+        "job_id": str(job_id),
+        "checkpoint": checkpoint,
+        "inputs": inputs.to_json(),
+        "png": png,
+        "support_image": base64.b64encode(support).decode(),
+        "query_image": base64.b64encode(query).decode(),
     }
     try:
         answer = await predictor(request, settings.predict_timeout_s)
@@ -137,10 +157,16 @@ async def predict(
     if png:
         return Response(base64.b64decode(answer["png"]), media_type="image/png")
     return PredictionPublic(
-        job_id=job_id, checkpoint=answer["checkpoint"], k=inputs.k, keypoints=answer["keypoints"],
-        confidence=answer["confidence"], support_labelled=list(inputs.labelled),
-        skeleton=[list(e) for e in inputs.skeleton], support_bbox=list(inputs.support_bbox),
-        query_bbox=list(inputs.query_bbox), query_size=[inputs.query.width, inputs.query.height],
+        job_id=job_id,
+        checkpoint=answer["checkpoint"],
+        k=inputs.k,
+        keypoints=answer["keypoints"],
+        confidence=answer["confidence"],
+        support_labelled=list(inputs.labelled),
+        skeleton=[list(e) for e in inputs.skeleton],
+        support_bbox=list(inputs.support_bbox),
+        query_bbox=list(inputs.query_bbox),
+        query_size=[inputs.query.width, inputs.query.height],
         timing=Timing(total_ms=1000 * (time.perf_counter() - started), **answer["timing"]),
     )
 
@@ -159,12 +185,19 @@ def list_checkpoints(job_id: uuid.UUID, session: SessionDep, owner: OwnerDep) ->
 
 
 @router.get(
-    "/{job_id}/checkpoints/{name}", response_class=StreamingResponse,
-    responses={200: {"content": {"application/octet-stream": {}}, "description": "The checkpoint file"},
-               304: {"description": "Not modified (If-None-Match)"}, **responses(401, 404, 503)},
+    "/{job_id}/checkpoints/{name}",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {"application/octet-stream": {}}, "description": "The checkpoint file"},
+        304: {"description": "Not modified (If-None-Match)"},
+        **responses(401, 404, 503),
+    },
 )
 def download_checkpoint(
-    job_id: uuid.UUID, name: CheckpointName, session: SessionDep, owner: OwnerDep,
+    job_id: uuid.UUID,
+    name: CheckpointName,
+    session: SessionDep,
+    owner: OwnerDep,
     if_none_match: Annotated[str | None, Header(max_length=200)] = None,
 ) -> Response:
     """The checkpoint file, for ``python -m cape.predict`` and ``python -m cape.evaluate`` (or to resume elsewhere)."""
@@ -180,7 +213,8 @@ def download_checkpoint(
         handle.close()
         return Response(status_code=304, headers={"ETag": info.etag})
     headers = {
-        "Content-Length": str(info.size), "ETag": info.etag,
+        "Content-Length": str(info.size),
+        "ETag": info.etag,
         "Last-Modified": format_datetime(info.modified_at, usegmt=True),
         "Content-Disposition": f'attachment; filename="cape-{job_id}-{name}.pt"',
     }

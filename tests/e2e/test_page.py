@@ -1,0 +1,709 @@
+"""The page in a real browser: headless Chromium driven by Selenium, against the real stack (uvicorn, redis-server, a
+Celery worker, SQLite), through the page's own forms and buttons.
+
+One stack for the module; the tests run in order and build on each other's jobs: submit a single-image job through
+the form and watch it live (curves, verdict, pictures, log), clone it into a second run with another learning rate
+and cancel a third, compare the two runs, try the first run's checkpoint on dataset images ("Try it": place
+keypoints, predict, download the checkpoint), a tiny full-mode run and its test table, an evaluation of it started
+from its page, then the page with API keys on.
+Screenshots go to the tests' output folders and to /tmp/page_shots/. The browser tests skip, saying why, without
+chromium and chromedriver (.ci/run installs them); the first test (the files, through TestClient) needs no browser.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+
+from cape.data.catalog import MP100Catalog
+from tests.helpers import sqlite_stack, uvicorn_server
+
+webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed (pip install -e '.[test]')")
+from selenium.common.exceptions import (  # noqa: E402
+    StaleElementReferenceException,
+    WebDriverException,
+)
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+browser_test = pytest.mark.skipif(
+    not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()),
+    reason="chromium and chromedriver not installed (apt-get install chromium chromium-driver)",
+)
+
+SHOTS = Path("/tmp/page_shots")  # where the lead looks at them
+KEY = "page-test-key-7f3a"
+# Small, so that the module runs in a couple of minutes on a busy 2-core machine: a healthy model memorises one image
+# in a few hundred steps; what the page shows is the same with fewer.
+FIRST = {"epochs": "3", "batch_size": "1", "num_queries_per_episode": "1", "episodes_per_epoch": "10"}
+
+
+# --- fixtures -----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, synthetic_root):
+    """The API (open), a training worker, a predict worker, Redis and SQLite; yields base URL, environment and folder."""
+    with sqlite_stack(
+        tmp_path_factory.mktemp("page"), {"synthetic": synthetic_root}, predict_worker=True, heartbeat_interval_s="1"
+    ) as stack:
+        yield stack
+
+
+@pytest.fixture(scope="module")
+def keyed_base(stack):
+    """A second API process on the same database and broker, with CAPE_API_KEYS set."""
+    with uvicorn_server({**stack.env, "CAPE_API_KEYS": KEY}, stack.tmp / "api-keys.log") as base:
+        yield base
+
+
+def _chrome(performance_log: bool = False):
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000"):
+        options.add_argument(argument)
+    options.set_capability(
+        "goog:loggingPrefs", {"browser": "ALL", **({"performance": "ALL"} if performance_log else {})}
+    )
+    try:
+        return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    except WebDriverException as exc:
+        pytest.skip(f"chromium does not start here: {exc.msg}")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    driver = _chrome()
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def jobs():
+    """The jobs the tests create, by role, for the tests after them."""
+    return {}
+
+
+@pytest.fixture(scope="module")
+def category(synthetic_root) -> int:
+    return MP100Catalog(synthetic_root).category_ids("train")[0]
+
+
+# --- helpers ------------------------------------------------------------------------------------------------------
+
+
+def wait(driver, condition, timeout: float = 30, message: str = ""):
+    # The pages redraw what changed (the list every few seconds): an element can go stale between two looks.
+    return WebDriverWait(
+        driver, timeout, poll_frequency=0.2, ignored_exceptions=[StaleElementReferenceException]
+    ).until(condition, message)
+
+
+def click(driver, css: str) -> None:
+    """Clicks the element, finding it again if the page redrew it meanwhile."""
+    wait(driver, lambda d: d.find_element(By.CSS_SELECTOR, css).click() or True)
+
+
+def listed(driver) -> list[str]:
+    """The job ids in the list, top to bottom."""
+    return js(driver, "return [...document.querySelectorAll('#jobs tbody tr[data-job-id]')].map(r => r.dataset.jobId)")
+
+
+def js(driver, script: str, *args):
+    return driver.execute_script(script, *args)
+
+
+def text(driver, css: str) -> str | None:
+    """An element's text, read in one go (the run page redraws its summary on every status event)."""
+    return js(driver, "return document.querySelector(arguments[0])?.innerText ?? null", css)
+
+
+def body_data(driver, name: str):
+    return js(driver, f"return document.body.dataset.{name} ?? null")
+
+
+def trace_points(driver, chart: str) -> list[int]:
+    return js(driver, f"return (document.getElementById('{chart}').data || []).map(t => t.x.length)")
+
+
+def fill(driver, field: str, value: str) -> None:
+    element = driver.find_element(By.ID, field)
+    element.clear()
+    element.send_keys(value)
+
+
+def error_next_to(driver, field: str) -> str:
+    return driver.find_element(By.CSS_SELECTOR, f'[data-field="{field}"] [data-error-for="{field}"]').text
+
+
+def screenshot(driver, folder: Path, name: str) -> Path:
+    """The whole page (the window grown to its height), in the test's folder and in /tmp/page_shots/."""
+    height = js(driver, "return document.documentElement.scrollHeight")
+    driver.set_window_size(1400, min(max(height, 1000), 4000))
+    try:
+        path = folder / f"{name}.png"
+        driver.save_screenshot(str(path))
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, SHOTS / path.name)
+        return path
+    finally:
+        driver.set_window_size(1400, 1000)
+
+
+def severe_console_errors(driver) -> list[str]:
+    """Console errors other than the answers the page expects (a 422 it shows, a 401 before the key)."""
+    return [
+        entry["message"]
+        for entry in driver.get_log("browser")
+        if entry["level"] == "SEVERE"
+        and not any(f"status of {code}" in entry["message"] for code in (401, 404, 409, 422))
+    ]
+
+
+def authorization(request: dict) -> str | None:
+    """The Authorization header of a request in Chrome's performance log."""
+    return {name.lower(): value for name, value in request["headers"].items()}.get("authorization")
+
+
+def open_page(driver, url: str, ready: str) -> None:
+    driver.get(url)
+    wait(driver, lambda d: body_data(d, ready), message=f"{url} never got ready")
+
+
+# --- tests --------------------------------------------------------------------------------------------------------
+
+
+def test_the_pages_and_their_files_are_served_without_a_key_and_stay_out_of_the_schema(client, monkeypatch):
+    """The pages are static: they need no key, even with keys on (the data calls do). Plotly comes from the
+    installed wheel, under a URL with its version, cached for a year and compressed; our own files revalidate."""
+    from importlib.metadata import version
+
+    from tests.helpers import reset_service_caches
+
+    monkeypatch.setenv("CAPE_API_KEYS", KEY)
+    reset_service_caches()
+    for path in ("/", "/new", "/runs/00000000-0000-0000-0000-000000000000", "/compare?tag=x"):
+        page = client.get(path)
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html"), path
+        assert page.headers["cache-control"] == "no-cache"
+    assert f'src="/static/vendor/plotly.min.js?v={version("plotly")}"' in client.get("/runs/x").text
+    assert client.get("/jobs").status_code == 401  # the data is not open
+    for name in ("api.js", "charts.js", "ui.js", "app.css", "run.js", "tryit.js", "checkpoints.js"):
+        assert client.get(f"/static/{name}").status_code == 200, name
+    assert client.get("/static/../main.py").status_code == 404
+    assert client.get("/static/%2e%2e/main.py").status_code == 404
+
+    plotly = client.get("/static/vendor/plotly.min.js", headers={"Accept-Encoding": "gzip"})
+    assert plotly.status_code == 200 and plotly.headers["content-encoding"] == "gzip"
+    assert plotly.headers["cache-control"] == "public, max-age=31536000, immutable"
+    assert plotly.text.lstrip().startswith("/**") and "plotly.js" in plotly.text[:200]
+    assert int(plotly.headers["content-length"]) < len(plotly.content) / 2
+    plain = client.get("/static/vendor/plotly.min.js", headers={"Accept-Encoding": "identity"})
+    assert plain.content == plotly.content and "content-encoding" not in plain.headers
+    assert not (Path(__file__).parents[2] / "service" / "static" / "vendor").exists(), "plotly is never copied in"
+
+    paths = client.get("/openapi.json").json()["paths"]
+    assert not [p for p in paths if p in ("/", "/new", "/compare") or p.startswith(("/runs", "/static"))]
+
+
+@browser_test
+def test_submit_a_job_through_the_form_and_watch_it_live(browser, stack, category, jobs, tmp_path):
+    d = browser
+    open_page(d, f"{stack.base}/", "loaded")
+    assert "No jobs yet" in d.find_element(By.ID, "jobs").text
+    d.find_element(By.LINK_TEXT, "New job").click()
+    wait(d, lambda d: body_data(d, "ready"))
+
+    # The picker shows id, name, K and the train images; the chosen instance is previewed with its keypoints.
+    Select(d.find_element(By.ID, "category_id")).select_by_value(str(category))
+    option = d.find_element(By.CSS_SELECTOR, f'#category_id option[value="{category}"]').text
+    assert option.startswith(f"{category} · ") and "K=" in option and "train images" in option
+    wait(d, lambda d: d.find_element(By.ID, "preview").get_attribute("data-instance") == f"{category}/0")
+    assert d.find_element(By.ID, "preview").is_displayed()
+
+    d.find_element(By.ID, "guide-values").click()
+    for field, value in FIRST.items():
+        fill(d, field, value)
+    fill(d, "name", "lr 5e-4")
+    fill(d, "tags", "page-sweep, first")
+
+    # An index out of range: the API's 422 message appears next to the field, and nothing is submitted.
+    fill(d, "image_index", "999")
+    d.find_element(By.ID, "submit").click()
+    wait(d, lambda d: "index must be 0.." in error_next_to(d, "image_index"), message="no 422 message at image_index")
+    assert "/new" in d.current_url
+    screenshot(d, tmp_path, "new_job_with_422")
+    fill(d, "image_index", "0")
+    d.find_element(By.ID, "submit").click()
+    wait(d, lambda d: "/runs/" in d.current_url)
+    job_id = d.current_url.rsplit("/", 1)[1]
+    jobs["first"] = job_id
+    js(d, "window.__sameDocument = true")  # gone if anything reloads the page
+
+    # The curves grow as epochs arrive, with no reload.
+    seen: set[int] = set()
+
+    def points(d):
+        counts = trace_points(d, "loss-chart")
+        seen.add(counts[0] if counts else 0)
+        return counts and counts[0] == 3 and trace_points(d, "pck-chart")[0] == 3
+
+    wait(d, lambda d: points(d) is not None and max(seen) >= 1, timeout=240, message="no epoch on the curve")
+    # The user zooms into the PCK chart (what its zoom tool does: a relayout); the next epochs keep the zoom.
+    js(d, "return Plotly.relayout('pck-chart', {'xaxis.range': [0.5, 1.5], 'yaxis.range': [0.4, 1.01]})")
+    wait(d, points, timeout=300, message=f"the loss curve never reached 3 points (saw {sorted(seen)})")
+    assert seen & {1, 2}, f"the curve appeared at once, never seen growing: {sorted(seen)}"
+    zoom = js(d, "const l = document.getElementById('pck-chart').layout; return [l.xaxis.range, l.yaxis.range]")
+    assert zoom == [[0.5, 1.5], [0.4, 1.01]], f"the zoom was lost: {zoom}"
+    wait(d, lambda d: body_data(d, "status") == "succeeded", timeout=60)
+    assert js(d, "return window.__sameDocument === true"), "the page reloaded"
+    assert text(d, "#progress .progress span") == "3/3" and text(d, "#attempts") == "1"
+    assert "stream" in body_data(d, "liveSeen"), body_data(d, "liveSeen")
+    wait(d, lambda d: body_data(d, "live") == "ended")
+
+    # The verdict, in words, without a reload.
+    verdict = d.find_element(By.ID, "verdict")
+    wait(d, lambda d: verdict.get_attribute("data-state") in ("memorised", "not yet", "not memorised"))
+    assert verdict.text.startswith("Verdict: ") and len(verdict.text) > 30, verdict.text
+
+    # The prediction picture follows the last epoch; the slider goes back to an earlier one.
+    picture = d.find_element(By.ID, "prediction")
+    wait(d, lambda d: picture.get_attribute("data-epoch") == "3" and picture.get_attribute("src").startswith("blob:"))
+    wait(d, lambda d: js(d, "return arguments[0].complete && arguments[0].naturalWidth > 0", picture))
+    before = picture.get_attribute("src")
+    d.find_element(By.ID, "epoch-slider").send_keys(Keys.ARROW_LEFT)
+    wait(d, lambda d: picture.get_attribute("data-epoch") == "2" and picture.get_attribute("src") != before)
+    assert d.find_element(By.ID, "picture-epoch").text == "2"
+    wait(d, lambda d: d.find_element(By.ID, "inputs").is_displayed(), message="no input picture")
+    wait(d, lambda d: "epoch 3/3" in d.find_element(By.ID, "log").text, message="the log tail lacks the last epoch")
+
+    js(d, "return Plotly.relayout('pck-chart', {'xaxis.autorange': true, 'yaxis.range': [0, 1.05]})")  # unzoom
+    screenshot(d, tmp_path, "run")
+    assert severe_console_errors(d) == []
+
+
+@browser_test
+def test_clone_a_run_with_another_learning_rate_and_cancel_a_third(browser, stack, jobs):
+    if "first" not in jobs:
+        pytest.skip("needs the job of the first test")
+    d = browser
+    open_page(d, f"{stack.base}/runs/{jobs['first']}", "status")
+    d.find_element(By.ID, "clone").click()
+    wait(d, lambda d: "clone=" in d.current_url and body_data(d, "ready"))
+    # pre-filled with the first job's settings
+    values = {
+        name: d.find_element(By.ID, name).get_attribute("value") for name in [*FIRST, "lr", "name", "image_index"]
+    }
+    assert values == {**FIRST, "lr": "0.0005", "name": "lr 5e-4", "image_index": "0"}
+    assert d.find_element(By.ID, "mode").get_attribute("value") == "single_image"
+    assert "page-sweep" in d.find_element(By.ID, "tags").get_attribute("value")
+
+    fill(d, "lr", "0.002")
+    fill(d, "epochs", "2")
+    fill(d, "name", "lr 2e-3")
+    fill(d, "tags", "page-sweep")
+    d.find_element(By.ID, "submit").click()
+    wait(d, lambda d: "/runs/" in d.current_url and jobs["first"] not in d.current_url)
+    jobs["second"] = d.current_url.rsplit("/", 1)[1]
+    wait(d, lambda d: body_data(d, "status"))
+
+    # a third one, cancelled from its page (queued behind the second, or already running)
+    d.find_element(By.ID, "clone").click()
+    wait(d, lambda d: body_data(d, "ready"))
+    fill(d, "epochs", "200")
+    fill(d, "name", "to cancel")
+    fill(d, "tags", "")
+    d.find_element(By.ID, "submit").click()
+    wait(d, lambda d: "/runs/" in d.current_url and jobs["second"] not in d.current_url)
+    jobs["cancelled"] = d.current_url.rsplit("/", 1)[1]
+    cancel = d.find_element(By.ID, "cancel")
+    wait(d, lambda d: cancel.is_displayed())
+    cancel.click()
+    assert cancel.text == "Really cancel?"  # a stray click does not stop a run
+    cancel.click()
+    wait(d, lambda d: body_data(d, "status") in ("cancelling", "cancelled"), timeout=15)
+    wait(d, lambda d: body_data(d, "status") == "cancelled", timeout=120)
+    assert not cancel.is_displayed()
+    assert severe_console_errors(d) == []
+
+
+@browser_test
+def test_the_list_and_a_comparison_of_two_runs(browser, stack, jobs, tmp_path):
+    if "second" not in jobs:
+        pytest.skip("needs the jobs of the tests before")
+    d = browser
+    open_page(d, f"{stack.base}/", "loaded")
+    assert listed(d) == [jobs["cancelled"], jobs["second"], jobs["first"]], "newest first"
+    row = js(
+        d,
+        "const r = document.querySelector(`tr[data-job-id='${arguments[0]}']`);"
+        "return {text: r.innerText, category: r.querySelector('.category').innerText}",
+        jobs["first"],
+    )
+    assert "succeeded" in row["text"] and "3/3" in row["text"] and "lr 5e-4" in row["text"]
+    assert " · " in row["category"]  # id · name
+
+    Select(d.find_element(By.ID, "filter-status")).select_by_value("cancelled")
+    wait(d, lambda d: listed(d) == [jobs["cancelled"]])
+    assert "status=cancelled" in d.current_url
+    Select(d.find_element(By.ID, "filter-status")).select_by_value("")
+    wait(d, lambda d: len(listed(d)) == 3)
+
+    for job in ("first", "second"):
+        click(d, f'input.select[value="{jobs[job]}"]')
+    wait(d, lambda d: d.find_element(By.ID, "compare-selected").text == "Compare selected (2)")
+    screenshot(d, tmp_path, "jobs")
+    d.find_element(By.ID, "compare-selected").click()
+    wait(d, lambda d: "/compare?ids=" in d.current_url and body_data(d, "ready"))
+    names = js(d, "return document.getElementById('loss-chart').data.map(t => t.name)")
+    assert names == ["lr 5e-4", "lr 2e-3"]
+    # The second run is still training or just done: its curve grows here without a reload.
+    wait(
+        d,
+        lambda d: trace_points(d, "loss-chart") == [3, 2] and trace_points(d, "pck-chart") == [3, 2],
+        timeout=300,
+        message=f"the comparison did not fill up: {trace_points(d, 'loss-chart')}",
+    )
+    assert "lr=0.0005" in d.find_element(By.ID, "runs").text and "lr=0.002" in d.find_element(By.ID, "runs").text
+    screenshot(d, tmp_path, "compare")
+
+    open_page(d, f"{stack.base}/compare?tag=page-sweep", "ready")
+    assert js(d, "return document.getElementById('pck-chart').data.map(t => t.name)") == ["lr 5e-4", "lr 2e-3"]
+    assert severe_console_errors(d) == []
+
+
+def click_at(driver, element, dx: float, dy: float) -> None:
+    """A real mouse click at (dx, dy) CSS pixels from the element's centre."""
+    ActionChains(driver).move_to_element_with_offset(element, int(dx), int(dy)).click().perform()
+
+
+def support_points(driver) -> list[list[float]]:
+    return json.loads(driver.find_element(By.ID, "support-canvas").get_attribute("data-keypoints"))
+
+
+def labelled_support(instance: dict) -> tuple[list[list[float]], list[list[int]]]:
+    """What the page fills in from a dataset instance: its labelled keypoints, renumbered 0.., and the skeleton's
+    edges between them."""
+    kept = {i: n for n, i in enumerate(i for i, (_, _, v) in enumerate(instance["keypoints"]) if v > 0)}
+    points = [[x, y] for x, y, v in instance["keypoints"] if v > 0]
+    edges = [[kept[a], kept[b]] for a, b in instance["skeleton"] if a in kept and b in kept]
+    return points, edges
+
+
+@browser_test
+def test_try_it_predicts_with_the_runs_checkpoint_like_the_api_and_downloads_it(
+    browser, stack, synthetic_root, category, jobs, tmp_path
+):
+    """The first run's "Try it" panel: a dataset instance as support (its keypoints filled in); an uploaded file with
+    no keypoints (the API's 422 shown), then keypoints placed on it by hand, joined and undone; a prediction on a
+    dataset query whose numbers are the API's for the same request, the server's PNG of it, and the best checkpoint
+    downloaded through the page (the key header, a blob, the server's file name)."""
+    if "first" not in jobs:
+        pytest.skip("needs the job of the first test")
+    d, job_id = browser, jobs["first"]
+    with httpx.Client(base_url=stack.base, timeout=60) as api:
+        listed_files = {c["name"]: c for c in api.get(f"/jobs/{job_id}/checkpoints").json()["items"]}
+        counts = {c["id"]: c for c in api.get("/categories", params={"split": 1}).json()["items"]}[category][
+            "instances"
+        ]
+        query_index = 1 if counts["train"] > 1 else 0
+        instance = lambda index: api.get(f"/categories/{category}/instances/{index}", params={"subset": "train"})  # noqa: E731
+        support, query = instance(0).json(), instance(query_index).json()
+    assert {"best", "last"} <= listed_files.keys()
+    open_page(d, f"{stack.base}/runs/{job_id}", "checkpoints")
+    panel = d.find_element(By.ID, "tryit")
+    wait(
+        d,
+        lambda d: (
+            panel.is_displayed() and d.find_element(By.ID, "support-category").get_attribute("value") == str(category)
+        ),
+        message="no Try it panel, or its category is not the job's",
+    )
+    d.execute_script("arguments[0].scrollIntoView()", panel)
+
+    # The query: another instance of the job's category, from the dataset.
+    fill(d, "query-index", str(query_index))
+    click(d, "#query-load")
+    wait(
+        d,
+        lambda d: (
+            d.find_element(By.ID, "query-canvas").get_attribute("data-image")
+            == f"dataset train {category}/{query_index}"
+        ),
+    )
+
+    # The support from the dataset: its labelled keypoints and its skeleton filled in.
+    points, edges = labelled_support(support)
+    click(d, "#support-load")
+    canvas = d.find_element(By.ID, "support-canvas")
+    wait(d, lambda d: canvas.get_attribute("data-image") == f"dataset train {category}/0")
+    assert support_points(d) == points and canvas.get_attribute("data-edges") == str(len(edges))
+
+    # The same image as an uploaded file: no keypoints yet, and the API's 422 says so, next to the panel and under it.
+    d.find_element(By.ID, "support-file").send_keys(str(synthetic_root / "images" / support["file_name"]))
+    wait(d, lambda d: canvas.get_attribute("data-image") == f"file {support['file_name'].rsplit('/', 1)[-1]}")
+    assert canvas.get_attribute("data-points") == "0" and canvas.get_attribute("data-edges") == "0"
+    click(d, "#predict")
+    problem = d.find_element(By.ID, "predict-error")
+    wait(d, lambda d: problem.is_displayed() and problem.get_attribute("data-status") == "422", message="no 422 shown")
+    assert "support_keypoints must be a non-empty list" in problem.text and "K >= 1" in problem.text, problem.text
+    assert "K >= 1" in d.find_element(By.ID, "support-error").text
+
+    # Keypoints by hand: three clicks, each in the image's pixels where it fell; an edge; Undo takes the last
+    # keypoint and its edge.
+    size = js(d, "const r = arguments[0].getBoundingClientRect(); return [r.width, r.height]", canvas)
+    offsets = [(-size[0] / 4, -size[1] / 4), (size[0] / 4, 0), (0, size[1] / 4)]
+    for dx, dy in offsets:
+        click_at(d, canvas, dx, dy)
+    assert not problem.is_displayed(), "the 422 of the request before stayed"
+    placed = support_points(d)
+    assert len(placed) == 3
+    for (x, y), (dx, dy) in zip(placed, offsets):
+        expected = ((size[0] / 2 + dx) / size[0] * support["width"], (size[1] / 2 + dy) / size[1] * support["height"])
+        tolerance = 1.5 * support["width"] / size[0]  # a CSS pixel of rounding, in image pixels
+        assert abs(x - expected[0]) <= tolerance and abs(y - expected[1]) <= tolerance, (x, y, expected)
+    click(d, "#tool-edges")
+    click_at(d, canvas, *offsets[1])
+    click_at(d, canvas, *offsets[2])
+    assert canvas.get_attribute("data-edges") == "1"
+    click(d, "#tool-points")
+    click(d, "#support-undo")
+    assert support_points(d) == placed[:2] and canvas.get_attribute("data-edges") == "0"
+    screenshot(d, tmp_path, "run_try_it_by_hand")
+    click(d, "#support-clear")
+    assert support_points(d) == []
+
+    # Back to the dataset's keypoints, and predict on the query.
+    click(d, "#support-load")
+    wait(d, lambda d: support_points(d) == points)
+    query_canvas = d.find_element(By.ID, "query-canvas")
+    before = js(d, "return arguments[0].toDataURL()", query_canvas)
+    click(d, "#predict")
+    result = d.find_element(By.ID, "predict-result")
+    wait(
+        d,
+        lambda d: result.is_displayed() and result.get_attribute("data-k") == str(len(points)),
+        timeout=120,
+        message=f"no prediction: {problem.text}",
+    )
+    assert not problem.is_displayed()
+    rows = d.find_elements(By.CSS_SELECTOR, "#predict-table tbody tr")
+    assert len(rows) == len(points)
+    assert query_canvas.get_attribute("data-drawn") == str(len(points))
+    assert js(d, "return arguments[0].toDataURL()", query_canvas) != before, "the prediction was not drawn"
+
+    # The same request through the API answers the same numbers.
+    with httpx.Client(base_url=stack.base, timeout=120) as api:
+        image = lambda index: (
+            api.get(f"/categories/{category}/instances/{index}/image", params={"subset": "train"}).content
+        )
+        response = api.post(
+            f"/jobs/{job_id}/predict",
+            files={
+                "support_image": (support["file_name"].rsplit("/", 1)[-1], image(0)),
+                "query_image": (query["file_name"].rsplit("/", 1)[-1], image(query_index)),
+            },
+            data={
+                "support_keypoints": json.dumps(points),
+                "skeleton": json.dumps(edges) if edges else "",
+                "support_bbox": json.dumps(support["bbox"]),
+                "query_bbox": json.dumps(query["bbox"]),
+                "checkpoint": "best",
+            },
+        )
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    shown = [float(row.get_attribute(f"data-{name}")) for row in rows for name in ("x", "y", "confidence")]
+    assert shown == pytest.approx(
+        [v for (x, y), c in zip(answer["keypoints"], answer["confidence"]) for v in (x, y, c)], abs=1e-4
+    )
+    assert rows[0].find_elements(By.TAG_NAME, "td")[1].text == f"{answer['keypoints'][0][0]:.1f}"
+    used = d.find_element(By.ID, "predict-checkpoint-used").text
+    assert used.startswith("best checkpoint") and f"epoch {answer['checkpoint']['epoch']}" in used, used
+    assert " ms" in d.find_element(By.ID, "predict-timing").text
+    screenshot(d, tmp_path, "run_try_it")
+    panel.screenshot(str(tmp_path / "try_it_panel.png"))
+    shutil.copy(tmp_path / "try_it_panel.png", SHOTS / "try_it_panel.png")
+
+    # The server's own drawing of the same request (Accept: image/png), opened in a new tab.
+    main, before_tabs = d.current_window_handle, set(d.window_handles)
+    click(d, "#predict-png")
+    wait(d, lambda d: len(d.window_handles) > len(before_tabs), message="no tab with the server's drawing")
+    d.switch_to.window((set(d.window_handles) - before_tabs).pop())
+    try:
+        wait(
+            d,
+            lambda d: d.current_url.startswith("blob:") and js(d, "return document.images[0]?.naturalWidth > 0"),
+            timeout=60,
+            message=f"no PNG in the new tab: {d.current_url}",
+        )
+    finally:
+        d.close()
+        d.switch_to.window(main)
+
+    # The best checkpoint through the page's Download: saved under the server's name, the size listed.
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    d.execute_cdp_cmd("Page.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+    click(d, "#download-best")
+    saved = downloads / f"cape-{job_id}-best.pt"
+    wait(
+        d,
+        lambda d: saved.is_file() and not list(downloads.glob("*.crdownload")),
+        timeout=60,
+        message=f"no download: {list(downloads.iterdir())}",
+    )
+    assert saved.stat().st_size == listed_files["best"]["bytes"]
+    link = d.find_element(By.ID, "download-best-link")
+    assert link.get_attribute("data-bytes") == str(listed_files["best"]["bytes"])
+    assert link.get_attribute("href").startswith("blob:") and link.get_attribute("download") == saved.name
+    assert severe_console_errors(d) == []
+
+
+@browser_test
+def test_a_full_mode_run_shows_its_test_table(browser, stack, jobs, tmp_path):
+    """Full mode through the form, as small as it gets: one epoch of two episodes, one validation and one test
+    episode per category; the run page shows the test on unseen categories as a table."""
+    d = browser
+    open_page(d, f"{stack.base}/new", "ready")
+    Select(d.find_element(By.ID, "mode")).select_by_value("full")
+    assert not d.find_element(By.ID, "category-section").is_displayed()
+    for field, value in {
+        "epochs": "1",
+        "episodes_per_epoch": "2",
+        "batch_size": "1",
+        "num_queries_per_episode": "1",
+    }.items():
+        fill(d, field, value)
+    d.find_element(By.CSS_SELECTOR, "#hyper-more").find_element(By.XPATH, "..").find_element(
+        By.TAG_NAME, "summary"
+    ).click()
+    for field in ("val_episodes_per_category", "val_queries_per_episode", "test_episodes_per_category"):
+        fill(d, field, "1")
+    fill(d, "name", "full, tiny")
+    d.find_element(By.ID, "submit").click()
+    wait(d, lambda d: "/runs/" in d.current_url)
+    wait(d, lambda d: body_data(d, "status") in ("succeeded", "failed", "cancelled"), timeout=300)
+    assert body_data(d, "status") == "succeeded", d.find_element(By.ID, "error").text
+    jobs["full"] = d.current_url.rsplit("/", 1)[1]
+    assert not d.find_element(By.ID, "verdict").is_displayed()  # verdicts are for single_image runs
+    wait(d, lambda d: d.find_element(By.ID, "test-table").is_displayed(), message="no test table")
+    rows = d.find_elements(By.CSS_SELECTOR, "#test-table tbody tr")
+    assert rows and "baseline" in d.find_element(By.ID, "test-result").text
+    assert "null" not in d.find_element(By.ID, "test-result").text
+    screenshot(d, tmp_path, "run_full")
+    assert severe_console_errors(d) == []
+
+
+@browser_test
+def test_evaluate_a_full_run_from_its_page(browser, stack, jobs, tmp_path):
+    """ "Evaluate on unseen categories" on the tiny full run's page: a 422 next to its field, then an evaluate job whose
+    page shows what it evaluates and its test table (no curves, pictures or Clone); the list and the comparison take
+    it too."""
+    if "full" not in jobs:
+        pytest.skip("needs the full-mode job of the test before")
+    d = browser
+    open_page(d, f"{stack.base}/runs/{jobs['full']}", "checkpoints")
+    form = d.find_element(By.ID, "evaluate-form")
+    wait(d, lambda d: form.is_displayed(), message="no evaluate form on a succeeded run")
+    fill(d, "eval-episodes", "0")
+    click(d, "#evaluate")
+    wait(
+        d,
+        lambda d: "greater than or equal to 1" in error_next_to(d, "episodes_per_category"),
+        message="no 422 next to the field",
+    )
+    fill(d, "eval-episodes", "1")
+    Select(d.find_element(By.ID, "eval-checkpoint")).select_by_value("best")
+    click(d, "#evaluate")
+    wait(d, lambda d: "/runs/" in d.current_url and jobs["full"] not in d.current_url)
+    evaluation = d.current_url.rsplit("/", 1)[1]
+    wait(d, lambda d: body_data(d, "status") in ("succeeded", "failed", "cancelled"), timeout=300)
+    assert body_data(d, "status") == "succeeded", d.find_element(By.ID, "error").text
+
+    of = d.find_element(By.ID, "evaluation-of")
+    assert of.text.startswith("Evaluation of full, tiny (1-shot, best checkpoint, 1 episode per category)"), of.text
+    assert of.find_element(By.TAG_NAME, "a").get_attribute("href").endswith(f"/runs/{jobs['full']}")
+    wait(d, lambda d: d.find_element(By.ID, "test-table").is_displayed(), message="no test table")
+    assert d.find_elements(By.CSS_SELECTOR, "#test-table tbody tr")
+    assert "1-shot with the best checkpoint (epoch 1" in d.find_element(By.ID, "test-checkpoint").text
+    for hidden in ("clone", "loss-chart", "prediction-figure", "tryit", "checkpoints-section"):
+        assert not d.find_element(By.ID, hidden).is_displayed(), hidden
+    wait(d, lambda d: text(d, "#log-state") == "complete")
+    screenshot(d, tmp_path, "run_evaluate")
+
+    open_page(d, f"{stack.base}/", "loaded")
+    row = js(d, "return document.querySelector(`tr[data-job-id='${arguments[0]}']`)?.innerText", evaluation)
+    assert row and "evaluate" in row and "test " in row and "100 %" in row, row
+    screenshot(d, tmp_path, "jobs_with_evaluation")
+    open_page(d, f"{stack.base}/compare?ids={jobs['full']},{evaluation}", "ready")
+    assert len(d.find_elements(By.CSS_SELECTOR, "#runs tbody tr")) == 2
+    assert severe_console_errors(d) == []
+
+
+@browser_test
+def test_with_api_keys_the_page_asks_for_a_key_once_and_sends_it_as_a_header(stack, keyed_base, category, tmp_path):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    with httpx.Client(base_url=keyed_base, headers=auth, timeout=10) as client:
+        body = {"mode": "single_image", "category_id": category, "epochs": 1, "episodes_per_epoch": 2, "name": "keyed"}
+        response = client.post("/jobs", json=body)
+        assert response.status_code == 201, response.text
+        job_id = response.json()["id"]
+        client.post(f"/jobs/{job_id}/cancel")
+
+    d = _chrome(performance_log=True)
+    try:
+        d.get(f"{keyed_base}/")
+        wait(
+            d,
+            lambda d: js(d, "return document.getElementById('api-key-dialog')?.open === true"),
+            message="no key dialog",
+        )
+        dialog = d.find_element(By.ID, "api-key-dialog")
+        d.find_element(By.ID, "api-key-input").send_keys("wrong-key")
+        d.find_element(By.ID, "api-key-submit").click()
+        wait(
+            d, lambda d: d.find_element(By.ID, "api-key-refused").is_displayed(), message="a wrong key was not refused"
+        )
+        d.find_element(By.ID, "api-key-input").send_keys(KEY)
+        d.find_element(By.ID, "api-key-submit").click()
+        wait(d, lambda d: body_data(d, "loaded"))
+        assert not dialog.is_displayed()
+        wait(d, lambda d: job_id in listed(d))
+
+        # the run page, in the same tab: no second question, the stream and the pictures with the header
+        click(d, f'a[href="/runs/{job_id}"]')
+        wait(d, lambda d: body_data(d, "live") == "ended", timeout=120)
+        assert not js(d, "return document.getElementById('api-key-dialog')?.open === true")
+        assert body_data(d, "status") == "cancelled"
+        assert "API key set" in d.find_element(By.ID, "key-status").text
+        screenshot(d, tmp_path, "run_with_key")
+
+        requests = [json.loads(entry["message"])["message"] for entry in d.get_log("performance")]
+        sent = [m["params"]["request"] for m in requests if m["method"] == "Network.requestWillBeSent"]
+        api = [
+            r
+            for r in sent
+            if r["url"].startswith(keyed_base) and r["url"][len(keyed_base) :].startswith(("/jobs", "/categories"))
+        ]
+        assert api, "no API request seen"
+        assert all(KEY not in r["url"] for r in sent), "the key leaked into a URL"
+        keyed = [r for r in api if authorization(r) == f"Bearer {KEY}"]
+        without = [r["url"] for r in api if authorization(r) is None]
+        assert len(without) <= 1, f"requests without the key (only the first one may, before the question): {without}"
+        assert any(r["url"].startswith(f"{keyed_base}/jobs/{job_id}/events") for r in keyed), (
+            "the stream lacked the key"
+        )
+        assert d.get_cookies() == []
+        assert severe_console_errors(d) == []
+    finally:
+        d.quit()

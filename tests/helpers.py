@@ -1,0 +1,316 @@
+"""What the tests share, in one module (no test module imports another).
+
+- Real servers for the end-to-end tests: redis-server, PostgreSQL, moto's S3 server, a Celery worker process and
+  uvicorn. The servers themselves are devtools/local_servers.py's; this adds only what is pytest's: a server whose
+  binary is missing makes the test skip with the reason (``.ci/run`` installs them all). Each starts on a free
+  loopback port and is stopped when its context ends; the worker and uvicorn run from the repository root.
+- Playing a user through HTTP: job bodies, polling the metrics, waiting for a status or for rows.
+- Playing a worker in-process: claiming a job and writing its epochs, ending it.
+- A tiny model and training config, images for uploads, the real MP-100 annotation files, API keys.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import time
+import uuid
+import zlib
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import pytest
+from PIL import Image
+from sqlmodel import Session
+
+from cape.config import ModelConfig, TrainConfig
+from cape.data.catalog import MP100Catalog
+from cape.epoch_record import EpochRecord
+from cape.training.trainer import Callback
+from devtools import local_servers
+from devtools.local_servers import (
+    MissingBinary,
+    free_port,
+    fresh_database,
+    pool_children,
+    restart_postgres,
+    stack_env,
+    wait_until,
+)
+from service import job_state
+from service.db import get_engine
+from service.migrate import upgrade
+from service.models import TERMINAL, JobStatus
+
+REPO = Path(__file__).resolve().parents[1]
+
+__all__ = ["free_port", "fresh_database", "pool_children", "restart_postgres", "wait_until"]  # re-exported
+
+
+@contextmanager
+def _skip_if_missing() -> Iterator[None]:
+    try:
+        yield
+    except MissingBinary as exc:
+        pytest.skip(str(exc))
+
+
+@contextmanager
+def redis_server(tmp: Path) -> Iterator[str]:
+    """A redis-server with its data in ``tmp``; yields its URL."""
+    with _skip_if_missing():
+        server = local_servers.RedisServer(tmp)
+    with server:
+        yield server.url
+
+
+@contextmanager
+def postgres_server() -> Iterator[str]:
+    """A throwaway PostgreSQL cluster; yields the URL of its ``postgres`` database (see fresh_database)."""
+    with _skip_if_missing():
+        local_servers.postgres_binaries()
+    with local_servers.postgres_server() as url:
+        yield url
+
+
+@contextmanager
+def moto_server(log: Path | None = None) -> Iterator[local_servers.MotoServer]:
+    """moto's S3-compatible server on loopback; yields it (``create_bucket``, ``store_env``)."""
+    with _skip_if_missing():
+        server = local_servers.MotoServer(log=log)
+    with server:
+        yield server
+
+
+@contextmanager
+def celery_worker(env: dict, log: Path, name: str = "test", queues: str = "gpu"):
+    """A Celery worker on ``queues`` (``predict`` for predictions), ready; yields its process (``.pid``: see
+    pool_children)."""
+    with local_servers.celery_worker(env, log, name=name, queues=queues, mingle=False, cwd=REPO) as worker:
+        yield worker.process
+
+
+@contextmanager
+def uvicorn_server(env: dict, log: Path):
+    """The API in its own uvicorn process, answering; yields its base URL."""
+    with local_servers.uvicorn_server(env, log, cwd=REPO) as api:
+        yield api.url
+
+
+class RestartableRedis(local_servers.RedisServer):
+    """A redis-server that a test can stop and start again on the same port and data folder (AOF on, fsync on
+    every write), as an outage would: queued messages survive the restart."""
+
+    def __init__(self, tmp: Path):
+        with _skip_if_missing():
+            super().__init__(tmp, fsync_always=True)
+
+
+@contextmanager
+def sqlite_stack(tmp: Path, datasets: dict[str, Path], predict_worker: bool = False, **settings: str):
+    """The whole service in ``tmp``: redis-server, a migrated SQLite file, a training worker (and a predict worker),
+    the API; ``settings`` are CAPE_ settings (``heartbeat_interval_s="1"``). Yields base URL, environment, folder."""
+    with redis_server(tmp / "redis") as redis_url:
+        database = f"sqlite:///{tmp / 'cape.sqlite3'}"
+        env = stack_env(database, redis_url, datasets, tmp, **settings)
+        upgrade(database)
+        with ExitStack() as servers:
+            servers.enter_context(celery_worker(env, tmp / "worker.log"))
+            if predict_worker:
+                servers.enter_context(celery_worker(env, tmp / "predict.log", name="predict", queues="predict"))
+            base = servers.enter_context(uvicorn_server(env, tmp / "api.log"))
+            yield SimpleNamespace(base=base, env=env, tmp=tmp)
+
+
+def same_image_request(annotated, image: bytes) -> tuple[dict, dict]:
+    """The request that is the job's validation episode: the image, its keypoints, its category's skeleton (the
+    support encoder reads the graph) and its annotated box for both crops."""
+    instance, skeleton = annotated
+    keypoints = [[x, y, int(v)] for (x, y), v in zip(instance.keypoints.tolist(), instance.visibility.tolist())]
+    files = {"support_image": ("support.jpg", image, "image/jpeg"), "query_image": ("query.jpg", image, "image/jpeg")}
+    box = json.dumps(list(instance.bbox))
+    return files, {
+        "support_keypoints": json.dumps(keypoints),
+        "support_bbox": box,
+        "query_bbox": box,
+        "skeleton": json.dumps([list(e) for e in skeleton]),
+    }
+
+
+def rows_of(client, job_id):
+    return client.get(f"/jobs/{job_id}/metrics", params={"limit": 1000}).json()["items"]
+
+
+def wait_for_rows(client, job_id, n, timeout=120):
+    wait_until(lambda: len(rows_of(client, job_id)) >= n, f"{n} epochs of job {job_id}", timeout=timeout)
+
+
+def run_to(job_id: str, status: JobStatus) -> None:
+    """End a queued job as a worker would, without running it."""
+    with Session(get_engine()) as session:
+        assert job_state.claim(session, uuid.UUID(job_id), "w")
+        assert job_state.finish(session, uuid.UUID(job_id), status, worker="w")
+
+
+def encoded(size=(64, 48), fmt="PNG", **save) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", size, (90, 120, 200)).save(out, format=fmt, **save)
+    return out.getvalue()
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG file whose header claims width x height: a decompression bomb as far as a decoder is concerned."""
+    data = bytearray(encoded((1, 1)))
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))  # the IHDR chunk's CRC, so the header is valid
+    return bytes(data)
+
+
+PNG = encoded()
+
+
+def tiny_config(root, **overrides) -> TrainConfig:
+    catalog = MP100Catalog(root)
+    fields = dict(
+        mode="category",
+        category_id=catalog.category_ids("train")[0],
+        dataset_root=str(root),
+        model=TINY,
+        epochs=4,
+        episodes_per_epoch=4,
+        batch_size=2,
+        num_queries_per_episode=2,
+        val_episodes_per_category=1,
+        val_queries_per_episode=3,
+        lr=1e-3,
+        device="cpu",
+    )
+    fields.update(overrides)
+    return TrainConfig(**fields)
+
+
+class StopAfter(Callback):
+    """should_stop() turns True once ``calls`` questions have been answered with False."""
+
+    def __init__(self, calls: int):
+        self.calls, self.asked, self.epochs = calls, 0, []
+
+    def on_epoch_end(self, metrics):
+        self.epochs.append(metrics)
+
+    def should_stop(self) -> bool:
+        self.asked += 1
+        return self.asked > self.calls
+
+
+TINY = ModelConfig(
+    input_size=64, d_model=32, num_heads=2, encoder_layers=1, decoder_layers=2, graph_layers=1, num_bins=16
+)
+
+
+def single(catalog, **overrides):
+    body = {"mode": "single_image", "category_id": catalog.category_ids("train")[0], "image_index": 3, "epochs": 5}
+    body.update(overrides)
+    return body
+
+
+def run_epochs(job_id, epochs):
+    """Play the worker's part: claim and write epoch rows."""
+    with Session(get_engine()) as session:
+        assert job_state.claim(session, job_id, "test-worker")
+        for epoch in range(1, epochs + 1):
+            row = EpochRecord(
+                epoch=epoch,
+                loss=1.0 / epoch,
+                loss_ce=0.9 / epoch,
+                loss_coords=0.1 / epoch,
+                pck=epoch / 10,
+                mpck=epoch / 20,
+                lr=1e-3,
+                seconds=1.5,
+            )
+            assert job_state.record_epoch(session, job_id, row)
+        assert not job_state.record_epoch(session, job_id, row), "a repeated epoch makes no second row"
+
+
+def single_image(category: int, **overrides) -> dict:
+    body = {
+        "mode": "single_image",
+        "category_id": category,
+        "image_index": 0,
+        "epochs": 6,
+        "batch_size": 1,
+        "num_queries_per_episode": 1,
+        "episodes_per_epoch": 20,
+        "seed": 0,
+    }
+    body.update(overrides)
+    return body
+
+
+def poll(client: httpx.Client, job_id: str, timeout: float = 240) -> tuple[str, list[dict]]:
+    """Poll the metrics as a user would: only newer rows each time, until the status is terminal."""
+    rows, after, deadline = [], 0, time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        page = client.get(f"/jobs/{job_id}/metrics", params={"after_epoch": after}).json()
+        rows += page["items"]
+        after = page["next_after_epoch"]
+        if page["status"] in TERMINAL:
+            return page["status"], rows
+        time.sleep(0.3)
+    raise TimeoutError(f"job {job_id} still {page['status']} after {timeout} s")
+
+
+def wait_for(client: httpx.Client, job_id: str, statuses: set[str], timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/jobs/{job_id}").json()
+        if job["status"] in statuses:
+            return job
+        time.sleep(0.1)
+    raise TimeoutError(f"job {job_id} is {job['status']}, not {statuses}, after {timeout} s")
+
+
+def real_annotations_dir() -> Path | None:
+    if env := os.environ.get("CAPE_MP100_ANNOTATIONS"):
+        return Path(env)
+    for parent in Path(__file__).resolve().parents:
+        candidate = parent / "shared" / "mp100" / "annotations"
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+REAL_DIR = real_annotations_dir()
+
+
+REAL_FILES = sorted(REAL_DIR.glob("mp100_split*.json")) if REAL_DIR else []
+
+
+requires_real = pytest.mark.skipif(
+    not REAL_FILES,
+    reason="real MP-100 annotations not found: set CAPE_MP100_ANNOTATIONS or place shared/mp100/annotations beside the checkout",
+)
+
+
+def reset_service_caches() -> None:
+    """The service caches its settings, engine, broker producer and catalogs per process: tests change them."""
+    from service.catalogs import _load
+    from service.db import _sqlite_loop_engine, get_engine
+    from service.dispatch import producer
+    from service.settings import get_settings
+
+    for cached in (get_settings, get_engine, _sqlite_loop_engine, producer, _load):
+        cached.cache_clear()
+
+
+KEY_A, KEY_B = "key-a-0123456789", "key-b-9876543210"
+
+
+def auth(key):
+    return {"Authorization": f"Bearer {key}"}
