@@ -16,12 +16,13 @@ export class ApiError extends Error {
     this.retryAfter = retryAfter; // seconds, from a 503's or 504's Retry-After header
   }
 
-  // FastAPI's 422: [{loc: ["body", "lr"], msg}] -> {"lr": "Input should be ...", "": "message about the whole body"}
+  // FastAPI's 422: [{loc: ["body", "lr"], msg}] -> {"lr": "Input should be ...", "": "message about the whole body"};
+  // a path or query parameter's by its name too (["path", "index"] -> "index").
   fieldErrors() {
     const out = {};
     if (!Array.isArray(this.detail)) return {"": this.message};
     for (const err of this.detail) {
-      const loc = (err.loc || []).filter((part) => part !== "body" && part !== "query");
+      const loc = (err.loc || []).filter((part) => !["body", "query", "path"].includes(part));
       const field = loc.length ? String(loc[0]) : "";
       out[field] = out[field] ? `${out[field]}; ${err.msg}` : err.msg;
     }
@@ -294,16 +295,3 @@ export async function allMetrics(jobId, afterEpoch = 0, options = {}) {
     after = page.next_after_epoch;
   }
 }
-
-let schema = null;
-/** The API's OpenAPI description (public, no key): the new-job form's bounds, defaults and help text. */
-export function openapi() {
-  if (!schema) {
-    schema = fetch("/openapi.json", {credentials: "omit"}).then((response) => {
-      if (!response.ok) throw new Error(`the API's schema (/openapi.json) answered ${response.status}`);
-      return response.json();
-    });
-  }
-  return schema;
-}
-

@@ -107,6 +107,25 @@ export class LineChart {
   }
 }
 
+// --- the two charts of a run and of a comparison ------------------------------------------------------------------
+
+/** The memorisation check of the single-image guide: a run that memorised its image has its loss below 0.1. */
+const MEMORISED = {y: 0.1, text: "memorised below 0.1"};
+
+/**
+ * The training loss, on a log scale: the run page's (its loss terms) and the comparison's (one trace per run).
+ * singleImage: every run shown is a single-image one, so the memorisation check's 0.1 line is drawn.
+ */
+export function lossChart(el, {traces, singleImage}) {
+  return new LineChart(el, {title: "Training loss", yTitle: "loss (log scale)", log: true, traces,
+                            guide: singleImage ? MEMORISED : null});
+}
+
+/** The validation PCK, in %: the run page's (PCK@0.2 and mPCK) and the comparison's (one trace per run). */
+export function pckChart(el, {title = "Validation PCK", traces}) {
+  return new LineChart(el, {title, yTitle: "PCK", percent: true, traces});
+}
+
 /** Columns for LineChart.extend from metric rows: one per field, null where a value is missing. */
 export function columns(rows, fields) {
   return fields.map((field) => ({x: rows.map((r) => r.epoch), y: rows.map((r) => finite(r[field]))}));

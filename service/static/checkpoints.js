@@ -1,8 +1,10 @@
 // The run page's checkpoints card: each checkpoint the job saved (GET /jobs/{id}/checkpoints), downloaded with the
 // key header into a blob (so the key never goes into a URL) and saved under the name the server gives; and, once the
-// job succeeded, "Evaluate on unseen categories": a new evaluate job (POST /jobs) whose page opens next.
+// job succeeded, "Evaluate on unseen categories": a new evaluate job (POST /jobs) whose page opens next. Its choices,
+// bounds, defaults and help text are the evaluate body's in the API's schema, as the new-job form's are.
 
 import {ApiError, download, postJSON} from "/static/api.js";
+import {jobBody} from "/static/schema.js";
 import {bytes, h, when} from "/static/ui.js";
 
 export class CheckpointsCard {
@@ -12,9 +14,10 @@ export class CheckpointsCard {
     this.files = new Map(); // name -> {etag, url, name, bytes}: what was downloaded, while the file is unchanged
     this.list = h("ul", {class: "checkpoint-list", id: "checkpoint-list"});
 
-    this.shots = h("select", {id: "eval-shots"}, [1, 5].map((n) => h("option", {value: n}, `${n}-shot`)));
+    this.shots = h("select", {id: "eval-shots"});
     this.checkpoint = h("select", {id: "eval-checkpoint"});
-    this.episodes = h("input", {id: "eval-episodes", type: "number", min: "1", max: "1000", step: "1", value: "10"});
+    this.episodes = h("input", {id: "eval-episodes", type: "number", step: "1", inputmode: "numeric"});
+    this.schema = null; // the evaluate body's fields, once init() read them
     this.submit = h("button", {type: "submit", class: "primary", id: "evaluate"}, "Evaluate");
     this.formError = h("p", {class: "error", id: "evaluate-error", dataset: {errorFor: ""}});
     const field = (name, label, input) => h("label", {class: "field", dataset: {field: name}}, label, input,
@@ -36,17 +39,45 @@ export class CheckpointsCard {
     section.replaceChildren(h("h2", {}, "Checkpoints"), this.list, this.form);
   }
 
+  /** The evaluate form's choices, bounds, defaults and help from the API's schema (the POST /jobs body whose mode is
+   * "evaluate"). Without them the form says why, and has nothing to submit. */
+  async init() {
+    try {
+      const fields = await jobBody("evaluate");
+      const {shots, checkpoint, episodes_per_category: episodes} = fields;
+      if (!shots || !checkpoint || !episodes) throw new Error("the API's evaluate body has no shots, checkpoint or episodes_per_category");
+      const counts = shots.choices ?? range(shots.min ?? 1, shots.max ?? shots.min ?? 1);
+      this.shots.replaceChildren(...counts.map((n) => h("option", {value: n}, `${n}-shot`)));
+      if (shots.default != null) this.shots.value = String(shots.default);
+      this.episodes.min = episodes.min ?? "";
+      this.episodes.max = episodes.max ?? "";
+      this.episodes.value = episodes.default ?? "";
+      for (const [input, prop] of [[this.shots, shots], [this.checkpoint, checkpoint], [this.episodes, episodes]]) {
+        input.title = prop.description;
+      }
+      this.schema = fields;
+    } catch (error) {
+      this.formError.textContent = `Evaluation is not available here: ${error.message}`;
+      this.submit.disabled = true;
+      return;
+    }
+    if (this.items) this.update(this.items, this.job);
+  }
+
   update(items, job) {
     this.job = job;
+    this.items = items;
     this.section.hidden = !items.length;
     const seen = JSON.stringify(items);
     if (seen !== this.seen) { // redrawn only when a file changed: a download in flight keeps its row
       this.seen = seen;
       this.list.replaceChildren(...items.map((item) => this.row(item)));
     }
-    const keep = this.checkpoint.value;
-    this.checkpoint.replaceChildren(...items.map((item) => h("option", {value: item.name}, item.name)));
-    if (items.some((item) => item.name === keep)) this.checkpoint.value = keep;
+    // The job's checkpoints that the API evaluates; the schema's default first chosen, then the user's choice kept.
+    const keep = this.checkpoint.value || this.schema?.checkpoint.default;
+    const offered = items.filter((item) => this.schema?.checkpoint.choices?.includes(item.name) ?? true);
+    this.checkpoint.replaceChildren(...offered.map((item) => h("option", {value: item.name}, item.name)));
+    if (offered.some((item) => item.name === keep)) this.checkpoint.value = keep;
     this.form.hidden = job.status !== "succeeded";
   }
 
@@ -109,4 +140,8 @@ export class CheckpointsCard {
       }
     }
   }
+}
+
+function range(first, last) {
+  return Array.from({length: Math.max(0, last - first + 1)}, (_, i) => first + i);
 }

@@ -3,13 +3,23 @@
 // polls GET /jobs/{id}/metrics for them (one stream per job would use up the browser's connections to the server).
 
 import {ApiError, allMetrics, getJSON, isTerminal} from "/static/api.js";
-import {COLORS, LineChart, available} from "/static/charts.js";
+import {COLORS, available, columns, lossChart, pckChart} from "/static/charts.js";
 import {$, categoryLabel, h, header, jobTitle, num, pct, shortId, statusBadge, verdictBadge, whenVisible} from "/static/ui.js";
 
-header("compare");
 const params = new URLSearchParams(location.search);
 const ids = (params.get("ids") || "").split(",").map((s) => s.trim()).filter(Boolean);
 const tag = (params.get("tag") || "").trim();
+
+// The runs compared and what the page has of them: all of it here.
+const state = {
+  jobs: [], // as last fetched, in the order shown (a tag's: oldest first)
+  diffs: [], // per job: the settings that differ from the others', "name=value, ..."
+  labels: [], // per job: its legend entry
+  follow: [], // per job: {next: the epoch after which to ask for rows, status: the metrics' last status}
+  charts: null, // {loss, pck}
+};
+
+header("compare");
 $("#ids").value = ids.join(", ");
 $("#tag").value = tag;
 
@@ -51,23 +61,20 @@ function differences(jobs) {
   return settings.map((s) => keys.map((key) => `${key}=${s[key]}`).join(", "));
 }
 
-const jobs = await chosenJobs();
-if (!jobs.length && !tag && !ids.length) {
-  $("#message").append(h("p", {class: "muted"}, "Choose the runs to compare: a tag, job ids, or tick them in the list."));
+/** A legend entry per job: its name where that tells the jobs apart, else what differs (the swept setting). */
+function legendLabels(jobs, diffs) {
+  const names = jobs.map((job) => job.name || "");
+  const unique = (name) => name && names.filter((n) => n === name).length === 1;
+  return jobs.map((job, i) => (unique(names[i]) ? names[i] : [names[i], diffs[i]].filter(Boolean).join(" · "))
+    || `job ${shortId(job.id)}`);
 }
-const diffs = differences(jobs);
-// A legend entry per job: its name where that tells the jobs apart, else what differs (the swept setting).
-const names = jobs.map((job) => job.name || "");
-const unique = (name) => name && names.filter((n) => n === name).length === 1;
-const labels = jobs.map((job, i) => (unique(names[i]) ? names[i] : [names[i], diffs[i]].filter(Boolean).join(" · ")) || `job ${shortId(job.id)}`);
-const state = jobs.map(() => ({next: 0, status: null}));
 
 async function renderTable() {
-  const rows = await Promise.all(jobs.map(async (job, i) => h("tr", {dataset: {jobId: job.id}},
+  const rows = await Promise.all(state.jobs.map(async (job, i) => h("tr", {dataset: {jobId: job.id}},
     h("td", {}, h("span", {class: "swatch", style: `background: ${COLORS[i % COLORS.length]}`})),
     h("td", {}, h("a", {href: `/runs/${job.id}`}, jobTitle(job))),
     h("td", {}, statusBadge(job.status)),
-    h("td", {class: "mono small"}, diffs[i] || "–"),
+    h("td", {class: "mono small"}, state.diffs[i] || "–"),
     h("td", {}, await categoryLabel(job)),
     h("td", {class: "num"}, `${job.current_epoch}/${job.total_epochs}`),
     h("td", {class: "num"}, num(job.latest_loss)),
@@ -77,33 +84,44 @@ async function renderTable() {
   $("#runs tbody").replaceChildren(...rows);
 }
 
-let lossChart = null, pckChart = null;
-if (jobs.length && available()) {
+/** The charts, with every run's epochs so far: one trace per run, in the table's colours. */
+async function drawCharts() {
+  const {jobs} = state;
   const history = await Promise.all(jobs.map((job) => allMetrics(job.id)));
-  history.forEach((page, i) => { state[i] = {next: page.next, status: page.status}; });
-  const traces = (field) => jobs.map((job, i) => ({name: labels[i], color: COLORS[i % COLORS.length],
-    x: history[i].rows.map((r) => r.epoch), y: history[i].rows.map((r) => (Number.isFinite(r[field]) ? r[field] : null))}));
-  const single = jobs.every((job) => job.mode === "single_image");
-  lossChart = new LineChart($("#loss-chart"), {title: "Training loss", yTitle: "loss (log scale)", log: true, traces: traces("loss"),
-                                               guide: single ? {y: 0.1, text: "memorised below 0.1"} : null});
-  pckChart = new LineChart($("#pck-chart"), {title: "Validation PCK@0.2", yTitle: "PCK", percent: true, traces: traces("pck")});
-  await Promise.all([lossChart.ready, pckChart.ready]);
+  state.follow = history.map((page) => ({next: page.next, status: page.status}));
+  const traces = (field) => jobs.map((job, i) => ({name: state.labels[i], color: COLORS[i % COLORS.length],
+                                                  ...columns(history[i].rows, [field])[0]}));
+  state.charts = {
+    loss: lossChart($("#loss-chart"), {traces: traces("loss"), singleImage: jobs.every((job) => job.mode === "single_image")}),
+    pck: pckChart($("#pck-chart"), {title: "Validation PCK@0.2", traces: traces("pck")}),
+  };
+  await Promise.all([state.charts.loss.ready, state.charts.pck.ready]);
 }
-await renderTable();
-document.body.dataset.ready = "true";
 
-// Live: runs still training gain points without a reload (extendTraces: the zoom stays).
-whenVisible(async () => {
-  const open = jobs.map((job, i) => i).filter((i) => !isTerminal(state[i].status ?? jobs[i].status));
-  if (!open.length || !lossChart) return;
+/** Runs still training gain points without a reload (extendTraces: the zoom stays), and the table follows. */
+async function followOpenRuns() {
+  const {jobs, follow, charts} = state;
+  const open = jobs.map((job, i) => i).filter((i) => !isTerminal(follow[i].status ?? jobs[i].status));
+  if (!open.length || !charts) return;
   const lossColumns = jobs.map(() => null), pckColumns = jobs.map(() => null);
   await Promise.all(open.map(async (i) => {
-    const page = await allMetrics(jobs[i].id, state[i].next);
-    state[i] = {next: page.next, status: page.status};
-    lossColumns[i] = {x: page.rows.map((r) => r.epoch), y: page.rows.map((r) => r.loss)};
-    pckColumns[i] = {x: page.rows.map((r) => r.epoch), y: page.rows.map((r) => r.pck)};
+    const page = await allMetrics(jobs[i].id, follow[i].next);
+    follow[i] = {next: page.next, status: page.status};
+    [lossColumns[i], pckColumns[i]] = columns(page.rows, ["loss", "pck"]);
     jobs[i] = await getJSON(`/jobs/${jobs[i].id}`);
   }));
-  await Promise.all([lossChart.extend(lossColumns), pckChart.extend(pckColumns)]);
+  await Promise.all([charts.loss.extend(lossColumns), charts.pck.extend(pckColumns)]);
   await renderTable();
-}, 3000);
+}
+
+state.jobs = await chosenJobs();
+if (!state.jobs.length && !tag && !ids.length) {
+  $("#message").append(h("p", {class: "muted"}, "Choose the runs to compare: a tag, job ids, or tick them in the list."));
+}
+state.diffs = differences(state.jobs);
+state.labels = legendLabels(state.jobs, state.diffs);
+state.follow = state.jobs.map(() => ({next: 0, status: null}));
+if (state.jobs.length && available()) await drawCharts();
+await renderTable();
+document.body.dataset.ready = "true";
+whenVisible(followOpenRuns, 3000);

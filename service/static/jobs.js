@@ -6,48 +6,53 @@ import {$, categoryLabel, h, header, jobTitle, pct, progressBar, shortId, showEr
 
 const PAGE = 50;
 const params = new URLSearchParams(location.search);
-const state = {status: params.get("status") || "", tag: params.get("tag") || "", offset: Number(params.get("offset")) || 0};
-const selected = new Set();
-let rendered = "";
+
+// What the list shows and what the user picked: all of it here.
+const state = {
+  filters: {status: params.get("status") || "", tag: params.get("tag") || "", offset: Number(params.get("offset")) || 0},
+  selected: new Set(), // job ids ticked for "Compare selected"; kept as the list refreshes
+  rendered: "", // the last list drawn, as JSON: an unchanged one is not redrawn
+};
 
 header("jobs");
-$("#filter-status").value = state.status;
-$("#filter-tag").value = state.tag;
+$("#filter-status").value = state.filters.status;
+$("#filter-tag").value = state.filters.tag;
 
 $("#filters").addEventListener("submit", (event) => {
   event.preventDefault();
-  state.status = $("#filter-status").value;
-  state.tag = $("#filter-tag").value.trim();
-  state.offset = 0;
+  state.filters = {status: $("#filter-status").value, tag: $("#filter-tag").value.trim(), offset: 0};
   navigate();
 });
 $("#filter-status").addEventListener("change", () => $("#filters").requestSubmit());
-$("#prev").addEventListener("click", () => { state.offset = Math.max(0, state.offset - PAGE); navigate(); });
-$("#next").addEventListener("click", () => { state.offset += PAGE; navigate(); });
+$("#prev").addEventListener("click", () => { state.filters.offset = Math.max(0, state.filters.offset - PAGE); navigate(); });
+$("#next").addEventListener("click", () => { state.filters.offset += PAGE; navigate(); });
 $("#compare-selected").addEventListener("click", () => {
-  location.href = `/compare?ids=${[...selected].join(",")}`;
+  location.href = `/compare?ids=${[...state.selected].join(",")}`;
 });
 
 function navigate() {
   // The filters live in the URL: a filtered list is a link to share or bookmark.
+  const {status, tag, offset} = state.filters;
   const query = new URLSearchParams();
-  if (state.status) query.set("status", state.status);
-  if (state.tag) query.set("tag", state.tag);
-  if (state.offset) query.set("offset", state.offset);
+  if (status) query.set("status", status);
+  if (tag) query.set("tag", tag);
+  if (offset) query.set("offset", offset);
   history.replaceState(null, "", query.size ? `/?${query}` : "/");
   load();
 }
 
 function updateCompare() {
+  const {selected, filters} = state;
   const button = $("#compare-selected");
   button.disabled = selected.size < 1;
   button.textContent = selected.size ? `Compare selected (${selected.size})` : "Compare selected";
   const byTag = $("#compare-tag");
-  byTag.hidden = !state.tag;
-  byTag.href = `/compare?tag=${encodeURIComponent(state.tag)}`;
+  byTag.hidden = !filters.tag;
+  byTag.href = `/compare?tag=${encodeURIComponent(filters.tag)}`;
 }
 
 function row(job) {
+  const {selected} = state;
   const box = h("input", {type: "checkbox", class: "select", value: job.id, checked: selected.has(job.id),
                           "aria-label": `select ${job.id}`});
   box.addEventListener("change", () => {
@@ -77,24 +82,25 @@ function row(job) {
 }
 
 async function load() {
-  const query = new URLSearchParams({limit: PAGE, offset: state.offset});
-  if (state.status) query.set("status", state.status);
-  if (state.tag) query.set("tag", state.tag);
+  const {status, tag, offset} = state.filters;
+  const query = new URLSearchParams({limit: PAGE, offset});
+  if (status) query.set("status", status);
+  if (tag) query.set("tag", tag);
   try {
     const list = await getJSON(`/jobs?${query}`);
     $("#message").replaceChildren();
     const text = JSON.stringify(list);
-    if (text === rendered) return; // nothing changed: the rows (and a click on them) stay as they are
-    rendered = text;
+    if (text === state.rendered) return; // nothing changed: the rows (and a click on them) stay as they are
+    state.rendered = text;
     const body = $("#jobs tbody");
     body.replaceChildren(...list.items.map(row));
     if (!list.items.length) {
       body.append(h("tr", {}, h("td", {colspan: 10, class: "muted empty"},
-        state.status || state.tag ? "No job matches these filters." : "No jobs yet: ", state.status || state.tag ? null : h("a", {href: "/new"}, "submit one"))));
+        status || tag ? "No job matches these filters." : "No jobs yet: ", status || tag ? null : h("a", {href: "/new"}, "submit one"))));
     }
     const last = Math.min(list.total, list.offset + list.items.length);
     $("#count").textContent = list.total ? `${list.offset + 1}–${last} of ${list.total}` : "";
-    $("#prev").disabled = state.offset === 0;
+    $("#prev").disabled = offset === 0;
     $("#next").disabled = last >= list.total;
     document.body.dataset.loaded = "true";
   } catch (error) {

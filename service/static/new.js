@@ -1,12 +1,12 @@
 // GET /new (and /new?clone=<job id>): the new-job form. Every choice is checked by the API: a 422 answer's message
 // appears next to the field it names.
 
-import {ApiError, blobURL, getJSON, openapi, postJSON} from "/static/api.js";
+import {ApiError, blobURL, getJSON, postJSON} from "/static/api.js";
+import {drawKeypoints} from "/static/keypoints.js";
+import {jobBody} from "/static/schema.js";
 import {$, h, header, jobTitle} from "/static/ui.js";
 
-header("new");
-
-// [field, label]; bounds, defaults and help text come from the API's own schema (JobCreate in /openapi.json).
+// [field, label]; bounds, defaults and help text come from the API's own schema (the POST /jobs body in /openapi.json).
 const HYPER = [
   ["epochs", "Epochs"], ["batch_size", "Batch size (episodes per step)"], ["num_shots", "Shots (support images)"],
   ["num_queries_per_episode", "Queries per episode"], ["episodes_per_epoch", "Episodes per epoch"],
@@ -23,38 +23,57 @@ const MORE = [
 const GUIDE = {epochs: 20, batch_size: 1, num_queries_per_episode: 1, episodes_per_epoch: 20};
 
 const form = $("#job-form");
-const spec = await openapi();
-const props = spec.components?.schemas?.JobCreate?.properties || {};
-const fields = new Map(); // name -> {input, kind}
 
-function numberish(prop) {
-  const types = prop.anyOf ? prop.anyOf.map((p) => p.type) : [prop.type];
-  return types.includes("integer") ? "int" : types.includes("number") ? "float" : null;
+// What the page holds while the form is filled in.
+const state = {
+  props: {}, // the training job body's fields, by name, as the API's schema describes them
+  fields: new Map(), // name -> {input, kind}: the training settings' inputs
+  categories: [], // the split's train categories with train images (GET /categories)
+  preview: {timer: null, seq: 0}, // the image index's preview: a short wait after typing, and the latest request
+};
+
+header("new");
+try {
+  state.props = await jobBody("single_image");
+} catch (error) {
+  setError("", `${error.message}: the form has no bounds or defaults, the API still checks every choice.`);
 }
 
+/** The fixed inputs' bounds from the schema too: the split's choices, the first image index, a name's length. */
+function applyBounds() {
+  const {split, image_index: index, name} = state.props;
+  if (split) {
+    const choices = split.choices ?? (split.min != null && split.max != null
+      ? Array.from({length: split.max - split.min + 1}, (_, i) => split.min + i) : null);
+    if (choices) $("#split").replaceChildren(...choices.map((n) => h("option", {value: n}, n)));
+    if (split.default != null) $("#split").value = String(split.default);
+  }
+  if (index?.min != null) $("#image_index").min = index.min;
+  if (name?.maxLength != null) $("#name").maxLength = name.maxLength;
+}
+applyBounds();
+
 function makeField([name, label], where) {
-  const prop = props[name] || {};
-  let input, kind;
-  if (prop.enum) {
-    kind = "enum";
-    input = h("select", {id: name, name}, prop.enum.map((v) => h("option", {value: v}, v)));
+  const prop = state.props[name] || {kind: "float"};
+  let input;
+  const kind = prop.kind === "text" ? "float" : prop.kind;
+  if (kind === "enum") {
+    input = h("select", {id: name, name}, prop.choices.map((v) => h("option", {value: v}, v)));
     if (prop.default != null) input.value = prop.default;
-  } else if (prop.type === "boolean") {
-    kind = "bool";
+  } else if (kind === "bool") {
     input = h("input", {id: name, name, type: "checkbox", checked: prop.default ?? true});
   } else {
-    kind = numberish(prop) || "float";
     input = h("input", {id: name, name, type: "number", step: kind === "int" ? "1" : "any", inputmode: "decimal"});
     if (prop.default != null) input.value = prop.default;
-    if (prop.minimum != null) input.min = prop.minimum;
-    if (prop.maximum != null) input.max = prop.maximum;
+    if (prop.min != null) input.min = prop.min;
+    if (prop.max != null) input.max = prop.max;
   }
   const wrapper = h("label", {class: `field ${kind === "bool" ? "check" : ""}`, dataset: {field: name}, title: prop.description || ""},
     kind === "bool" ? [input, " ", label] : [label, input],
     prop.description ? h("small", {class: "help"}, prop.description) : null,
     h("small", {class: "error", dataset: {errorFor: name}}),
   );
-  fields.set(name, {input, kind});
+  state.fields.set(name, {input, kind});
   where.append(wrapper);
 }
 HYPER.forEach((f) => makeField(f, $("#hyper")));
@@ -62,13 +81,11 @@ MORE.forEach((f) => makeField(f, $("#hyper-more")));
 
 $("#guide-values").addEventListener("click", () => {
   $("#mode").value = "single_image";
-  for (const [name, value] of Object.entries(GUIDE)) fields.get(name).input.value = value;
+  for (const [name, value] of Object.entries(GUIDE)) state.fields.get(name).input.value = value;
   modeChanged();
 });
 
 // --- mode, dataset, split and the category picker ----------------------------------------------------------------
-
-let categories = [];
 
 function modeChanged() {
   const mode = $("#mode").value;
@@ -102,9 +119,9 @@ async function loadCategories(selectId = null) {
   try {
     const list = await getJSON(`/categories?${query}`);
     $("#dataset").placeholder = `server default (${list.dataset})`;
-    categories = list.items.filter((c) => c.subset === "train" && c.instances.train > 0);
+    state.categories = list.items.filter((c) => c.subset === "train" && c.instances.train > 0);
   } catch (error) {
-    categories = [];
+    state.categories = [];
     if (error instanceof ApiError && error.status === 422) {
       for (const [field, message] of Object.entries(error.fieldErrors())) setError(field || "dataset", message);
     } else {
@@ -117,7 +134,7 @@ async function loadCategories(selectId = null) {
 function renderCategories(keep) {
   const select = $("#category_id");
   const filter = $("#category-filter").value.trim().toLowerCase();
-  const shown = categories.filter((c) => !filter || String(c.id).startsWith(filter) || c.name.toLowerCase().includes(filter));
+  const shown = state.categories.filter((c) => !filter || String(c.id).startsWith(filter) || c.name.toLowerCase().includes(filter));
   select.replaceChildren(...shown.map((c) => h("option", {value: c.id, dataset: {k: c.num_keypoints, train: c.instances.train}},
     `${c.id} · ${c.name} · K=${c.num_keypoints} · ${c.instances.train} train images`)));
   if (keep != null && shown.some((c) => c.id === keep)) select.value = keep;
@@ -127,7 +144,7 @@ function renderCategories(keep) {
 
 function categoryChanged() {
   clearError("category_id");
-  const category = categories.find((c) => c.id === Number($("#category_id").value));
+  const category = state.categories.find((c) => c.id === Number($("#category_id").value));
   $("#image-range").textContent = category ? `(0..${category.instances.train - 1})` : "";
   if (category) $("#image_index").max = category.instances.train - 1;
   preview();
@@ -140,16 +157,15 @@ $("#dataset").addEventListener("change", () => loadCategories());
 
 // --- the chosen instance's preview --------------------------------------------------------------------------------
 
-let previewTimer = null;
-let previewSeq = 0;
 $("#image_index").addEventListener("input", () => {
   $("#preview").classList.add("stale"); // what it shows is not the new index's (yet)
-  clearTimeout(previewTimer);
-  previewTimer = setTimeout(preview, 250);
+  clearTimeout(state.preview.timer);
+  state.preview.timer = setTimeout(preview, 250);
 });
 
 async function preview() {
-  const seq = ++previewSeq;
+  const seq = ++state.preview.seq;
+  const current = () => seq === state.preview.seq; // not overtaken by a later choice
   const canvas = $("#preview");
   const caption = $("#preview-caption");
   const cid = $("#category_id").value;
@@ -161,13 +177,13 @@ async function preview() {
   try {
     const instance = await getJSON(`${base}?${query}`);
     const url = await blobURL(`${base}/image?${query}`);
-    if (seq !== previewSeq) return;
+    if (!current()) return;
     clearError("image_index");
     if (!url) throw new Error("the image file is missing");
     const image = new Image();
     image.src = url;
     await image.decode();
-    if (seq !== previewSeq) return;
+    if (!current()) return;
     draw(canvas, image, instance);
     URL.revokeObjectURL(url);
     canvas.hidden = false;
@@ -176,7 +192,7 @@ async function preview() {
     caption.textContent = `${instance.file_name} · annotation ${instance.annotation_id} · ${instance.width}×${instance.height} px · `
       + `${instance.keypoints.filter((k) => k[2] > 0).length} of ${instance.keypoints.length} keypoints labelled (the model's crop)`;
   } catch (error) {
-    if (seq !== previewSeq) return;
+    if (!current()) return;
     canvas.hidden = true;
     delete canvas.dataset.instance;
     if (error instanceof ApiError && error.status === 422) {
@@ -202,36 +218,15 @@ function draw(canvas, image, instance) {
   ctx.fillRect(0, 0, size, size);
   ctx.drawImage(image, sx, sy, side, side, 0, 0, size, size);
   const at = ([x, y]) => [(x - sx) / side * size, (y - sy) / side * size];
-  const kp = instance.keypoints;
-  ctx.lineWidth = 2;
-  ctx.strokeStyle = "rgba(255, 255, 255, 0.85)";
-  for (const [a, b] of instance.skeleton || []) {
-    if (!kp[a] || !kp[b] || kp[a][2] <= 0 || kp[b][2] <= 0) continue;
-    ctx.beginPath();
-    ctx.moveTo(...at(kp[a]));
-    ctx.lineTo(...at(kp[b]));
-    ctx.stroke();
-  }
-  ctx.font = "bold 10px system-ui, sans-serif";
-  kp.forEach((point, i) => {
-    if (point[2] <= 0) return;
-    const [x, y] = at(point);
-    ctx.beginPath();
-    ctx.arc(x, y, 4.5, 0, 2 * Math.PI);
-    ctx.fillStyle = `hsl(${(i * 360) / kp.length}, 90%, 50%)`;
-    ctx.fill();
-    ctx.strokeStyle = "#000";
-    ctx.lineWidth = 1;
-    ctx.stroke();
-    ctx.fillStyle = "#fff";
-    ctx.fillText(String(i), x + 6, y - 4);
-  });
+  // the labelled keypoints (v > 0), with the dataset's numbers, and the skeleton between them
+  const points = instance.keypoints.map(([x, y, v]) => (v > 0 ? [x, y] : null));
+  drawKeypoints(ctx, points, {at, edges: instance.skeleton || [], radius: 4.5});
 }
 
 // --- clone, submit ------------------------------------------------------------------------------------------------
 
 function value(name) {
-  const {input, kind} = fields.get(name);
+  const {input, kind} = state.fields.get(name);
   if (kind === "bool") return input.checked;
   if (kind === "enum") return input.value;
   const text = input.value.trim();
@@ -250,7 +245,7 @@ function body() {
     const index = $("#image_index").value.trim();
     if (index !== "") out.image_index = Number(index);
   }
-  for (const name of fields.keys()) {
+  for (const name of state.fields.keys()) {
     const v = value(name);
     if (v !== undefined) out[name] = v;
   }
@@ -292,7 +287,7 @@ async function fillFromClone(id) {
   $("#mode").value = job.mode;
   $("#dataset").value = job.dataset;
   $("#split").value = String(job.split);
-  for (const [name, {input, kind}] of fields) {
+  for (const [name, {input, kind}] of state.fields) {
     if (!(name in job.config)) continue;
     if (kind === "bool") input.checked = Boolean(job.config[name]);
     else input.value = job.config[name];
@@ -305,15 +300,12 @@ async function fillFromClone(id) {
 }
 
 const cloneId = new URLSearchParams(location.search).get("clone");
-let selectCategory = null;
 $("#mode").value = "single_image";
-if (cloneId) {
-  try {
-    selectCategory = await fillFromClone(cloneId);
-  } catch (error) {
-    setError("", `Could not load job ${cloneId} to clone: ${error.message}`);
-  }
-}
+// a clone's category is chosen once the split's categories are listed
+const cloneCategory = !cloneId ? null : await fillFromClone(cloneId).catch((error) => {
+  setError("", `Could not load job ${cloneId} to clone: ${error.message}`);
+  return null;
+});
 modeChanged();
-await loadCategories(selectCategory);
+await loadCategories(cloneCategory);
 document.body.dataset.ready = "true";

@@ -4,16 +4,30 @@
 // evaluated and its test table instead of curves and pictures.
 
 import {ApiError, blobURL, followJob, getJSON, isTerminal, postJSON} from "/static/api.js";
-import {LineChart, available, columns} from "/static/charts.js";
+import {available, columns, lossChart, pckChart} from "/static/charts.js";
 import {CheckpointsCard} from "/static/checkpoints.js";
 import {TryIt} from "/static/tryit.js";
-import {$, categoryLabel, h, header, jobTitle, num, pct, progressBar, showError, statusBadge, when} from "/static/ui.js";
+import {$, categoryLabel, h, header, jobTitle, num, pct, progressBar, showError, statusBadge, verdictStyle, when}
+  from "/static/ui.js";
+
+const jobId = decodeURIComponent(location.pathname.split("/").filter(Boolean).pop());
+const controller = new AbortController(); // aborted when the page goes: its requests and the stream stop
+const LOG_LINES = 400;
+const LIVE = {stream: "● live", reconnecting: "reconnecting…", ended: "finished"}; // the stream's state, in words
+
+// What the page knows and has shown: all of it here, changed only by the functions below.
+const state = {
+  job: null, // the job as last heard of (GET /jobs/{id}, the stream's status events)
+  sourceJob: null, // an evaluate job's: the job it evaluates, fetched once, for its name
+  cancelArmed: null, // the first click on Cancel: its timer (a second click within 5 s cancels)
+  curves: {loss: null, pck: null, pending: [], flushTimer: null}, // the charts, and epochs waiting to be drawn
+  checkpoints: {items: [], card: null, tryIt: null, busy: null},
+  pictures: {epochs: [], seq: 0, inputsShown: false, busy: null},
+  log: {offset: 0, text: ""},
+};
 
 header(null);
-const jobId = decodeURIComponent(location.pathname.split("/").filter(Boolean).pop());
-const controller = new AbortController();
 addEventListener("pagehide", () => controller.abort());
-let job = null;
 
 // --- the job ------------------------------------------------------------------------------------------------------
 
@@ -22,7 +36,7 @@ function term(label, value) {
 }
 
 async function renderJob(next) {
-  job = next;
+  const job = state.job = next;
   document.title = `${jobTitle(job)} · ${job.status} · CAPE training`;
   $("#title").textContent = jobTitle(job);
   $("#status").replaceChildren(statusBadge(job.status));
@@ -35,7 +49,7 @@ async function renderJob(next) {
   error.textContent = job.error ? `Error: ${job.error}` : "";
   renderVerdict();
   renderTest();
-  checkpointsCard?.update(checkpoints, job);
+  state.checkpoints.card?.update(state.checkpoints.items, job);
   const evaluation = job.mode === "evaluate";
   if (evaluation) renderEvaluationOf();
   const image = job.image ? `#${job.image.index}: ${job.image.file_name} (annotation ${job.image.annotation_id})` : null;
@@ -65,18 +79,17 @@ async function renderJob(next) {
 
 function renderVerdict() {
   const box = $("#verdict");
-  if (job.mode !== "single_image") {
+  if (state.job.mode !== "single_image") {
     box.hidden = true;
     return;
   }
   box.hidden = false;
-  const verdict = job.verdict;
+  const verdict = state.job.verdict;
+  box.className = `verdict box ${verdictStyle(verdict)}`;
   if (!verdict) {
-    box.className = "verdict box pending";
     box.replaceChildren(h("strong", {}, "Verdict: "), "none yet.");
     return;
   }
-  box.className = `verdict box ${{"memorised": "good", "not yet": "pending", "not memorised": "bad"}[verdict.state] || ""}`;
   box.dataset.state = verdict.state;
   box.replaceChildren(h("strong", {}, `Verdict: ${verdict.state}. `), verdict.message || "");
   if (verdict.never_correct?.length) {
@@ -90,26 +103,25 @@ function evaluationSettings(config) {
     + `${config.episodes_per_category === 1 ? "" : "s"} per category`;
 }
 
-let sourceJob = null; // the job an evaluate job evaluates: fetched once, for its name
-
 async function renderEvaluationOf() {
+  const {job} = state;
   const box = $("#evaluation-of");
   const from = job.config.from_job;
   const link = (title) => h("a", {href: `/runs/${from}`, id: "evaluated-job"}, title);
   box.hidden = false;
-  box.replaceChildren("Evaluation of ", link(sourceJob ? jobTitle(sourceJob) : `job ${from.slice(0, 8)}`),
+  box.replaceChildren("Evaluation of ", link(state.sourceJob ? jobTitle(state.sourceJob) : `job ${from.slice(0, 8)}`),
     ` (${evaluationSettings(job.config)}) on the unseen test categories of split ${job.split}.`);
-  if (sourceJob) return;
+  if (state.sourceJob) return;
   try {
-    sourceJob = await getJSON(`/jobs/${encodeURIComponent(from)}`);
-    $("#evaluated-job").textContent = jobTitle(sourceJob);
+    state.sourceJob = await getJSON(`/jobs/${encodeURIComponent(from)}`);
+    $("#evaluated-job").textContent = jobTitle(state.sourceJob);
   } catch {
     // gone (or another key's): the link with the id says what there is to say
   }
 }
 
 function renderTest() {
-  const result = job.test_result;
+  const result = state.job.test_result;
   $("#test-section").hidden = !result;
   if (!result) return;
   const rows = Object.entries(result.per_category || {}).sort((a, b) => Number(a[0]) - Number(b[0]));
@@ -127,17 +139,20 @@ function renderTest() {
   ].filter(Boolean));
 }
 
-let armed = null;
 $("#cancel").addEventListener("click", async () => {
   const button = $("#cancel");
-  if (!armed) { // two clicks: a stray one does not stop a long run
+  if (!state.cancelArmed) { // two clicks: a stray one does not stop a long run
     button.textContent = "Really cancel?";
     button.classList.add("armed");
-    armed = setTimeout(() => { armed = null; button.textContent = "Cancel"; button.classList.remove("armed"); }, 5000);
+    state.cancelArmed = setTimeout(() => {
+      state.cancelArmed = null;
+      button.textContent = "Cancel";
+      button.classList.remove("armed");
+    }, 5000);
     return;
   }
-  clearTimeout(armed);
-  armed = null;
+  clearTimeout(state.cancelArmed);
+  state.cancelArmed = null;
   button.disabled = true;
   try {
     await renderJob(await postJSON(`/jobs/${jobId}/cancel`, undefined));
@@ -152,26 +167,37 @@ $("#cancel").addEventListener("click", async () => {
 
 // --- curves ------------------------------------------------------------------------------------------------------
 
-let lossChart = null, pckChart = null;
-let pending = [];
-let flushTimer = null;
-let epochs = 0;
+// The loss terms, the total drawn last (on top of loss_ce, which it nearly equals) but first in the legend.
+const LOSS_TRACES = [{name: "loss_ce", color: "#d62728", dash: "dot", width: 1.5, rank: 2},
+                     {name: "loss_coords", color: "#2ca02c", dash: "dash", width: 1.5, rank: 3},
+                     {name: "loss", color: "#1f77b4", width: 2.5, rank: 1}];
+const PCK_TRACES = [{name: "PCK@0.2", color: "#2ca02c"}, {name: "mPCK", color: "#9467bd", dash: "dash"}];
+
+function drawCharts() {
+  if (!available()) {
+    $("#loss-chart").textContent = "The charting library did not load.";
+    return;
+  }
+  state.curves.loss = lossChart($("#loss-chart"), {traces: LOSS_TRACES, singleImage: state.job.mode === "single_image"});
+  state.curves.pck = pckChart($("#pck-chart"), {traces: PCK_TRACES});
+}
 
 function onEpoch(row) {
-  pending.push(row);
-  if (!flushTimer) flushTimer = setTimeout(flush, 50); // a replay of many rows is one chart update
+  const curves = state.curves;
+  curves.pending.push(row);
+  if (!curves.flushTimer) curves.flushTimer = setTimeout(flush, 50); // a replay of many rows is one chart update
 }
 
 async function flush() {
-  flushTimer = null;
-  const rows = pending;
-  pending = [];
+  const curves = state.curves;
+  curves.flushTimer = null;
+  const rows = curves.pending;
+  curves.pending = [];
   if (!rows.length) return;
-  epochs = rows[rows.length - 1].epoch;
-  document.body.dataset.epochs = String(epochs);
-  if (lossChart) {
-    await Promise.all([lossChart.extend(columns(rows, ["loss_ce", "loss_coords", "loss"])),
-                       pckChart.extend(columns(rows, ["pck", "mpck"]))]);
+  document.body.dataset.epochs = String(rows[rows.length - 1].epoch);
+  if (curves.loss) {
+    await Promise.all([curves.loss.extend(columns(rows, ["loss_ce", "loss_coords", "loss"])),
+                       curves.pck.extend(columns(rows, ["pck", "mpck"]))]);
   }
   refreshPictures();
   refreshCheckpoints(); // a better epoch saved a new best
@@ -179,84 +205,78 @@ async function flush() {
 
 // --- checkpoints: the card and the "Try it" panel ------------------------------------------------------------------
 
-let checkpoints = [];
-let checkpointsCard = null;
-let tryIt = null;
-let checkpointsBusy = null;
-
 async function refreshCheckpoints() {
-  if (job.mode === "evaluate") return;
-  if (checkpointsBusy) return checkpointsBusy;
-  checkpointsBusy = (async () => {
+  const checkpoints = state.checkpoints;
+  if (state.job.mode === "evaluate") return;
+  if (checkpoints.busy) return checkpoints.busy;
+  checkpoints.busy = (async () => {
     try {
-      checkpoints = (await getJSON(`/jobs/${jobId}/checkpoints`, {signal: controller.signal})).items;
-      if (!checkpoints.length) return;
-      if (!checkpointsCard) {
-        checkpointsCard = new CheckpointsCard($("#checkpoints-section"), job);
-        tryIt = new TryIt($("#tryit"), job);
-        await tryIt.init();
+      const items = (await getJSON(`/jobs/${jobId}/checkpoints`, {signal: controller.signal})).items;
+      checkpoints.items = items;
+      if (!items.length) return;
+      if (!checkpoints.card) {
+        checkpoints.card = new CheckpointsCard($("#checkpoints-section"), state.job);
+        checkpoints.tryIt = new TryIt($("#tryit"), state.job);
+        await Promise.all([checkpoints.card.init(), checkpoints.tryIt.init()]);
         $("#tryit").hidden = false;
       }
-      checkpointsCard.update(checkpoints, job);
-      tryIt.setCheckpoints(checkpoints);
-      document.body.dataset.checkpoints = checkpoints.map((c) => c.name).join(" ");
+      checkpoints.card.update(items, state.job);
+      checkpoints.tryIt.setCheckpoints(items);
+      document.body.dataset.checkpoints = items.map((c) => c.name).join(" ");
     } catch (error) {
       if (!controller.signal.aborted) showError($("#message"), error); // tried again at the next epoch
     } finally {
-      checkpointsBusy = null;
+      checkpoints.busy = null;
     }
   })();
-  return checkpointsBusy;
+  return checkpoints.busy;
 }
 
 // --- pictures ----------------------------------------------------------------------------------------------------
 
-let pictureEpochs = [];
-let pictureSeq = 0;
-let inputsShown = false;
-let picturesBusy = null;
-
 async function refreshPictures() {
-  if (picturesBusy) return picturesBusy;
-  picturesBusy = (async () => {
+  const shown = state.pictures;
+  if (shown.busy) return shown.busy;
+  shown.busy = (async () => {
     try {
       const pictures = await getJSON(`/jobs/${jobId}/pictures`, {signal: controller.signal});
-      if (pictures.inputs && !inputsShown) {
+      if (pictures.inputs && !shown.inputsShown) {
         const url = await blobURL(`/jobs/${jobId}/inputs.png`);
         if (url) {
-          inputsShown = true;
+          shown.inputsShown = true;
           $("#inputs").src = url;
           $("#inputs").hidden = false;
           $("#inputs-note").hidden = true;
         }
       }
       const slider = $("#epoch-slider");
-      const following = pictureEpochs.length === 0 || Number(slider.value) === pictureEpochs.length - 1;
-      if (pictures.epochs.length !== pictureEpochs.length) {
-        pictureEpochs = pictures.epochs;
-        slider.max = String(Math.max(0, pictureEpochs.length - 1));
-        slider.disabled = pictureEpochs.length < 2;
-        if (following && pictureEpochs.length) {
-          slider.value = String(pictureEpochs.length - 1);
+      const following = shown.epochs.length === 0 || Number(slider.value) === shown.epochs.length - 1;
+      if (pictures.epochs.length !== shown.epochs.length) {
+        shown.epochs = pictures.epochs;
+        slider.max = String(Math.max(0, shown.epochs.length - 1));
+        slider.disabled = shown.epochs.length < 2;
+        if (following && shown.epochs.length) {
+          slider.value = String(shown.epochs.length - 1);
           showPicture();
         }
       }
     } catch (error) {
       if (!controller.signal.aborted) showError($("#message"), error); // tried again at the next epoch
     } finally {
-      picturesBusy = null;
+      shown.busy = null;
     }
   })();
-  return picturesBusy;
+  return shown.busy;
 }
 
 async function showPicture() {
-  const seq = ++pictureSeq;
-  const epoch = pictureEpochs[Number($("#epoch-slider").value)];
+  const seq = ++state.pictures.seq;
+  const current = () => seq === state.pictures.seq; // not overtaken by a later move of the slider
+  const epoch = state.pictures.epochs[Number($("#epoch-slider").value)];
   if (epoch == null) return;
   $("#picture-epoch").textContent = String(epoch);
   const url = await blobURL(`/jobs/${jobId}/epochs/${epoch}/predictions.png`).catch(() => null);
-  if (seq !== pictureSeq) {
+  if (!current()) {
     if (url) URL.revokeObjectURL(url);
     return;
   }
@@ -273,7 +293,7 @@ async function showPicture() {
   $("#prediction-note").hidden = true;
   if (old.startsWith("blob:")) URL.revokeObjectURL(old);
   getJSON(`/jobs/${jobId}/epochs/${epoch}/predictions`).then((p) => {
-    if (seq !== pictureSeq) return;
+    if (!current()) return;
     $("#prediction-detail").replaceChildren(...p.queries.map((q) => {
       const counted = q.counted.filter(Boolean).length;
       const correct = q.correct.filter((c, i) => c && q.counted[i]).length;
@@ -287,24 +307,21 @@ $("#prediction").addEventListener("click", () => window.open($("#prediction").sr
 
 // --- the log tail ------------------------------------------------------------------------------------------------
 
-const LOG_LINES = 400;
-let logOffset = 0;
-let logText = "";
-
 async function pollLog() {
+  const tail = state.log;
   for (;;) {
     try {
-      const chunk = await getJSON(`/jobs/${jobId}/logs?offset=${logOffset}`, {signal: controller.signal});
+      const chunk = await getJSON(`/jobs/${jobId}/logs?offset=${tail.offset}`, {signal: controller.signal});
       if (chunk.text) {
         const log = $("#log");
         const atBottom = log.scrollTop + log.clientHeight >= log.scrollHeight - 8;
-        logText = (logText + chunk.text).split("\n").slice(-LOG_LINES).join("\n");
-        log.textContent = logText;
+        tail.text = (tail.text + chunk.text).split("\n").slice(-LOG_LINES).join("\n");
+        log.textContent = tail.text;
         if (atBottom) log.scrollTop = log.scrollHeight;
-      } else if (!logText) {
+      } else if (!tail.text) {
         $("#log").textContent = "(nothing logged yet)";
       }
-      logOffset = chunk.next_offset;
+      tail.offset = chunk.next_offset;
       if (chunk.complete) {
         $("#log-state").textContent = "complete";
         return;
@@ -321,8 +338,6 @@ async function pollLog() {
 
 // --- start -------------------------------------------------------------------------------------------------------
 
-const LIVE = {stream: "● live", reconnecting: "reconnecting…", ended: "finished"};
-
 try {
   await renderJob(await getJSON(`/jobs/${encodeURIComponent(jobId)}`));
 } catch (error) {
@@ -331,30 +346,13 @@ try {
   throw error;
 }
 
-const evaluation = job.mode === "evaluate";
+const evaluation = state.job.mode === "evaluate";
 if (evaluation) {
   // no epochs, no pictures, nothing to clone: what it evaluated, its test table and its log
   for (const id of ["clone", "verdict"]) $(`#${id}`).hidden = true;
   for (const selector of [".charts", ".pictures"]) $(selector).hidden = true;
-} else if (available()) {
-  const single = job.mode === "single_image";
-  lossChart = new LineChart($("#loss-chart"), {
-    title: "Training loss", yTitle: "loss (log scale)", log: true,
-    // the total last, on top of loss_ce (which it nearly equals), but first in the legend
-    traces: [{name: "loss_ce", color: "#d62728", dash: "dot", width: 1.5, rank: 2},
-             {name: "loss_coords", color: "#2ca02c", dash: "dash", width: 1.5, rank: 3},
-             {name: "loss", color: "#1f77b4", width: 2.5, rank: 1}],
-    guide: single ? {y: 0.1, text: "memorised below 0.1"} : null,
-  });
-  pckChart = new LineChart($("#pck-chart"), {
-    title: "Validation PCK", yTitle: "PCK", percent: true,
-    traces: [{name: "PCK@0.2", color: "#2ca02c"}, {name: "mPCK", color: "#9467bd", dash: "dash"}],
-  });
 } else {
-  $("#loss-chart").textContent = "The charting library did not load.";
-}
-
-if (!evaluation) {
+  drawCharts();
   refreshPictures();
   refreshCheckpoints();
 }

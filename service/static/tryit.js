@@ -2,8 +2,11 @@
 // image, and POST /jobs/{id}/predict with one of the job's checkpoints; the answer is drawn on the query client-side
 // from the JSON, with a table of the numbers. Each image is a file from the user's disk or an instance of the
 // dataset (its labelled keypoints, skeleton and box filled in). Every check is the API's: a 422 names the field.
+// A dataset support's keypoints keep the dataset's numbers (and so their colours: the new-job form's preview shows
+// the same), on the support, the prediction and in its table; keypoints placed by hand are numbered on from there.
 
 import {ApiError, getBlob, getJSON, postForm} from "/static/api.js";
+import {colour, drawKeypoints} from "/static/keypoints.js";
 import {categoryNames, h, num, pct} from "/static/ui.js";
 
 const MAX_HEIGHT = 420; // CSS px: a canvas is scaled to fit its pane's width and this height
@@ -13,9 +16,6 @@ const FIELDS = {
   support_image: "Support image", support_keypoints: "Support keypoints", skeleton: "Edges (skeleton)",
   support_bbox: "Support box", query_image: "Query image", query_bbox: "Query box", checkpoint: "Checkpoint",
 };
-
-/** Keypoint i's colour, the same on the support and the prediction; stable as keypoints are added. */
-export const colour = (i) => `hsl(${Math.round(i * 137.508) % 360}, 85%, 52%)`;
 
 const round1 = (value) => Math.round(value * 10) / 10;
 
@@ -33,8 +33,9 @@ class Picture {
   }
 }
 
-/** Draws a picture scaled to fit the canvas's stage, with keypoints, edges and a box in image pixels. */
-function drawScene(canvas, picture, {points = [], edges = [], box = null, selected = null, confidence = null} = {}) {
+/** Draws a picture scaled to fit the canvas's stage, with keypoints (numbered by labels), edges and a box in image
+ * pixels. */
+function drawScene(canvas, picture, {points = [], labels = null, edges = [], box = null, selected = null, confidence = null} = {}) {
   const stage = canvas.parentElement;
   const scale = Math.min((stage.clientWidth || 400) / picture.width, MAX_HEIGHT / picture.height);
   const width = Math.max(1, Math.round(picture.width * scale)), height = Math.max(1, Math.round(picture.height * scale));
@@ -57,43 +58,7 @@ function drawScene(canvas, picture, {points = [], edges = [], box = null, select
     ctx.strokeRect(box[0] * scale, box[1] * scale, box[2] * scale, box[3] * scale);
     ctx.restore();
   }
-  for (const [a, b] of edges) {
-    if (!points[a] || !points[b]) continue;
-    for (const [style, lineWidth] of [["rgba(0, 0, 0, 0.7)", 4.5], ["rgba(255, 255, 255, 0.95)", 2]]) {
-      ctx.beginPath();
-      ctx.moveTo(...at(points[a]));
-      ctx.lineTo(...at(points[b]));
-      ctx.strokeStyle = style;
-      ctx.lineWidth = lineWidth;
-      ctx.stroke();
-    }
-  }
-  ctx.font = "bold 12px system-ui, sans-serif";
-  ctx.lineJoin = "round";
-  points.forEach((point, i) => {
-    const [x, y] = at(point);
-    if (i === selected) {
-      ctx.beginPath();
-      ctx.arc(x, y, 11, 0, 2 * Math.PI);
-      ctx.strokeStyle = "#ffd700";
-      ctx.lineWidth = 3;
-      ctx.stroke();
-    }
-    ctx.beginPath();
-    ctx.arc(x, y, 6, 0, 2 * Math.PI);
-    ctx.globalAlpha = confidence ? 0.35 + 0.65 * Math.max(0, Math.min(1, confidence[i])) : 1; // faint: unsure
-    ctx.fillStyle = colour(i);
-    ctx.fill();
-    ctx.globalAlpha = 1;
-    ctx.strokeStyle = "#000";
-    ctx.lineWidth = 1.5;
-    ctx.stroke();
-    ctx.strokeStyle = "rgba(0, 0, 0, 0.85)";
-    ctx.lineWidth = 3;
-    ctx.strokeText(String(i), x + 8, y - 6);
-    ctx.fillStyle = "#fff";
-    ctx.fillText(String(i), x + 8, y - 6);
-  });
+  drawKeypoints(ctx, points, {at, labels, edges, selected, confidence});
   return scale;
 }
 
@@ -236,8 +201,9 @@ export class TryIt {
   constructor(section, job) {
     this.section = section;
     this.job = job;
-    this.points = []; // [x, y] in support-image pixels, in the order placed
-    this.edges = []; // [a, b], 0-based, a < b
+    this.points = []; // [x, y] in support-image pixels, in the order placed (the order they are sent in)
+    this.labels = []; // the number each point is shown with: the dataset's, or the next one for a point placed by hand
+    this.edges = []; // [a, b], indices into points, a < b
     this.selected = null; // edges mode: the first keypoint of an edge being made
     this.result = null;
 
@@ -299,18 +265,17 @@ export class TryIt {
   setSupport(picture) {
     this.selected = null;
     const instance = picture.instance;
-    if (!instance) {
-      this.points = [];
-      this.edges = [];
-      return;
-    }
-    // The labelled keypoints (v > 0), numbered 0.. in their order; the skeleton's edges between them, renumbered.
-    const kept = new Map();
     this.points = [];
+    this.labels = [];
+    this.edges = [];
+    if (!instance) return;
+    // The labelled keypoints (v > 0), in their order, with their numbers; the skeleton's edges between them.
+    const kept = new Map();
     instance.keypoints.forEach(([x, y, v], i) => {
       if (v > 0) {
         kept.set(i, this.points.length);
         this.points.push([x, y]);
+        this.labels.push(i);
       }
     });
     this.edges = (instance.skeleton || []).filter(([a, b]) => kept.has(a) && kept.has(b))
@@ -323,6 +288,7 @@ export class TryIt {
     const point = imagePoint(event, this.support.canvas, picture);
     if (this.tool === "points") {
       this.points.push(point);
+      this.labels.push(this.nextLabel());
       this.changed({inputs: true});
       return;
     } else {
@@ -361,10 +327,16 @@ export class TryIt {
     else this.edges.push([lo, hi]);
   }
 
+  /** The number of the next keypoint placed by hand: one more than the highest so far. */
+  nextLabel() {
+    return this.labels.length ? Math.max(...this.labels) + 1 : 0;
+  }
+
   undoLast() {
     if (!this.points.length) return;
     const last = this.points.length - 1;
     this.points.pop();
+    this.labels.pop();
     this.edges = this.edges.filter((edge) => !edge.includes(last));
     this.selected = null;
     this.changed({inputs: true});
@@ -372,6 +344,7 @@ export class TryIt {
 
   clearAll() {
     this.points = [];
+    this.labels = [];
     this.edges = [];
     this.selected = null;
     this.changed({inputs: true});
@@ -389,9 +362,9 @@ export class TryIt {
     this.undo.disabled = !this.points.length;
     this.clear.disabled = !this.points.length;
     this.help.textContent = !this.support.picture ? ""
-      : this.tool === "points" ? "Click on the image to place keypoint " + this.points.length + "."
+      : this.tool === "points" ? `Click on the image to place keypoint ${this.nextLabel()}.`
       : this.selected == null ? "Click a keypoint, then another, to join them (again to remove the edge)."
-      : `Keypoint ${this.selected} picked: click the keypoint to join it to.`;
+      : `Keypoint ${this.labels[this.selected]} picked: click the keypoint to join it to.`;
     const ready = this.support.picture && this.query.picture && this.checkpoint.value;
     this.predictButton.disabled = !ready || this.busy;
     this.hint.textContent = ready ? "" : !this.checkpoint.value ? "No checkpoint yet."
@@ -407,14 +380,15 @@ export class TryIt {
   redraw() {
     const support = this.support.picture;
     if (support) {
-      drawScene(this.support.canvas, support, {points: this.points, edges: this.edges, box: this.support.box,
-                                               selected: this.selected});
+      drawScene(this.support.canvas, support, {points: this.points, labels: this.labels, edges: this.edges,
+                                               box: this.support.box, selected: this.selected});
     }
     const query = this.query.picture;
     if (query) {
       const shown = this.result && this.result.picture === query ? this.result.answer : null;
       drawScene(this.query.canvas, query, shown
-        ? {points: shown.keypoints, edges: shown.skeleton, confidence: shown.confidence, box: this.result.queryBox}
+        ? {points: shown.keypoints, labels: this.result.labels, edges: shown.skeleton, confidence: shown.confidence,
+           box: this.result.queryBox}
         : {box: this.query.box});
       if (shown) this.query.canvas.dataset.drawn = String(shown.keypoints.length);
       else delete this.query.canvas.dataset.drawn;
@@ -441,11 +415,12 @@ export class TryIt {
     this.showProblem(null);
     const picture = this.query.picture;
     const queryBox = this.query.box;
+    const labels = [...this.labels]; // the answer's keypoint i is the support's i: shown with its number
     const form = this.form();
     const started = performance.now();
     try {
       const answer = await postForm(`/jobs/${this.job.id}/predict`, form);
-      this.result = {answer, picture, queryBox, form, roundTrip: performance.now() - started};
+      this.result = {answer, picture, queryBox, labels, form, roundTrip: performance.now() - started};
       this.showAnswer();
     } catch (error) {
       this.showProblem(error);
@@ -457,11 +432,11 @@ export class TryIt {
   }
 
   showAnswer() {
-    const {answer, roundTrip} = this.result;
+    const {answer, labels, roundTrip} = this.result;
     const checkpoint = answer.checkpoint || {};
     const timing = answer.timing || {};
     const rows = answer.keypoints.map(([x, y], i) => h("tr", {dataset: {x, y, confidence: answer.confidence[i]}},
-      h("td", {}, h("span", {class: "swatch", style: `background: ${colour(i)}`}), ` ${i}`),
+      h("td", {}, h("span", {class: "swatch", style: `background: ${colour(labels[i] ?? i)}`}), ` ${labels[i] ?? i}`),
       h("td", {class: "num"}, x.toFixed(1)),
       h("td", {class: "num"}, y.toFixed(1)),
       h("td", {class: "num"}, answer.confidence[i].toFixed(3)),

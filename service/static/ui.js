@@ -86,11 +86,19 @@ export function progressBar(job) {
   );
 }
 
-const VERDICT_CLASS = {"memorised": "good", "not yet": "pending", "not memorised": "bad"};
+const VERDICT_STYLE = {"memorised": "good", "not yet": "pending", "not memorised": "bad"};
+
+/** How a single-image run's verdict looks, the same in the list, the comparison and on the run page: "good"
+ * (memorised), "pending" (not yet, or no verdict yet) or "bad" (not memorised). */
+export function verdictStyle(verdict) {
+  return verdict ? VERDICT_STYLE[verdict.state] || "" : "pending";
+}
+
+/** A single-image run's verdict as a badge (the list and the comparison); "–" for other runs and before one. */
 export function verdictBadge(job) {
-  if (job.mode !== "single_image") return "–";
-  if (!job.verdict) return "–";
-  return h("span", {class: `badge verdict ${VERDICT_CLASS[job.verdict.state] || ""}`, title: job.verdict.message}, job.verdict.state);
+  if (job.mode !== "single_image" || !job.verdict) return "–";
+  return h("span", {class: `badge verdict ${verdictStyle(job.verdict)}`, title: job.verdict.message,
+                    dataset: {state: job.verdict.state}}, job.verdict.state);
 }
 
 // Category names per (dataset, split), fetched once per page.

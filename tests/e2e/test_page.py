@@ -1,18 +1,24 @@
 """The page in a real browser: headless Chromium driven by Selenium, against the real stack (uvicorn, redis-server, a
 Celery worker, SQLite), through the page's own forms and buttons.
 
-One stack for the module; the tests run in order and build on each other's jobs: submit a single-image job through
-the form and watch it live (curves, verdict, pictures, log), clone it into a second run with another learning rate
-and cancel a third, compare the two runs, try the first run's checkpoint on dataset images ("Try it": place
-keypoints, predict, download the checkpoint), a tiny full-mode run and its test table, an evaluation of it started
-from its page, then the page with API keys on.
+One stack for the module: submit a single-image job through the form and watch it live (curves, verdict, pictures,
+log), clone it into a second run with another learning rate and cancel a third, compare the two runs, try the first
+run's checkpoint on dataset images ("Try it": place keypoints, predict, download the checkpoint), a tiny full-mode run
+and its test table, an evaluation of it started from its page, then the page with API keys on.
+
+Each test gets the jobs it needs from the `made` fixture: the one an earlier test made through the page when there is
+one and it is what this test needs, else one made through the API. So a test never skips for want of another test's
+job and any test runs on its own (-k): a failure stays the failing test's (the jobs are shared only to keep the module
+as short as it is: no job is trained twice).
 Screenshots go to the tests' output folders and to /tmp/page_shots/. The browser tests skip, saying why, without
 chromium and chromedriver (.ci/run installs them); the first test (the files, through TestClient) needs no browser.
 """
 
 from __future__ import annotations
 
+import colorsys
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -20,7 +26,8 @@ import httpx
 import pytest
 
 from cape.data.catalog import MP100Catalog
-from tests.helpers import sqlite_stack, uvicorn_server
+from service.models import TERMINAL
+from tests.helpers import sqlite_stack, uvicorn_server, wait_for
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed (pip install -e '.[test]')")
 from selenium.common.exceptions import (  # noqa: E402
@@ -45,6 +52,65 @@ KEY = "page-test-key-7f3a"
 # Small, so that the module runs in a couple of minutes on a busy 2-core machine: a healthy model memorises one image
 # in a few hundred steps; what the page shows is the same with fewer.
 FIRST = {"epochs": "3", "batch_size": "1", "num_queries_per_episode": "1", "episodes_per_epoch": "10"}
+FULL = {"epochs": "1", "episodes_per_epoch": "2", "batch_size": "1", "num_queries_per_episode": "1"}
+FULL_MORE = {"val_episodes_per_category": "1", "val_queries_per_episode": "1", "test_episodes_per_category": "1"}
+# How a verdict looks, on the run page (its box) and in the list and the comparison (its badge): the same everywhere.
+VERDICT_STYLE = {"memorised": "good", "not yet": "pending", "not memorised": "bad"}
+
+
+def _bodies(category: int) -> dict[str, dict]:
+    """The jobs the tests make through the page, as API bodies: what `made` makes for a test that finds none."""
+    first = {
+        "mode": "single_image",
+        "category_id": category,
+        "image_index": 0,
+        **{name: int(value) for name, value in FIRST.items()},
+        "name": "lr 5e-4",
+        "tags": ["page-sweep", "first"],
+    }
+    return {
+        "first": first,
+        "second": {**first, "lr": 0.002, "epochs": 2, "name": "lr 2e-3", "tags": ["page-sweep"]},
+        "cancelled": {**first, "epochs": 200, "name": "to cancel", "tags": []},
+        "full": {"mode": "full", **{n: int(v) for n, v in {**FULL, **FULL_MORE}.items()}, "name": "full, tiny"},
+    }
+
+
+class Jobs:
+    """The jobs the browser tests work on, by role: "first" (a succeeded single-image run, lr 5e-4), "second" (its
+    clone with lr 2e-3, not failed: it may still be training), "cancelled", "full" (a succeeded tiny full run).
+
+    A test that makes one through the page records it (`record`); a test that needs one asks for it (`need`) and gets
+    the recorded one when it is what the test needs, else a new one made through the API, as the page would have made
+    it. Nothing here skips: a job that cannot be had fails the test that needs it."""
+
+    def __init__(self, base: str, category: int):
+        self.base, self.bodies, self.ids = base, _bodies(category), {}
+
+    def record(self, role: str, job_id: str) -> None:
+        self.ids[role] = job_id
+
+    def need(self, role: str) -> str:
+        wanted = {"second": None, "cancelled": "cancelled"}.get(role, "succeeded")  # None: not failed, maybe running
+        with httpx.Client(base_url=self.base, timeout=30) as api:
+            job_id = self.ids.get(role)
+            if job_id and self._is(api, job_id, wanted):
+                return job_id
+            response = api.post("/jobs", json=self.bodies[role])
+            assert response.status_code == 201, f"{role}: {response.text}"
+            job_id = self.ids[role] = response.json()["id"]
+            if role == "cancelled":
+                assert api.post(f"/jobs/{job_id}/cancel").status_code == 200
+            assert self._is(api, job_id, wanted), (
+                f"the {role} job made through the API: {api.get(f'/jobs/{job_id}').text}"
+            )
+            return job_id
+
+    @staticmethod
+    def _is(api: httpx.Client, job_id: str, wanted: str | None) -> bool:
+        if wanted is None:
+            return api.get(f"/jobs/{job_id}").json()["status"] not in ("failed", "cancelled")
+        return wait_for(api, job_id, TERMINAL, timeout=300)["status"] == wanted
 
 
 # --- fixtures -----------------------------------------------------------------------------------------------------
@@ -52,7 +118,7 @@ FIRST = {"epochs": "3", "batch_size": "1", "num_queries_per_episode": "1", "epis
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, synthetic_root):
-    """The API (open), a training worker, a predict worker, Redis and SQLite; yields base URL, environment and folder."""
+    """The API (open), a training worker, a predict worker, Redis and SQLite; yields base URL, environment, folder."""
     with sqlite_stack(
         tmp_path_factory.mktemp("page"), {"synthetic": synthetic_root}, predict_worker=True, heartbeat_interval_s="1"
     ) as stack:
@@ -88,14 +154,14 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def jobs():
-    """The jobs the tests create, by role, for the tests after them."""
-    return {}
+def category(synthetic_root) -> int:
+    return MP100Catalog(synthetic_root).category_ids("train")[0]
 
 
 @pytest.fixture(scope="module")
-def category(synthetic_root) -> int:
-    return MP100Catalog(synthetic_root).category_ids("train")[0]
+def made(stack, category) -> Jobs:
+    """The jobs the tests work on, by role: see Jobs."""
+    return Jobs(stack.base, category)
 
 
 # --- helpers ------------------------------------------------------------------------------------------------------
@@ -159,6 +225,14 @@ def screenshot(driver, folder: Path, name: str) -> Path:
         driver.set_window_size(1400, 1000)
 
 
+def element_screenshot(element, folder: Path, name: str) -> None:
+    """One element, in the test's folder and in /tmp/page_shots/."""
+    path = folder / f"{name}.png"
+    element.screenshot(str(path))
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    shutil.copy(path, SHOTS / path.name)
+
+
 def severe_console_errors(driver) -> list[str]:
     """Console errors other than the answers the page expects (a 422 it shows, a 401 before the key)."""
     return [
@@ -179,6 +253,85 @@ def open_page(driver, url: str, ready: str) -> None:
     wait(driver, lambda d: body_data(d, ready), message=f"{url} never got ready")
 
 
+def job_body(base: str, mode: str) -> dict:
+    """The properties of the POST /jobs body for a mode, from the API's schema: the union's alternative whose `mode`
+    accepts it (const or enum), each property with its $ref followed and its optional (null) alternative dropped."""
+    spec = httpx.get(f"{base}/openapi.json", timeout=30).json()
+
+    def resolved(node: dict) -> dict:
+        if "$ref" in node:
+            target = spec
+            for part in node["$ref"].removeprefix("#/").split("/"):
+                target = target[part]
+            return resolved({**target, **{k: v for k, v in node.items() if k != "$ref"}})
+        if "allOf" in node:
+            merged: dict = {"properties": {}}
+            for part in [*map(resolved, node["allOf"]), {k: v for k, v in node.items() if k != "allOf"}]:
+                merged = {**merged, **part, "properties": {**merged["properties"], **part.get("properties", {})}}
+            return merged
+        return node
+
+    def alternatives(node: dict) -> list[dict]:
+        node = resolved(node)
+        union = node.get("oneOf") or node.get("anyOf")
+        return [a for part in union for a in alternatives(part)] if union else [node]
+
+    def accepts(prop: dict) -> bool:
+        return any(p.get("const") == mode or mode in p.get("enum", []) for p in alternatives(prop))
+
+    def plain(prop: dict) -> dict:
+        outer = resolved(prop)
+        parts = [p for p in alternatives(outer) if p.get("type") != "null"]
+        return (
+            {**parts[0], **{k: v for k, v in outer.items() if k not in ("anyOf", "oneOf")}}
+            if len(parts) == 1
+            else outer
+        )
+
+    body = spec["paths"]["/jobs"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    (found,) = [s for s in alternatives(body) if "mode" in s.get("properties", {}) and accepts(s["properties"]["mode"])]
+    return {name: plain(prop) for name, prop in found["properties"].items()}
+
+
+def rgb(css_hsl: str) -> tuple[int, int, int]:
+    """An "hsl(h, s%, l%)" colour as 8-bit RGB."""
+    h, s, light = map(float, re.findall(r"[\d.]+", css_hsl))
+    return tuple(round(255 * c) for c in colorsys.hls_to_rgb(h / 360, light / 100, s / 100))
+
+
+def keypoint_colour(n: int) -> tuple[int, int, int]:
+    """The page's one colour rule for keypoint n (static/keypoints.js)."""
+    return rgb(f"hsl({round(n * 137.508) % 360}, 85%, 52%)")
+
+
+def painted(driver, canvas_id: str) -> dict[int, tuple[int, int, int]]:
+    """The colour at the centre of each keypoint a canvas shows, by its number: those at least 40 canvas pixels from
+    any other (a neighbour's dot or number would cover the centre otherwise)."""
+    drawn = js(
+        driver,
+        "const c = document.getElementById(arguments[0]), ctx = c.getContext('2d');"
+        "return JSON.parse(c.dataset.painted || '[]')"
+        ".map(([n, x, y]) => [n, x, y, Array.from(ctx.getImageData(x, y, 1, 1).data).slice(0, 3)])",
+        canvas_id,
+    )
+    return {
+        n: tuple(colour)
+        for n, x, y, colour in drawn
+        if all((x - x2) ** 2 + (y - y2) ** 2 >= 40**2 for m, x2, y2, _ in drawn if m != n)
+    }
+
+
+def loss_chart_guide(driver) -> list[float]:
+    """The horizontal guides of the loss chart (the memorisation check's 0.1), and that it is the loss chart."""
+    layout = js(
+        driver,
+        "const l = document.getElementById('loss-chart').layout;"
+        "return {title: l.title.text, type: l.yaxis.type, guides: (l.shapes || []).map(s => s.y0)}",
+    )
+    assert layout["title"] == "Training loss" and layout["type"] == "log", layout
+    return layout["guides"]
+
+
 # --- tests --------------------------------------------------------------------------------------------------------
 
 
@@ -197,7 +350,17 @@ def test_the_pages_and_their_files_are_served_without_a_key_and_stay_out_of_the_
         assert page.headers["cache-control"] == "no-cache"
     assert f'src="/static/vendor/plotly.min.js?v={version("plotly")}"' in client.get("/runs/x").text
     assert client.get("/jobs").status_code == 401  # the data is not open
-    for name in ("api.js", "charts.js", "ui.js", "app.css", "run.js", "tryit.js", "checkpoints.js"):
+    for name in (
+        "api.js",
+        "charts.js",
+        "ui.js",
+        "app.css",
+        "run.js",
+        "tryit.js",
+        "checkpoints.js",
+        "schema.js",
+        "keypoints.js",
+    ):
         assert client.get(f"/static/{name}").status_code == 200, name
     assert client.get("/static/../main.py").status_code == 404
     assert client.get("/static/%2e%2e/main.py").status_code == 404
@@ -216,12 +379,21 @@ def test_the_pages_and_their_files_are_served_without_a_key_and_stay_out_of_the_
 
 
 @browser_test
-def test_submit_a_job_through_the_form_and_watch_it_live(browser, stack, category, jobs, tmp_path):
+def test_submit_a_job_through_the_form_and_watch_it_live(browser, stack, category, made, tmp_path):
     d = browser
     open_page(d, f"{stack.base}/", "loaded")
-    assert "No jobs yet" in d.find_element(By.ID, "jobs").text
+    if httpx.get(f"{stack.base}/jobs", timeout=30).json()["total"] == 0:  # the module's first job
+        assert "No jobs yet" in d.find_element(By.ID, "jobs").text
     d.find_element(By.LINK_TEXT, "New job").click()
     wait(d, lambda d: body_data(d, "ready"))
+    # The fixed inputs' bounds are the schema's too.
+    schema = job_body(stack.base, "single_image")
+    split = schema["split"]
+    assert [o.get_attribute("value") for o in Select(d.find_element(By.ID, "split")).options] == [
+        str(n) for n in range(int(split["minimum"]), int(split["maximum"]) + 1)
+    ]
+    assert d.find_element(By.ID, "name").get_attribute("maxlength") == str(schema["name"]["maxLength"])
+    assert d.find_element(By.ID, "epochs").get_attribute("max") == str(int(schema["epochs"]["maximum"]))
 
     # The picker shows id, name, K and the train images; the chosen instance is previewed with its keypoints.
     Select(d.find_element(By.ID, "category_id")).select_by_value(str(category))
@@ -246,7 +418,7 @@ def test_submit_a_job_through_the_form_and_watch_it_live(browser, stack, categor
     d.find_element(By.ID, "submit").click()
     wait(d, lambda d: "/runs/" in d.current_url)
     job_id = d.current_url.rsplit("/", 1)[1]
-    jobs["first"] = job_id
+    made.record("first", job_id)
     js(d, "window.__sameDocument = true")  # gone if anything reloads the page
 
     # The curves grow as epochs arrive, with no reload.
@@ -269,11 +441,14 @@ def test_submit_a_job_through_the_form_and_watch_it_live(browser, stack, categor
     assert text(d, "#progress .progress span") == "3/3" and text(d, "#attempts") == "1"
     assert "stream" in body_data(d, "liveSeen"), body_data(d, "liveSeen")
     wait(d, lambda d: body_data(d, "live") == "ended")
+    assert loss_chart_guide(d) == [0.1]  # a single-image run: the memorisation check's line
 
-    # The verdict, in words, without a reload.
+    # The verdict, in words, without a reload, in its style.
     verdict = d.find_element(By.ID, "verdict")
-    wait(d, lambda d: verdict.get_attribute("data-state") in ("memorised", "not yet", "not memorised"))
+    wait(d, lambda d: verdict.get_attribute("data-state") in VERDICT_STYLE)
     assert verdict.text.startswith("Verdict: ") and len(verdict.text) > 30, verdict.text
+    style = VERDICT_STYLE[verdict.get_attribute("data-state")]
+    assert verdict.get_attribute("class").split() == ["verdict", "box", style]
 
     # The prediction picture follows the last epoch; the slider goes back to an earlier one.
     picture = d.find_element(By.ID, "prediction")
@@ -292,11 +467,9 @@ def test_submit_a_job_through_the_form_and_watch_it_live(browser, stack, categor
 
 
 @browser_test
-def test_clone_a_run_with_another_learning_rate_and_cancel_a_third(browser, stack, jobs):
-    if "first" not in jobs:
-        pytest.skip("needs the job of the first test")
-    d = browser
-    open_page(d, f"{stack.base}/runs/{jobs['first']}", "status")
+def test_clone_a_run_with_another_learning_rate_and_cancel_a_third(browser, stack, made):
+    d, first = browser, made.need("first")
+    open_page(d, f"{stack.base}/runs/{first}", "status")
     d.find_element(By.ID, "clone").click()
     wait(d, lambda d: "clone=" in d.current_url and body_data(d, "ready"))
     # pre-filled with the first job's settings
@@ -312,8 +485,9 @@ def test_clone_a_run_with_another_learning_rate_and_cancel_a_third(browser, stac
     fill(d, "name", "lr 2e-3")
     fill(d, "tags", "page-sweep")
     d.find_element(By.ID, "submit").click()
-    wait(d, lambda d: "/runs/" in d.current_url and jobs["first"] not in d.current_url)
-    jobs["second"] = d.current_url.rsplit("/", 1)[1]
+    wait(d, lambda d: "/runs/" in d.current_url and first not in d.current_url)
+    second = d.current_url.rsplit("/", 1)[1]
+    made.record("second", second)
     wait(d, lambda d: body_data(d, "status"))
 
     # a third one, cancelled from its page (queued behind the second, or already running)
@@ -323,8 +497,8 @@ def test_clone_a_run_with_another_learning_rate_and_cancel_a_third(browser, stac
     fill(d, "name", "to cancel")
     fill(d, "tags", "")
     d.find_element(By.ID, "submit").click()
-    wait(d, lambda d: "/runs/" in d.current_url and jobs["second"] not in d.current_url)
-    jobs["cancelled"] = d.current_url.rsplit("/", 1)[1]
+    wait(d, lambda d: "/runs/" in d.current_url and second not in d.current_url)
+    made.record("cancelled", d.current_url.rsplit("/", 1)[1])
     cancel = d.find_element(By.ID, "cancel")
     wait(d, lambda d: cancel.is_displayed())
     cancel.click()
@@ -337,26 +511,37 @@ def test_clone_a_run_with_another_learning_rate_and_cancel_a_third(browser, stac
 
 
 @browser_test
-def test_the_list_and_a_comparison_of_two_runs(browser, stack, jobs, tmp_path):
-    if "second" not in jobs:
-        pytest.skip("needs the jobs of the tests before")
+def test_the_list_and_a_comparison_of_two_runs(browser, stack, made, tmp_path):
     d = browser
+    jobs = {role: made.need(role) for role in ("first", "second", "cancelled")}
+    with httpx.Client(base_url=stack.base, timeout=30) as api:
+        created = {job_id: api.get(f"/jobs/{job_id}").json()["created_at"] for job_id in jobs.values()}
+        sweep = [job["name"] for job in reversed(api.get("/jobs", params={"tag": "page-sweep"}).json()["items"])]
     open_page(d, f"{stack.base}/", "loaded")
-    assert listed(d) == [jobs["cancelled"], jobs["second"], jobs["first"]], "newest first"
+    ours = lambda d: [job_id for job_id in listed(d) if job_id in created]  # noqa: E731
+    assert ours(d) == sorted(created, key=created.get, reverse=True), "newest first"
     row = js(
         d,
         "const r = document.querySelector(`tr[data-job-id='${arguments[0]}']`);"
-        "return {text: r.innerText, category: r.querySelector('.category').innerText}",
+        "const badge = r.querySelector('.verdict .badge');"
+        "return {text: r.innerText, category: r.querySelector('.category').innerText,"
+        "        verdict: badge && [badge.dataset.state, badge.className]}",
         jobs["first"],
     )
     assert "succeeded" in row["text"] and "3/3" in row["text"] and "lr 5e-4" in row["text"]
     assert " · " in row["category"]  # id · name
+    state, style = row["verdict"]  # the verdict's badge, styled as on the run page
+    assert style.split() == ["badge", "verdict", VERDICT_STYLE[state]], row["verdict"]
 
     Select(d.find_element(By.ID, "filter-status")).select_by_value("cancelled")
-    wait(d, lambda d: listed(d) == [jobs["cancelled"]])
+    wait(d, lambda d: ours(d) == [jobs["cancelled"]])
+    assert all(
+        row["status"] == "cancelled"
+        for row in js(d, "return [...document.querySelectorAll('#jobs tbody tr[data-job-id]')].map(r => r.dataset)")
+    )
     assert "status=cancelled" in d.current_url
     Select(d.find_element(By.ID, "filter-status")).select_by_value("")
-    wait(d, lambda d: len(listed(d)) == 3)
+    wait(d, lambda d: len(ours(d)) == 3)
 
     for job in ("first", "second"):
         click(d, f'input.select[value="{jobs[job]}"]')
@@ -366,6 +551,7 @@ def test_the_list_and_a_comparison_of_two_runs(browser, stack, jobs, tmp_path):
     wait(d, lambda d: "/compare?ids=" in d.current_url and body_data(d, "ready"))
     names = js(d, "return document.getElementById('loss-chart').data.map(t => t.name)")
     assert names == ["lr 5e-4", "lr 2e-3"]
+    assert loss_chart_guide(d) == [0.1]  # single-image runs only: the memorisation check's line, as on a run page
     # The second run is still training or just done: its curve grows here without a reload.
     wait(
         d,
@@ -377,7 +563,7 @@ def test_the_list_and_a_comparison_of_two_runs(browser, stack, jobs, tmp_path):
     screenshot(d, tmp_path, "compare")
 
     open_page(d, f"{stack.base}/compare?tag=page-sweep", "ready")
-    assert js(d, "return document.getElementById('pck-chart').data.map(t => t.name)") == ["lr 5e-4", "lr 2e-3"]
+    assert js(d, "return document.getElementById('pck-chart').data.map(t => t.name)") == sweep  # oldest first
     assert severe_console_errors(d) == []
 
 
@@ -401,15 +587,14 @@ def labelled_support(instance: dict) -> tuple[list[list[float]], list[list[int]]
 
 @browser_test
 def test_try_it_predicts_with_the_runs_checkpoint_like_the_api_and_downloads_it(
-    browser, stack, synthetic_root, category, jobs, tmp_path
+    browser, stack, synthetic_root, category, made, tmp_path
 ):
-    """The first run's "Try it" panel: a dataset instance as support (its keypoints filled in); an uploaded file with
-    no keypoints (the API's 422 shown), then keypoints placed on it by hand, joined and undone; a prediction on a
-    dataset query whose numbers are the API's for the same request, the server's PNG of it, and the best checkpoint
-    downloaded through the page (the key header, a blob, the server's file name)."""
-    if "first" not in jobs:
-        pytest.skip("needs the job of the first test")
-    d, job_id = browser, jobs["first"]
+    """The first run's "Try it" panel: a dataset instance as support (its keypoints filled in, numbered and coloured
+    as the new-job form's preview shows them); an uploaded file with no keypoints (the API's 422 shown), then keypoints
+    placed on it by hand, joined and undone; a prediction on a dataset query whose numbers are the API's for the same
+    request, the server's PNG of it, and the best checkpoint downloaded through the page (the key header, a blob, the
+    server's file name)."""
+    d, job_id = browser, made.need("first")
     with httpx.Client(base_url=stack.base, timeout=60) as api:
         listed_files = {c["name"]: c for c in api.get(f"/jobs/{job_id}/checkpoints").json()["items"]}
         counts = {c["id"]: c for c in api.get("/categories", params={"split": 1}).json()["items"]}[category][
@@ -419,6 +604,14 @@ def test_try_it_predicts_with_the_runs_checkpoint_like_the_api_and_downloads_it(
         instance = lambda index: api.get(f"/categories/{category}/instances/{index}", params={"subset": "train"})  # noqa: E731
         support, query = instance(0).json(), instance(query_index).json()
     assert {"best", "last"} <= listed_files.keys()
+
+    # The new-job form's preview of the same instance: its keypoints, by the dataset's numbers.
+    open_page(d, f"{stack.base}/new", "ready")
+    Select(d.find_element(By.ID, "category_id")).select_by_value(str(category))
+    wait(d, lambda d: d.find_element(By.ID, "preview").get_attribute("data-instance") == f"{category}/0")
+    in_preview = painted(d, "preview")
+    element_screenshot(d.find_element(By.ID, "image-section"), tmp_path, "new_job_preview")
+
     open_page(d, f"{stack.base}/runs/{job_id}", "checkpoints")
     panel = d.find_element(By.ID, "tryit")
     wait(
@@ -447,6 +640,16 @@ def test_try_it_predicts_with_the_runs_checkpoint_like_the_api_and_downloads_it(
     canvas = d.find_element(By.ID, "support-canvas")
     wait(d, lambda d: canvas.get_attribute("data-image") == f"dataset train {category}/0")
     assert support_points(d) == points and canvas.get_attribute("data-edges") == str(len(edges))
+    # One painter, one colour rule: a keypoint has the same number and colour in the preview and on the support.
+    labelled = [i for i, (_, _, v) in enumerate(support["keypoints"]) if v > 0]
+    assert [n for n, *_ in json.loads(canvas.get_attribute("data-painted"))] == labelled
+    on_support = painted(d, "support-canvas")
+    both = in_preview.keys() & on_support.keys()
+    assert both, f"no keypoint stands clear in both pictures: {sorted(in_preview)} and {sorted(on_support)}"
+    for n in both:
+        expected = keypoint_colour(n)
+        for where, colour in (("preview", in_preview[n]), ("support", on_support[n])):
+            assert max(abs(a - b) for a, b in zip(colour, expected)) <= 3, (n, where, colour, expected)
 
     # The same image as an uploaded file: no keypoints yet, and the API's 422 says so, next to the panel and under it.
     d.find_element(By.ID, "support-file").send_keys(str(synthetic_root / "images" / support["file_name"]))
@@ -498,14 +701,16 @@ def test_try_it_predicts_with_the_runs_checkpoint_like_the_api_and_downloads_it(
     assert not problem.is_displayed()
     rows = d.find_elements(By.CSS_SELECTOR, "#predict-table tbody tr")
     assert len(rows) == len(points)
+    assert [row.find_element(By.TAG_NAME, "td").text.strip() for row in rows] == [str(n) for n in labelled]
     assert query_canvas.get_attribute("data-drawn") == str(len(points))
     assert js(d, "return arguments[0].toDataURL()", query_canvas) != before, "the prediction was not drawn"
 
     # The same request through the API answers the same numbers.
     with httpx.Client(base_url=stack.base, timeout=120) as api:
-        image = lambda index: (
-            api.get(f"/categories/{category}/instances/{index}/image", params={"subset": "train"}).content
-        )
+
+        def image(index: int) -> bytes:
+            return api.get(f"/categories/{category}/instances/{index}/image", params={"subset": "train"}).content
+
         response = api.post(
             f"/jobs/{job_id}/predict",
             files={
@@ -531,8 +736,7 @@ def test_try_it_predicts_with_the_runs_checkpoint_like_the_api_and_downloads_it(
     assert used.startswith("best checkpoint") and f"epoch {answer['checkpoint']['epoch']}" in used, used
     assert " ms" in d.find_element(By.ID, "predict-timing").text
     screenshot(d, tmp_path, "run_try_it")
-    panel.screenshot(str(tmp_path / "try_it_panel.png"))
-    shutil.copy(tmp_path / "try_it_panel.png", SHOTS / "try_it_panel.png")
+    element_screenshot(panel, tmp_path, "try_it_panel")
 
     # The server's own drawing of the same request (Accept: image/png), opened in a new tab.
     main, before_tabs = d.current_window_handle, set(d.window_handles)
@@ -570,31 +774,26 @@ def test_try_it_predicts_with_the_runs_checkpoint_like_the_api_and_downloads_it(
 
 
 @browser_test
-def test_a_full_mode_run_shows_its_test_table(browser, stack, jobs, tmp_path):
+def test_a_full_mode_run_shows_its_test_table(browser, stack, made, tmp_path):
     """Full mode through the form, as small as it gets: one epoch of two episodes, one validation and one test
     episode per category; the run page shows the test on unseen categories as a table."""
     d = browser
     open_page(d, f"{stack.base}/new", "ready")
     Select(d.find_element(By.ID, "mode")).select_by_value("full")
     assert not d.find_element(By.ID, "category-section").is_displayed()
-    for field, value in {
-        "epochs": "1",
-        "episodes_per_epoch": "2",
-        "batch_size": "1",
-        "num_queries_per_episode": "1",
-    }.items():
+    for field, value in FULL.items():
         fill(d, field, value)
     d.find_element(By.CSS_SELECTOR, "#hyper-more").find_element(By.XPATH, "..").find_element(
         By.TAG_NAME, "summary"
     ).click()
-    for field in ("val_episodes_per_category", "val_queries_per_episode", "test_episodes_per_category"):
-        fill(d, field, "1")
+    for field, value in FULL_MORE.items():
+        fill(d, field, value)
     fill(d, "name", "full, tiny")
     d.find_element(By.ID, "submit").click()
     wait(d, lambda d: "/runs/" in d.current_url)
-    wait(d, lambda d: body_data(d, "status") in ("succeeded", "failed", "cancelled"), timeout=300)
+    made.record("full", d.current_url.rsplit("/", 1)[1])
+    wait(d, lambda d: body_data(d, "status") in TERMINAL, timeout=300)
     assert body_data(d, "status") == "succeeded", d.find_element(By.ID, "error").text
-    jobs["full"] = d.current_url.rsplit("/", 1)[1]
     assert not d.find_element(By.ID, "verdict").is_displayed()  # verdicts are for single_image runs
     wait(d, lambda d: d.find_element(By.ID, "test-table").is_displayed(), message="no test table")
     rows = d.find_elements(By.CSS_SELECTOR, "#test-table tbody tr")
@@ -605,16 +804,31 @@ def test_a_full_mode_run_shows_its_test_table(browser, stack, jobs, tmp_path):
 
 
 @browser_test
-def test_evaluate_a_full_run_from_its_page(browser, stack, jobs, tmp_path):
-    """ "Evaluate on unseen categories" on the tiny full run's page: a 422 next to its field, then an evaluate job whose
-    page shows what it evaluates and its test table (no curves, pictures or Clone); the list and the comparison take
-    it too."""
-    if "full" not in jobs:
-        pytest.skip("needs the full-mode job of the test before")
-    d = browser
-    open_page(d, f"{stack.base}/runs/{jobs['full']}", "checkpoints")
+def test_evaluate_a_full_run_from_its_page(browser, stack, made, tmp_path):
+    """ "Evaluate on unseen categories" on the tiny full run's page: its choices, bounds and defaults are the evaluate
+    body's in the API's schema; a 422 next to its field, then an evaluate job whose page shows what it evaluates and
+    its test table (no curves, pictures or Clone); the list and the comparison take it too."""
+    d, full = browser, made.need("full")
+    open_page(d, f"{stack.base}/runs/{full}", "checkpoints")
     form = d.find_element(By.ID, "evaluate-form")
     wait(d, lambda d: form.is_displayed(), message="no evaluate form on a succeeded run")
+
+    schema = job_body(stack.base, "evaluate")
+    episodes, shots, checkpoint = schema["episodes_per_category"], schema["shots"], schema["checkpoint"]
+    field = d.find_element(By.ID, "eval-episodes")
+    assert [float(field.get_attribute(a)) for a in ("min", "max", "value")] == [
+        episodes["minimum"],
+        episodes["maximum"],
+        episodes["default"],
+    ]
+    assert field.get_attribute("title") == episodes["description"]
+    shot_choices = Select(d.find_element(By.ID, "eval-shots"))
+    assert [int(o.get_attribute("value")) for o in shot_choices.options] == shots["enum"]
+    assert shot_choices.first_selected_option.get_attribute("value") == str(shots["default"])
+    checkpoint_choices = Select(d.find_element(By.ID, "eval-checkpoint"))
+    assert {o.get_attribute("value") for o in checkpoint_choices.options} <= set(checkpoint["enum"])
+    assert checkpoint_choices.first_selected_option.get_attribute("value") == checkpoint["default"]
+
     fill(d, "eval-episodes", "0")
     click(d, "#evaluate")
     wait(
@@ -625,14 +839,14 @@ def test_evaluate_a_full_run_from_its_page(browser, stack, jobs, tmp_path):
     fill(d, "eval-episodes", "1")
     Select(d.find_element(By.ID, "eval-checkpoint")).select_by_value("best")
     click(d, "#evaluate")
-    wait(d, lambda d: "/runs/" in d.current_url and jobs["full"] not in d.current_url)
+    wait(d, lambda d: "/runs/" in d.current_url and full not in d.current_url)
     evaluation = d.current_url.rsplit("/", 1)[1]
-    wait(d, lambda d: body_data(d, "status") in ("succeeded", "failed", "cancelled"), timeout=300)
+    wait(d, lambda d: body_data(d, "status") in TERMINAL, timeout=300)
     assert body_data(d, "status") == "succeeded", d.find_element(By.ID, "error").text
 
     of = d.find_element(By.ID, "evaluation-of")
     assert of.text.startswith("Evaluation of full, tiny (1-shot, best checkpoint, 1 episode per category)"), of.text
-    assert of.find_element(By.TAG_NAME, "a").get_attribute("href").endswith(f"/runs/{jobs['full']}")
+    assert of.find_element(By.TAG_NAME, "a").get_attribute("href").endswith(f"/runs/{full}")
     wait(d, lambda d: d.find_element(By.ID, "test-table").is_displayed(), message="no test table")
     assert d.find_elements(By.CSS_SELECTOR, "#test-table tbody tr")
     assert "1-shot with the best checkpoint (epoch 1" in d.find_element(By.ID, "test-checkpoint").text
@@ -645,8 +859,9 @@ def test_evaluate_a_full_run_from_its_page(browser, stack, jobs, tmp_path):
     row = js(d, "return document.querySelector(`tr[data-job-id='${arguments[0]}']`)?.innerText", evaluation)
     assert row and "evaluate" in row and "test " in row and "100 %" in row, row
     screenshot(d, tmp_path, "jobs_with_evaluation")
-    open_page(d, f"{stack.base}/compare?ids={jobs['full']},{evaluation}", "ready")
+    open_page(d, f"{stack.base}/compare?ids={full},{evaluation}", "ready")
     assert len(d.find_elements(By.CSS_SELECTOR, "#runs tbody tr")) == 2
+    assert loss_chart_guide(d) == []  # not single-image runs: no memorisation line
     assert severe_console_errors(d) == []
 
 
