@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import time
+import typing
 from pathlib import Path
 
 from benchmarks.common import dataset_root
-from cape.config import TrainConfig
+from cape.config import PROTOCOL_QUERIES, EvaluateConfig, Shots, TrainConfig
 from cape.data.catalog import MP100Catalog
-from cape.data.episodes import PROTOCOL_QUERIES
 from cape.evaluation.protocol import evaluate_checkpoint
 from cape.evaluation.table import format_split_table
 from cape.model.checkpoint import BEST
@@ -62,17 +62,11 @@ def main() -> int:
         shots: {
             1: evaluate_checkpoint(
                 Path(args.output_dir) / "full" / BEST,
-                "test",
-                shots,
-                10,
-                PROTOCOL_QUERIES,
-                str(root),
-                0,
-                "cpu",
+                EvaluateConfig(shots=shots, episodes_per_category=10, dataset_root=str(root), device="cpu"),
                 log=lambda _: None,
             )
         }
-        for shots in (1, 5)
+        for shots in typing.get_args(Shots)
     }
     print(
         f"the best checkpoint on split 1's {len(results[1][1].names)} unseen test categories, 10 episodes of "

@@ -1,13 +1,16 @@
-"""TrainConfig: the one definition of a training run's parameters, shared by the CLI, the API and the worker.
+"""TrainConfig and EvaluateConfig: the one definition of a training run's and of an evaluation's parameters, each
+shared by its CLI, the API and the worker.
 
 Deliberately torch-free: the API process validates job requests with it and must start without loading torch.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 Mode = Literal["single_image", "category", "full"]
 MAX_EPOCHS = 1000
@@ -19,6 +22,21 @@ Preset = Literal["small", "base"]
 # initialisation. ModelConfig.backbone_weights may also be a local state-dict file (the CLI's, never a client's).
 IMAGENET, RANDOM_INIT = "imagenet", "none"
 NamedWeights = Literal["imagenet", "none"]
+Shots = Literal[1, 5]  # the MP-100 protocol's shot counts: 1-shot and 5-shot
+PROTOCOL_QUERIES = 15  # queries per test episode in the MP-100 evaluation protocol
+DEVICE_FORMS = "auto (CUDA when there is one), cpu, cuda, cuda:N or mps"
+
+
+def _device_name(value: str) -> str:
+    if re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", value) is None:
+        raise PydanticCustomError(
+            "device_name", "Input should be {forms}, not {value}", {"forms": DEVICE_FORMS, "value": repr(value)}
+        )
+    return value
+
+
+# Checked where it is given (a flag, a job's settings), not when a run starts on it: a typo fails at once.
+DeviceName = Annotated[str, AfterValidator(_device_name)]
 
 
 class ModelConfig(BaseModel):
@@ -140,11 +158,7 @@ class TrainConfig(BaseModel):
         le=2**31 - 1,
         description="seed of the model's initialisation, the episodes and their augmentation",
     )
-    device: str = Field(
-        default="auto",
-        pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$",
-        description="auto (CUDA when there is one), cpu, cuda, cuda:N or mps",
-    )
+    device: DeviceName = Field(default="auto", description=DEVICE_FORMS)
     num_workers: int | None = Field(
         default=None,
         ge=0,
@@ -166,3 +180,33 @@ class TrainConfig(BaseModel):
         if self.backbone_weights is None:
             return model
         return model.model_copy(update={"backbone_weights": self.backbone_weights})
+
+
+class EvaluateConfig(BaseModel):
+    """The MP-100 protocol on a checkpoint: fixed seeded episodes on every category of one subset of the split (and
+    category split file) its run trained on, scored with PCK beside the copy-the-support baseline. ``python -m
+    cape.evaluate``'s flags and an evaluate job's fields are these (the job lets a client set only some)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    shots: Shots = Field(default=1, description="support images per episode: 1-shot or 5-shot")
+    # 20, the paper table's: 300 queries per category, where 10 gave 150 and a PCK whose sampling error is sqrt(2)
+    # wider. An evaluation is inference only, so the doubled cost stays small beside the training it judges.
+    episodes_per_category: int = Field(
+        default=20,
+        ge=1,
+        le=1000,
+        description=f"fixed episodes per category ({PROTOCOL_QUERIES} queries each in MP-100): "
+        "more give a steadier PCK",
+    )
+    queries_per_episode: int = Field(
+        default=PROTOCOL_QUERIES, ge=1, le=64, description=f"query images per episode ({PROTOCOL_QUERIES} in MP-100)"
+    )
+    seed: int = Field(default=0, ge=0, le=2**31 - 1, description="seed of the episodes")
+    subset: Literal["val", "test"] = Field(
+        default="test", description="which categories of the run's split: its unseen test ones or its val ones"
+    )
+    dataset_root: str | None = Field(
+        default=None, min_length=1, description="folder with annotations/ and images/; unset: the run's dataset"
+    )
+    device: DeviceName = Field(default="auto", description=DEVICE_FORMS)

@@ -16,9 +16,20 @@ import json
 import sys
 from pathlib import Path
 
-from cape.data.episodes import PROTOCOL_QUERIES
+from pydantic import ValidationError
+
+from cape.cli_flags import add_field_flag, validation_message
+from cape.config import EvaluateConfig
 from cape.errors import CapeError
 from cape.run_files import json_safe
+
+# Every EvaluateConfig field is a flag of its own name, with its default, bounds and help, but for the categories
+# evaluated, which keep the flag users type, and the shots, which the paper table takes several of.
+FLAG_NAMES = {"subset": "split"}
+FLAG_NOTES = {
+    "subset": "with --checkpoint; the paper table is always test",
+    "shots": "1 and/or 5; with --checkpoint, the first is used",
+}
 
 
 def _split_of(path: str) -> int:
@@ -28,12 +39,12 @@ def _split_of(path: str) -> int:
     return int(checkpoint.load(path)["config"]["split"])
 
 
-def split_table(args) -> int:
+def split_table(config: EvaluateConfig, shot_counts: list[int], checkpoints: list[str], json_path: str | None) -> int:
     from cape.evaluation.protocol import CheckpointEvaluation, evaluate_checkpoint
     from cape.evaluation.table import format_split_table, split_table_json
 
     paths: dict[int, str] = {}
-    for path in args.checkpoints:
+    for path in checkpoints:
         split = _split_of(path)
         if split in paths:
             raise CapeError(
@@ -41,31 +52,26 @@ def split_table(args) -> int:
             )
         paths[split] = path
     results: dict[int, dict[int, CheckpointEvaluation]] = {}
-    for shots in args.shots:
+    for shots in shot_counts:
         for split, path in sorted(paths.items()):
             results.setdefault(shots, {})[split] = evaluate_checkpoint(
                 Path(path),
-                subset="test",
-                shots=shots,
-                episodes_per_category=args.episodes_per_category,
-                queries_per_episode=args.queries_per_episode,
-                dataset_root=args.dataset_root,
-                seed=args.seed,
-                device=args.device,
+                config.model_copy(update={"shots": shots, "subset": "test"}),
                 log=lambda line: print(line, file=sys.stderr),
             )
     print(format_split_table(results))
-    if args.json_path:
-        Path(args.json_path).write_text(json.dumps(json_safe(split_table_json(results, paths)), indent=2))
+    if json_path:
+        Path(json_path).write_text(json.dumps(json_safe(split_table_json(results, paths)), indent=2))
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
         prog="python -m cape.evaluate",
         description="MP-100 evaluation of a checkpoint: fixed seeded episodes per category, PCK@0.2 and mPCK.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    which = parser.add_mutually_exclusive_group(required=True)
+    which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--checkpoint", help="one checkpoint: a table per category")
     which.add_argument(
         "--checkpoints",
@@ -73,52 +79,44 @@ def main(argv: list[str] | None = None) -> int:
         metavar="CHECKPOINT",
         help="one checkpoint per MP-100 split (each knows its split): the paper table over the splits",
     )
-    parser.add_argument(
-        "--split",
-        choices=("val", "test"),
-        default="test",
-        help="with --checkpoint: which categories of the run's split (the paper table is always test)",
-    )
-    parser.add_argument(
-        "--shots",
-        type=int,
-        choices=(1, 5),
-        nargs="+",
-        default=[1],
-        help="1 and/or 5 (with --checkpoint, the first is used)",
-    )
-    parser.add_argument("--episodes_per_category", type=int, default=20)
-    parser.add_argument("--queries_per_episode", type=int, default=PROTOCOL_QUERIES)
-    parser.add_argument("--dataset_root", help="defaults to the run's dataset")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--json", dest="json_path", help="also write the results to this file")
-    parser.add_argument(
-        "--baseline", action="store_true", help="show the copy-the-support baseline instead of the model"
-    )
-    args = parser.parse_args(argv)
+    for name, field in EvaluateConfig.model_fields.items():
+        options: dict = {"dest": name}
+        if name in FLAG_NOTES:
+            options["help"] = f"{field.description} ({FLAG_NOTES[name]})"
+        if name == "shots":
+            options.update(nargs="+", default=[field.default])
+        add_field_flag(p, FLAG_NAMES.get(name, name), field, **options)
+    p.add_argument("--json", dest="json_path", help="also write the results to this file")
+    p.add_argument("--baseline", action="store_true", help="show the copy-the-support baseline instead of the model")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> EvaluateConfig:
+    """The evaluation the flags ask for, with the first of their shot counts."""
+    fields = {name: getattr(args, name) for name in EvaluateConfig.model_fields}
+    return EvaluateConfig(**{**fields, "shots": args.shots[0]})
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ValidationError as exc:
+        p.exit(2, f"{p.prog}: error: {validation_message(exc)}\n")
     if args.checkpoints:
         try:
-            return split_table(args)
+            return split_table(config, args.shots, args.checkpoints, args.json_path)
         except CapeError as exc:
-            parser.exit(2, f"{parser.prog}: error: {exc}\n")
+            p.exit(2, f"{p.prog}: error: {exc}\n")
     # torch loads here, after the arguments parsed
     from cape.evaluation.protocol import evaluate_checkpoint, summary_dict
     from cape.evaluation.table import format_table
 
     try:
-        evaluation = evaluate_checkpoint(
-            Path(args.checkpoint),
-            subset=args.split,
-            shots=args.shots[0],
-            episodes_per_category=args.episodes_per_category,
-            queries_per_episode=args.queries_per_episode,
-            dataset_root=args.dataset_root,
-            seed=args.seed,
-            device=args.device,
-        )
+        evaluation = evaluate_checkpoint(Path(args.checkpoint), config)
     except CapeError as exc:
-        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+        p.exit(2, f"{p.prog}: error: {exc}\n")
     summary = evaluation.baseline if args.baseline else evaluation.model
     print(format_table(summary, evaluation.names))
     result = json_safe(summary_dict(summary))

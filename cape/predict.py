@@ -16,6 +16,9 @@ import json
 import sys
 from pathlib import Path
 
+from pydantic import TypeAdapter, ValidationError
+
+from cape.config import DEVICE_FORMS, DeviceName
 from cape.errors import CapeError
 from cape.inference.inputs import check_predict_inputs
 
@@ -32,6 +35,14 @@ def _json_text(value: str | None, what: str) -> str | None:
     if value is None or value.lstrip().startswith("["):
         return value
     return _read(value, what).decode("utf-8", "replace")
+
+
+def _device(value: str) -> str:
+    """The same device names as TrainConfig.device; argparse turns the ValueError into a usage error at --device."""
+    try:
+        return TypeAdapter(DeviceName).validate_python(value)
+    except ValidationError as exc:
+        raise argparse.ArgumentTypeError(exc.errors()[0]["msg"]) from None
 
 
 def parser() -> argparse.ArgumentParser:
@@ -61,7 +72,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", help="write the query image with the predicted keypoints drawn (PNG)")
     p.add_argument("--json", dest="json_path", help="write the prediction as JSON")
-    p.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:N or mps")
+    p.add_argument("--device", default="auto", type=_device, help=DEVICE_FORMS)
     return p
 
 

@@ -15,14 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import types
 import typing
 
 from pydantic import ValidationError
-from pydantic.fields import FieldInfo
 from tqdm import tqdm
 
 from cape.backbone_weights import check_backbone_weights
+from cape.cli_flags import add_field_flag, validation_message
 from cape.config import PRESETS, ModelConfig, NamedWeights, TrainConfig
 from cape.data.catalog import MP100Catalog
 from cape.data.run_choices import check_run_choices
@@ -30,20 +29,6 @@ from cape.errors import CapeError
 
 # TrainConfig fields the debug flags and the architecture flags set; every other field is a flag of its own name.
 SET_BY_OTHER_FLAGS = {"mode", "category_id", "image_index", "model", "backbone_weights"}
-
-
-def _add_field_flag(parser: argparse.ArgumentParser, name: str, field: FieldInfo) -> None:
-    kind = field.annotation
-    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
-        kind = next(a for a in typing.get_args(kind) if a is not type(None))  # an optional value: None is the default
-    options: dict = {"default": field.default, "help": field.description or " "}
-    if kind is bool:
-        options["action"] = argparse.BooleanOptionalAction
-    elif typing.get_origin(kind) is typing.Literal:
-        options["choices"] = typing.get_args(kind)
-    else:
-        options["type"] = kind
-    parser.add_argument(f"--{name}", **options)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -63,7 +48,7 @@ def parser() -> argparse.ArgumentParser:
     )
     for name, field in TrainConfig.model_fields.items():
         if name not in SET_BY_OTHER_FLAGS:
-            _add_field_flag(p, name, field)
+            add_field_flag(p, name, field)
     p.add_argument(
         "--backbone_weights",
         metavar="imagenet|none|FILE",
@@ -111,15 +96,6 @@ def _model_overrides(text: str | None) -> dict:
     return overrides
 
 
-def _validation_message(exc: ValidationError) -> str:
-    parts = []
-    prefix = ("model",) if exc.title == ModelConfig.__name__ else ()
-    for err in exc.errors():
-        where = ".".join(str(x) for x in (*prefix, *err["loc"])) or "config"
-        parts.append(f"--{where}: {err['msg']}" if err["loc"] else err["msg"].removeprefix("Value error, "))
-    return "; ".join(parts)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
@@ -135,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         result = trainer.fit(resume=args.resume)
     except ValidationError as exc:
-        p.exit(2, f"{p.prog}: error: {_validation_message(exc)}\n")
+        nested = ("model",) if exc.title == ModelConfig.__name__ else ()  # --model's JSON fields
+        p.exit(2, f"{p.prog}: error: {validation_message(exc, nested)}\n")
     except CapeError as exc:
         p.exit(2, f"{p.prog}: error: {exc}\n")
     except KeyboardInterrupt:

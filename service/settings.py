@@ -8,6 +8,7 @@
     CAPE_ARTIFACTS_URL  s3://bucket/prefix: the artifact store in S3-compatible storage instead, with
                         CAPE_S3_ENDPOINT_URL, CAPE_S3_ACCESS_KEY_ID, CAPE_S3_SECRET_ACCESS_KEY, CAPE_S3_REGION;
                         the workers then run jobs in CAPE_WORK_DIR
+    CAPE_DEVICE         the workers' device: auto (CUDA when there is one), cpu, cuda, cuda:N or mps
     CAPE_API_KEYS       comma-separated keys; when set, every endpoint but /healthz, /readyz and the docs needs one
     CAPE_MAX_UPLOAD_BYTES, CAPE_MAX_IMAGE_PIXELS, CAPE_PREDICT_TIMEOUT_S, CAPE_PREDICT_CACHE_SIZE: predictions
     CAPE_MAX_ATTEMPTS, CAPE_HEARTBEAT_TIMEOUT_S, CAPE_REDISPATCH_AFTER_S, CAPE_REAPER_INTERVAL_S: see the reaper
@@ -26,6 +27,7 @@ from pathlib import Path
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from cape.config import DEVICE_FORMS, DeviceName
 from cape.inference.inputs import MAX_IMAGE_PIXELS
 
 
@@ -66,7 +68,9 @@ class Settings(BaseSettings):
     # predict worker keeps loaded.
     predict_timeout_s: float = Field(default=30.0, gt=0)
     predict_cache_size: int = Field(default=4, ge=1)
-    device: str = "auto"  # the workers' training device: auto, cpu, cuda, cuda:N
+    # The workers' device, for training, evaluation and prediction: checked as the settings load, so that a typo
+    # stops the worker at its start rather than failing every job it takes.
+    device: DeviceName = Field(default="auto", description=DEVICE_FORMS)
 
     @property
     def api_key_list(self) -> list[str]:

@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
@@ -180,3 +181,10 @@ def collate_episodes(items: list[EpisodeSamples]) -> EpisodeBatch:
         category_ids=torch.tensor([item.category_id for item in items]),
         query_crops=[[s.crop for s in item.queries] for item in items],
     )
+
+
+def to_pixels(coords: torch.Tensor, batch: EpisodeBatch) -> np.ndarray:
+    """[B, Q, K, 2] crop coordinates -> original image pixels, per query crop."""
+    boxes = np.array([[(c.left, c.top, c.side) for c in row] for row in batch.query_crops], dtype=np.float64)
+    uv = coords.detach().double().cpu().numpy()
+    return boxes[..., None, :2] + uv * boxes[..., None, 2:3]

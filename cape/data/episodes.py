@@ -4,8 +4,8 @@ Which instances make up an episode is decided here, torch-free and seeded, so th
 training episodes are a function of (seed, epoch, position), validation episodes are fixed once and are the
 same every epoch. ``EpisodeDataset`` and ``collate_episodes`` then turn episodes into padded tensors.
 
-Mask convention, everywhere in the project: a boolean mask is True where the thing is PRESENT
-(a real keypoint, a labelled or visible keypoint: see cape/data/batch.py). Padding is False. Code that needs the opposite (PyTorch's
+Mask convention, everywhere in the project: a boolean mask is True where the thing is PRESENT (a real keypoint, a
+labelled or visible keypoint: see cape/data/batch.py). Padding is False. Code that needs the opposite (PyTorch's
 ``key_padding_mask``) converts at the call site.
 """
 
@@ -18,8 +18,6 @@ import numpy as np
 
 from cape.data.catalog import Instance, MP100Catalog
 from cape.errors import DatasetError
-
-PROTOCOL_QUERIES = 15  # queries per test episode in the MP-100 evaluation protocol
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,9 @@ Every error names the TrainConfig field it concerns (``DatasetError.field``) and
 
 from __future__ import annotations
 
-from cape.config import TrainConfig
+from cape.config import PROTOCOL_QUERIES, TrainConfig
 from cape.data.catalog import Instance, MP100Catalog
-from cape.data.episodes import PROTOCOL_QUERIES, check_episode_shape
+from cape.data.episodes import check_episode_shape
 
 
 def check_run_choices(config: TrainConfig, catalog: MP100Catalog) -> Instance | None:

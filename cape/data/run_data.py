@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from cape.config import TrainConfig
+from cape.config import PROTOCOL_QUERIES, TrainConfig
 from cape.data.batch import EpisodeBatch, EpisodeDataset, EpisodeRequest, EpisodeSource, collate_episodes
 from cape.data.catalog import MP100Catalog
-from cape.data.episodes import PROTOCOL_QUERIES, Episode, EpisodeSampler, fixed_episodes, single_image_episode
+from cape.data.episodes import Episode, EpisodeSampler, fixed_episodes, single_image_episode
 from cape.data.instances import InstanceLoader
 from cape.data.transforms import train_augmentation
 from cape.model.device import resolve_device
@@ -240,7 +240,8 @@ class RunData:
         c = self.config
         model = c.resolved_model
         lines = [
-            f"mode {c.mode} | dataset {c.dataset_root} split {c.split} | preset {c.preset} ({model.backbone}, {model.input_size} px)"
+            f"mode {c.mode} | dataset {c.dataset_root} split {c.split} | preset {c.preset} ({model.backbone}, "
+            f"{model.input_size} px)"
         ]
         if c.mode == "single_image":
             x = self.single.queries[0]
@@ -258,7 +259,8 @@ class RunData:
             cat = self.catalog.category(c.category_id)
             lines.append(
                 f"one category: {cat.id} ({cat.name}, K={cat.num_keypoints}), "
-                f"{len(self.catalog.instances(cat.id, 'train'))} train images, {c.episodes_per_epoch} episodes per epoch "
+                f"{len(self.catalog.instances(cat.id, 'train'))} train images, {c.episodes_per_epoch} episodes per "
+                "epoch "
                 f"of {c.num_shots} support + {c.num_queries_per_episode} queries; validation on its train images"
             )
         else:

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cape.data.batch import EpisodeBatch
+from cape.config import EvaluateConfig
+from cape.data.batch import EpisodeBatch, to_pixels
 from cape.data.catalog import MP100Catalog
 from cape.data.episodes import fixed_episodes
 from cape.data.instances import InstanceLoader
@@ -44,13 +45,6 @@ def copy_support(batch: EpisodeBatch) -> torch.Tensor:
     w = batch.support_visible.unsqueeze(-1).float()
     mean = (batch.support_keypoints * w).sum(1) / w.sum(1).clamp(min=1)  # [B, K, 2]
     return mean.unsqueeze(1).expand(-1, batch.query_images.shape[1], -1, -1)
-
-
-def to_pixels(coords: torch.Tensor, batch: EpisodeBatch) -> np.ndarray:
-    """[B, Q, K, 2] crop coordinates -> original image pixels, per query crop."""
-    boxes = np.array([[(c.left, c.top, c.side) for c in row] for row in batch.query_crops], dtype=np.float64)
-    uv = coords.detach().double().cpu().numpy()
-    return boxes[..., None, :2] + uv * boxes[..., None, 2:3]
 
 
 @dataclass(frozen=True)
@@ -170,36 +164,32 @@ class CheckpointEvaluation:
 
 def evaluate_checkpoint(
     path: Path,
-    subset: str,
-    shots: int,
-    episodes_per_category: int,
-    queries_per_episode: int,
-    dataset_root: str | None,
-    seed: int,
-    device: str,
+    config: EvaluateConfig,
     log: Callable[[str], None] = print,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> CheckpointEvaluation:
-    """The MP-100 protocol on a checkpoint: fixed seeded episodes on every category of ``subset`` of the split (and
-    category split file) the checkpoint's run trained on; ``dataset_root`` replaces the run's own root when given.
-    The model is loaded once; ``should_stop`` as in :func:`evaluate_with_baseline`."""
-    dev = resolve_device(device)
+    """The MP-100 protocol on a checkpoint, as ``config`` says: its ``dataset_root`` replaces the run's own root when
+    given. The model is loaded once; ``should_stop`` as in :func:`evaluate_with_baseline`."""
+    c = config
+    dev = resolve_device(c.device)
     trained = load_trained(path, dev)
-    config = trained.config
-    if dataset_root:
-        config = config.model_copy(update={"dataset_root": dataset_root})
-    catalog = MP100Catalog(config.dataset_root, config.split, config.category_split_file)
-    categories = catalog.category_ids(subset)
-    episodes = fixed_episodes(catalog, categories, subset, shots, queries_per_episode, episodes_per_category, seed)
+    run = trained.config
+    if c.dataset_root:
+        run = run.model_copy(update={"dataset_root": c.dataset_root})
+    catalog = MP100Catalog(run.dataset_root, run.split, run.category_split_file)
+    categories = catalog.category_ids(c.subset)
+    episodes = fixed_episodes(
+        catalog, categories, c.subset, c.shots, c.queries_per_episode, c.episodes_per_category, c.seed
+    )
     val = "not recorded" if trained.val_pck is None else f"{100 * trained.val_pck:.2f}%"
     log(
-        f"checkpoint {path}: epoch {trained.epoch}, validation PCK@0.2 {val} | dataset {config.dataset_root} split "
-        f"{config.split}: {len(categories)} {subset} categories x {episodes_per_category} episodes of {shots} "
-        f"support + {queries_per_episode} queries (seed {seed}) on {dev}"
+        f"checkpoint {path}: epoch {trained.epoch}, validation PCK@0.2 {val} | dataset {run.dataset_root} split "
+        f"{run.split}: {len(categories)} {c.subset} categories x {c.episodes_per_category} episodes of {c.shots} "
+        f"support + {c.queries_per_episode} queries (seed {c.seed}) on {dev}"
     )
-    batches = eval_batches(catalog, episodes, InstanceLoader(catalog, config.resolved_model.input_size))
-    predict = model_predictor(trained.model, autocast_dtype(config.use_amp, dev))
+    batches = eval_batches(catalog, episodes, InstanceLoader(catalog, run.resolved_model.input_size))
+    predict = model_predictor(trained.model, autocast_dtype(run.use_amp, dev))
     model, baseline = evaluate_with_baseline(predict, batches, dev, should_stop)
-    log(protocol_line(model, baseline, f"{subset} ({len(categories)} categories)"))
+    log(protocol_line(model, baseline, f"{c.subset} ({len(categories)} categories)"))
     names = {cid: catalog.category(cid).name for cid in categories}
     return CheckpointEvaluation(model, baseline, names, trained.epoch, trained.val_pck)

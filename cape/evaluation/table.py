@@ -10,7 +10,8 @@ def format_table(summary: PCKSummary, names: dict[int, str]) -> str:
     lines = [f"{'id':>4}  {'category':<28} {'queries':>7} {'PCK@0.2':>8} {'mPCK':>7}"]
     for cid, row in sorted(summary.per_category.items()):
         lines.append(
-            f"{cid:>4}  {names.get(cid, '')[:28]:<28} {row['num_queries']:>7} {100 * row['pck']:>7.2f}% {100 * row['mpck']:>6.2f}%"
+            f"{cid:>4}  {names.get(cid, '')[:28]:<28} {row['num_queries']:>7} "
+            f"{100 * row['pck']:>7.2f}% {100 * row['mpck']:>6.2f}%"
         )
     lines.append(
         f"{'':>4}  {'mean over categories':<28} {summary.num_queries:>7} "

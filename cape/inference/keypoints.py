@@ -14,11 +14,10 @@ import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_image
 
-from cape.data.batch import EpisodeSamples, collate_episodes
+from cape.data.batch import EpisodeSamples, collate_episodes, to_pixels
 from cape.data.catalog import Instance
 from cape.data.instances import crop_instance
 from cape.data.transforms import to_sample
-from cape.evaluation.protocol import to_pixels
 from cape.inference.inputs import Box, ImageInfo, InputError, PredictInputs
 from cape.model.checkpoint import TrainedModel
 from cape.model.device import autocast_dtype
@@ -32,7 +31,7 @@ class Prediction:
 
 
 def decode(data: bytes, info: ImageInfo, field: str) -> torch.Tensor:
-    """[3, H, W] uint8, upright (EXIF orientation applied, as browsers show photos and as the keypoints were clicked)."""
+    """[3, H, W] uint8, upright (EXIF orientation applied, as browsers show photos and the keypoints were clicked)."""
     try:
         image = decode_image(
             torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB, apply_exif_orientation=True

@@ -1,5 +1,6 @@
 """Evaluate jobs (POST /jobs with mode "evaluate"): what the API accepts and refuses, and one end to end through real
-processes (uvicorn, redis-server, a Celery worker, SQLite) whose result is checked against cape.evaluation.protocol run here."""
+processes (uvicorn, redis-server, a Celery worker, SQLite) whose result is checked against cape.evaluation.protocol
+run here."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import uuid
 import httpx
 import pytest
 
+from cape.config import PROTOCOL_QUERIES, EvaluateConfig
 from cape.data.catalog import MP100Catalog
-from cape.data.episodes import PROTOCOL_QUERIES
 from cape.run_files import CHECKPOINT_FILES, TEST_METRICS, json_safe
 from service.artifacts import run_folder
 from service.models import TERMINAL, JobStatus
@@ -100,7 +101,7 @@ def test_an_evaluate_job_takes_the_dataset_and_split_of_its_source(client, dispa
     assert dispatched[-1] == uuid.UUID(job["id"])
 
     defaults = client.post("/jobs", json=evaluate(source)).json()["config"]
-    assert defaults == {"from_job": source, "shots": 1, "checkpoint": "best", "episodes_per_category": 10, "seed": 0}
+    assert defaults == {"from_job": source, "shots": 1, "checkpoint": "best", "episodes_per_category": 20, "seed": 0}
 
     run_to(job["id"], JobStatus.succeeded)
     assert client.get(f"/jobs/{job['id']}").json()["progress"] == 1.0
@@ -246,17 +247,8 @@ def test_an_evaluate_job_runs_the_protocol_on_its_sources_checkpoint(stack, smal
     assert result["checkpoint"]["val_pck"] == pytest.approx(trained["best_pck"])
 
     # The same protocol run here on the same checkpoint gives the same numbers: the job's are real.
-    here = evaluate_checkpoint(
-        artifacts / source / CHECKPOINT_FILES["best"],
-        "test",
-        shots=1,
-        episodes_per_category=1,
-        queries_per_episode=PROTOCOL_QUERIES,
-        dataset_root=str(small_root),
-        seed=3,
-        device="cpu",
-        log=lambda _: None,
-    )
+    same = EvaluateConfig(shots=1, episodes_per_category=1, dataset_root=str(small_root), seed=3, device="cpu")
+    here = evaluate_checkpoint(artifacts / source / CHECKPOINT_FILES["best"], same, log=lambda _: None)
     expected = json_safe(protocol_result(here.model, here.baseline, here.names))
     assert set(result) == set(expected) | {"shots", "episodes_per_category", "checkpoint", "from_job"}
     assert {k: result[k] for k in expected} == expected

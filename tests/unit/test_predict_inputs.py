@@ -153,3 +153,15 @@ def test_a_truncated_image_fails_at_decoding_with_the_field_named():
     with pytest.raises(InputError, match="query_image could not be decoded as PNG") as caught:
         decode(data, info, "query_image")
     assert caught.value.field == "query_image"
+
+
+def test_the_predict_cli_refuses_a_device_name_as_train_does(capsys):
+    from cape.predict import main
+
+    with pytest.raises(SystemExit) as exit:
+        main(["--checkpoint", "c.pt", "--support", "s.png", "--support_keypoints", "k.json", "--query", "q.png",
+              "--device", "gpu"])  # fmt: skip
+    assert exit.value.code == 2
+    assert "argument --device: Input should be auto (CUDA when there is one), cpu, cuda, cuda:N or mps, not 'gpu'" in (
+        capsys.readouterr().err
+    )

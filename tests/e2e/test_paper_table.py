@@ -4,13 +4,15 @@ PCK@0.2 per split and the mean, with the copy-the-support baseline, on the synth
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import typing
 
 import pytest
 import torch
 
-from cape.config import ModelConfig, TrainConfig
+from cape.config import EvaluateConfig, ModelConfig, Shots, TrainConfig
 from cape.evaluation.protocol import evaluate_checkpoint
 from cape.model import CapeModel, checkpoint
 from tests.helpers import REPO
@@ -44,7 +46,9 @@ def evaluate_cli(*args: str, cwd) -> subprocess.CompletedProcess:
         capture_output=True,
         text=True,
         timeout=600,
-        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+        # A bare environment but for the test session's crop cache and torch threads (tests/conftest.py)
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
+        | {name: os.environ[name] for name in ("CAPE_CROP_CACHE_DIR", "OMP_NUM_THREADS")},
     )
 
 
@@ -89,7 +93,7 @@ def test_five_splits_one_and_five_shot(split_checkpoints, synthetic_root, tmp_pa
         "copy-the-support baseline, 5-shot",
     }
     table = json.loads((tmp_path / "table.json").read_text())
-    for shots in (1, 5):
+    for shots in typing.get_args(Shots):
         got = table[f"{shots}-shot"]
         assert list(got["splits"]) == [f"split{s}" for s in range(1, 6)]
         pcks = [got["splits"][f"split{s}"]["pck"] for s in range(1, 6)]
@@ -98,7 +102,8 @@ def test_five_splits_one_and_five_shot(split_checkpoints, synthetic_root, tmp_pa
             [100 * p for p in pcks] + [100 * got["mean_pck"]], abs=0.006
         )
     # One cell, recomputed in-process: split 2, 5-shot, its own test categories, the same seeded episodes.
-    direct = evaluate_checkpoint(split_checkpoints[2], "test", 5, 1, 15, None, 0, "cpu", log=lambda _: None)
+    same = EvaluateConfig(shots=5, episodes_per_category=1, device="cpu")
+    direct = evaluate_checkpoint(split_checkpoints[2], same, log=lambda _: None)
     cell = table["5-shot"]["splits"]["split2"]
     assert cell["pck"] == pytest.approx(direct.model.category_mean_pck)
     assert cell["baseline_copy_support_pck"] == pytest.approx(direct.baseline.category_mean_pck)
