@@ -118,7 +118,7 @@ class ArtifactStore:
         path = self.path(job_id, name)
         try:
             if self.local:
-                handle = open(path, "rb")
+                handle = open(path, "rb")  # noqa: SIM115 (the caller closes it: see the docstring)
                 return handle, _local_info(os.fstat(handle.fileno()))
             handle = self.fs.open(path, "rb", block_size=READ_BLOCK)
         except FileNotFoundError:

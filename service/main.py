@@ -13,7 +13,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from service.body_size_limit import BodySizeLimit
 from service.db import dispose_loop_engines
-from service.routes import artifacts, categories, events, health, jobs, pages, predict
+from service.routes import artifacts, categories, checkpoints, events, health, jobs, pages, predictions
 from service.settings import get_settings
 
 
@@ -21,13 +21,17 @@ from service.settings import get_settings
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # Everything loaded so far lives as long as the process: frozen, the collector stops scanning it. Each full
     # collection scanned it all and paused the event loop for long enough to be the whole p99 of a poll under load
-    # (measured with benchmarks/api.py).
-    gc.collect()
-    gc.freeze()
+    # (measured with benchmarks/api.py). A heap frozen already is left as it is: a process that starts apps one after
+    # the other (the tests) froze its own once, rather than pay a full collection per app.
+    froze = not gc.get_freeze_count()
+    if froze:
+        gc.collect()
+        gc.freeze()
     await events.start(app)  # the event streams' feeds and their one Redis subscription
     yield
     await events.stop(app)
-    gc.unfreeze()
+    if froze:
+        gc.unfreeze()
     await dispose_loop_engines()  # the asyncio connections of the read path close with the loop they belong to
 
 
@@ -41,13 +45,14 @@ def create_app() -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(events.router)
     app.include_router(artifacts.router)
-    app.include_router(predict.router)
+    app.include_router(predictions.router)
+    app.include_router(checkpoints.router)
     app.include_router(categories.router)
     app.include_router(health.router)
     app.include_router(pages.router)  # the page: /, /new, /runs/{id}, /compare, /static (not in the OpenAPI schema)
     settings = get_settings()
     app.add_middleware(
-        BodySizeLimit, max_bytes=settings.max_body_bytes, larger={predict.PREDICT_PATH: settings.max_upload_bytes}
+        BodySizeLimit, max_bytes=settings.max_body_bytes, larger={predictions.PREDICT_PATH: settings.max_upload_bytes}
     )
     app.add_exception_handler(PoolTimeout, _database_unavailable)
     app.add_exception_handler(OperationalError, _database_unavailable)

@@ -14,10 +14,11 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Discriminator, create_model
 from pydantic import Field as PydanticField
 from pydantic import Tag as UnionTag
+from pydantic.fields import FieldInfo
 from sqlalchemy import JSON, BigInteger, Column, DateTime, ForeignKey, Text, TypeDecorator, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
-from cape.config import TrainConfig
+from cape.config import EvaluateConfig, TrainConfig
 from cape.epoch_record import EpochRecord
 from cape.run_files import CheckpointName
 from cape.verdict import Verdict, single_image_verdict
@@ -36,7 +37,8 @@ class JobStatus(StrEnum):
     cancelled = "cancelled"
 
 
-TERMINAL = (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
+ACTIVE = (JobStatus.running, JobStatus.cancelling)  # a worker holds the job
+TERMINAL = (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)  # never changes again
 NAME_MAX, TAG_MAX, TAGS_MAX = 100, 40, 10
 
 
@@ -184,26 +186,38 @@ def job_create_model(config: type[TrainConfig] = TrainConfig) -> type[BaseModel]
 JobCreate = job_create_model()
 
 
-class EvaluateConfig(BaseModel):
-    """What an evaluate job computes (its ``config``): the MP-100 protocol on a training job's checkpoint, on the
-    test categories of the split that job trained on, with fixed seeded episodes of 15 queries."""
+def _protocol_field(name: str) -> tuple[Any, FieldInfo]:
+    """An EvaluateConfig field as a client sets it: bounds, default and description are EvaluateConfig's, the same
+    as ``python -m cape.evaluate``'s flag of that name."""
+    field = EvaluateConfig.model_fields[name]
+    return field.annotation, field
 
-    model_config = ConfigDict(extra="forbid")
 
-    from_job: uuid.UUID = PydanticField(description="the succeeded training job (of the same API key) to evaluate")
-    shots: Literal[1, 5] = PydanticField(default=1, description="support images per episode: 1-shot or 5-shot")
-    checkpoint: CheckpointName = PydanticField(
-        default="best", description="which of its checkpoints: best (highest validation PCK) or last"
-    )
-    episodes_per_category: int = PydanticField(
-        default=10, ge=1, le=1000, description="fixed episodes per test category, of 15 queries each"
-    )
-    seed: int = PydanticField(default=0, ge=0, le=2**31 - 1, description="seed of the episodes")
+# What an evaluate job computes (its ``config``). Of EvaluateConfig's fields a client sets only shots,
+# episodes_per_category and seed, an allow-list as CLIENT_FIELDS is: the categories are always the source's unseen
+# test ones, with the protocol's queries per episode, on the server's dataset folder and device.
+EvaluateJobConfig = create_model(
+    "EvaluateJobConfig",
+    __config__=ConfigDict(extra="forbid"),
+    __doc__="What an evaluate job computes (its ``config``): the MP-100 protocol on a training job's checkpoint, on "
+    "the test categories of the split that job trained on, with fixed seeded episodes of 15 queries.",
+    from_job=(
+        uuid.UUID,
+        PydanticField(description="the succeeded training job (of the same API key) to evaluate"),
+    ),
+    shots=_protocol_field("shots"),
+    checkpoint=(
+        CheckpointName,
+        PydanticField(default="best", description="which of its checkpoints: best (highest validation PCK) or last"),
+    ),
+    episodes_per_category=_protocol_field("episodes_per_category"),
+    seed=_protocol_field("seed"),
+)
 
 
 EvaluateCreate = create_model(
     "EvaluateCreate",
-    __base__=EvaluateConfig,
+    __base__=EvaluateJobConfig,
     __doc__="An evaluate job: a trained job's checkpoint on the unseen test categories of its split.",
     mode=(Literal["evaluate"], PydanticField(description="evaluate a trained job's checkpoint")),
     **{name: JOB_FIELDS[name] for name in ("name", "tags")},

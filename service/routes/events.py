@@ -26,9 +26,11 @@ from sqlalchemy import bindparam, select
 from cape.config import MAX_EPOCHS
 from service import notify
 from service.auth import OwnerDep
+from service.callers_job import check_callers
 from service.db import get_reads
-from service.errors import not_found, responses
-from service.models import TERMINAL, EpochMetric, EpochMetricPublic, Job, JobPublic
+from service.epoch_rows import epoch_items, epochs_after
+from service.errors import responses
+from service.models import TERMINAL, Job, JobPublic
 from service.settings import get_settings
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -39,17 +41,12 @@ log = logging.getLogger(__name__)
 RECHECK_S = 10.0
 RETRY_AFTER_ERROR_S = 1.0  # a read that failed (a database restart, a locked SQLite file) is tried again sooner
 
-# The job's columns, whatever they are; then its epoch rows after a given one. In this order: a worker writes an
-# epoch's row before it ends the job, so a job read as terminal has every row there for the second read.
+# The job's columns, whatever they are; then its epoch rows after a given one, as GET /jobs/{id}/metrics reads them.
+# In this order: a worker writes an epoch's row before it ends the job, so a job read as terminal has every row there
+# for the second read.
 JOB_COLUMNS = list(Job.__table__.columns)
 JOB = select(*JOB_COLUMNS).where(Job.id == bindparam("job_id"))
-METRIC_FIELDS = list(EpochMetricPublic.model_fields)
-ROWS = (
-    select(*[getattr(EpochMetric, name) for name in METRIC_FIELDS])
-    .where(EpochMetric.job_id == bindparam("job_id"), EpochMetric.epoch > bindparam("after_epoch"))
-    .order_by(EpochMetric.epoch)
-    .limit(MAX_EPOCHS)
-)
+ROWS = epochs_after()
 _reads = asynccontextmanager(get_reads)
 
 
@@ -109,14 +106,13 @@ class Feed:
             self._wake.clear()
 
     async def _read(self, after_epoch: int) -> int:
-        params = {"job_id": self.job_id, "after_epoch": after_epoch}
+        params = {"job_id": self.job_id, "after_epoch": after_epoch, "limit": MAX_EPOCHS}
         async with _reads() as db:
             found = await db.fetch(JOB, params)
             rows = await db.fetch(ROWS, params) if found else []
         if not found:
             return after_epoch
-        for row in rows:
-            metrics = dict(zip(METRIC_FIELDS, row))
+        for metrics in epoch_items(rows, job_columns=0):
             data = to_json(metrics, inf_nan_mode="null").decode()  # as GET /jobs/{id}/metrics writes a row
             self.epochs.append(metrics["epoch"])
             self.events.append(format_sse_event(event="epoch", id=str(metrics["epoch"]), data_str=data))
@@ -190,8 +186,7 @@ async def watched_job(job_id: uuid.UUID, owner: OwnerDep, request: Request) -> A
             raise HTTPException(status_code=503, detail="the server is stopping", headers={"Retry-After": "1"})
         if feed.error is not None:
             raise feed.error  # a 503 with Retry-After (service.main)
-        if feed.owner != owner:
-            raise not_found(f"job {job_id}")
+        check_callers(job_id, feed.owner, owner)
         yield feed
 
 

@@ -19,7 +19,8 @@ from sqlmodel import Session
 
 from cape.data.catalog import MP100Catalog
 from cape.epoch_record import EpochRecord
-from service import job_state, local_servers
+from devtools import local_servers
+from service import job_state
 from service.db import get_engine
 from service.dispatch import get_dispatcher
 from service.main import create_app
@@ -364,14 +365,16 @@ def test_wake_ups_survive_a_redis_restart(served, redis, body, tmp_path):
 
 def test_stopping_the_server_closes_open_streams(served, body, tmp_path):
     """uvicorn's graceful shutdown waits for open responses: streams must end, or it would never exit."""
-    with local_servers.uvicorn_server(served, tmp_path / "api.log", cwd=REPO) as api:
-        with httpx.Client(base_url=api.url, timeout=30) as client:
-            job_id = client.post("/jobs", json=body).json()["id"]
-            response, reader = open_stream(client, job_id)
-            assert reader.next()[1]["data"]["status"] == "queued"
-            stopping = time.monotonic()
-            api.process.send_signal(signal.SIGTERM)
-            api.process.wait(timeout=10)
-            assert time.monotonic() - stopping < 5.0
-            assert reader.rest() == [], "closed without `end`: the job is not over, the client reconnects"
-            response.close()
+    with (
+        local_servers.uvicorn_server(served, tmp_path / "api.log", cwd=REPO) as api,
+        httpx.Client(base_url=api.url, timeout=30) as client,
+    ):
+        job_id = client.post("/jobs", json=body).json()["id"]
+        response, reader = open_stream(client, job_id)
+        assert reader.next()[1]["data"]["status"] == "queued"
+        stopping = time.monotonic()
+        api.process.send_signal(signal.SIGTERM)
+        api.process.wait(timeout=10)
+        assert time.monotonic() - stopping < 5.0
+        assert reader.rest() == [], "closed without `end`: the job is not over, the client reconnects"
+        response.close()

@@ -1,6 +1,6 @@
 """POST /jobs/{id}/predict and the checkpoint downloads through TestClient, with an in-process fake predictor: what
 the API checks and answers itself (owner, checkpoint, hostile uploads, time-outs) and what it hands the worker.
-The real worker is in tests/test_predict_e2e.py."""
+The real worker is in tests/e2e/test_predict_e2e.py."""
 
 from __future__ import annotations
 
@@ -11,13 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from cape.data.catalog import MP100Catalog
 from service.predict_queue import (
     PredictTimeout,
     PredictUnavailable,
     get_prediction_requester,
 )
-from tests.helpers import KEY_A, KEY_B, PNG, auth, encoded, png_claiming
+from tests.helpers import KEY_A, KEY_B, PNG, auth, catalog_of, encoded, png_claiming
 
 KEYPOINTS = json.dumps([[10, 10], [30, 20], [50, 40]])
 
@@ -55,7 +54,7 @@ def fake(client):
 
 def job_with(client, service_env, *checkpoints: str, headers=None) -> str:
     """A job (queued: no worker here) whose run folder holds the named checkpoints."""
-    cid = MP100Catalog(json.loads(service_env["CAPE_DATASETS"])["synthetic"]).category_ids("train")[0]
+    cid = catalog_of(json.loads(service_env["CAPE_DATASETS"])["synthetic"]).category_ids("train")[0]
     response = client.post("/jobs", json={"mode": "single_image", "category_id": cid, "epochs": 2}, headers=headers)
     job_id = response.json()["id"]
     folder = Path(service_env["CAPE_ARTIFACTS_DIR"]) / job_id

@@ -49,6 +49,24 @@ def test_a_key_sees_and_cancels_only_its_own_jobs(secured, body):
     assert secured.post(f"/jobs/{job['id']}/cancel", headers=auth(KEY_A)).json()["status"] == "cancelled"
 
 
+def test_every_job_route_answers_another_keys_job_like_a_missing_one(secured, body):
+    job_id = secured.post("/jobs", json=body, headers=auth(KEY_A)).json()["id"]
+    values = {"job_id": job_id, "epoch": 1, "name": "best"}
+    # POST /jobs/{id}/predict needs an upload: tests/unit/test_predict_api.py covers it.
+    routes = [
+        (method.upper(), path)
+        for path, operations in secured.app.openapi()["paths"].items()
+        if path.startswith("/jobs/{job_id}") and not path.endswith("/predict")
+        for method in operations
+    ]
+    assert len(routes) >= 10, routes
+    for method, path in routes:
+        response = secured.request(method, path.format(**values), headers=auth(KEY_B))
+        assert response.status_code == 404, (method, path, response.text)
+        assert response.json()["detail"] == f"job {job_id} not found", (method, path)
+    assert secured.get(f"/jobs/{job_id}", headers=auth(KEY_A)).json()["status"] == "queued", "B's cancel did nothing"
+
+
 def test_jobs_record_their_key_id_not_the_key(secured, body):
     from sqlmodel import Session, select
 

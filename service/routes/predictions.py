@@ -1,4 +1,4 @@
-"""Using a trained job: predict keypoints on your own images, and take its checkpoints away.
+"""Using a trained job: predict keypoints on your own images, with its checkpoint.
 
 The API checks the upload (cape/inference/inputs.py: header-only, no decoding) and hands it to a predict worker
 (service/predict_queue.py); it never loads the model, nor torch.
@@ -9,33 +9,23 @@ from __future__ import annotations
 import base64
 import time
 import uuid
-from collections.abc import Iterator
-from datetime import datetime
-from email.utils import format_datetime
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Header, HTTPException, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
-from sqlalchemy import bindparam
-from sqlmodel import select
 
 from cape.inference.inputs import InputError, check_predict_inputs
 from cape.run_files import CHECKPOINT_FILES, CheckpointName
 from service.artifacts import get_store
-from service.auth import OwnerDep
-from service.db import ReadsDep, SessionDep
-from service.errors import not_found, responses, unprocessable
-from service.models import Job
+from service.callers_job import CallersJobStatusDep
+from service.errors import responses, unprocessable
 from service.predict_queue import PredictionRequesterDep, PredictTimeout, PredictUnavailable
-from service.routes.jobs import owned_job
 from service.settings import get_settings
 
 router = APIRouter(prefix="/jobs", tags=["use a trained job"])
 PREDICT_PATH = r"^/jobs/[^/]+/predict$"  # its body limit is CAPE_MAX_UPLOAD_BYTES, not CAPE_MAX_BODY_BYTES
 JSON_FIELD = 64 * 1024  # characters of a JSON form field: K <= 100 keypoints fit many times over
-CHUNK = 1024 * 1024
 
 
 class CheckpointUsed(BaseModel):
@@ -65,19 +55,6 @@ class PredictionPublic(BaseModel):
     timing: Timing
 
 
-class CheckpointFile(BaseModel):
-    name: CheckpointName
-    bytes: int
-    modified_at: datetime
-    etag: str
-
-
-class CheckpointList(BaseModel):
-    job_id: uuid.UUID
-    items: list[CheckpointFile]
-
-
-JOB_STATUS = select(Job.owner, Job.status).where(Job.id == bindparam("job_id"))
 PNG = {"content": {"image/png": {}}}
 
 
@@ -88,18 +65,22 @@ PNG = {"content": {"image/png": {}}}
         200: {**PNG, "description": "The prediction; with Accept: image/png, the query image with it drawn"},
         **responses(400, 401, 404, 409, 413, 503, 504),
     },
+    # The summary, operationId and form schema (Body_<operationId>) it had when this function was called predict:
+    # clients generated from the schema keep their names.
+    summary="Predict",
+    operation_id="predict_jobs__job_id__predict_post",
 )
-async def predict(
+async def predict_keypoints(
     job_id: uuid.UUID,
-    db: ReadsDep,
-    owner: OwnerDep,
+    status: CallersJobStatusDep,
     predictor: PredictionRequesterDep,
     support_image: Annotated[UploadFile, File(description="the support image: JPEG, PNG or WebP")],
     support_keypoints: Annotated[
         str,
         Form(
             max_length=JSON_FIELD,
-            description="JSON [[x, y], ...] or [[x, y, v], ...] in support-image pixels (v = 0: not labelled); K comes from it",
+            description="JSON [[x, y], ...] or [[x, y, v], ...] in support-image pixels (v = 0: not labelled); "
+            "K comes from it",
         ),
     ],
     query_image: Annotated[UploadFile, File(description="the query image: JPEG, PNG or WebP")],
@@ -115,12 +96,9 @@ async def predict(
 ) -> PredictionPublic | Response:
     """Keypoints of the support's K on the query image, predicted by the job's checkpoint on a predict worker."""
     started = time.perf_counter()
-    rows = await db.fetch(JOB_STATUS, {"job_id": job_id})
-    if not rows or rows[0].owner != owner:
-        raise not_found(f"job {job_id}")
     # In a worker thread: with a remote store this is a request to it, and the event loop serves others meanwhile.
     if not await run_in_threadpool(get_store().exists, job_id, CHECKPOINT_FILES[checkpoint]):
-        raise HTTPException(409, f"job {job_id} has no {checkpoint} checkpoint yet (status {rows[0].status})")
+        raise HTTPException(409, f"job {job_id} has no {checkpoint} checkpoint yet (status {status})")
     support, query = await support_image.read(), await query_image.read()
     settings = get_settings()
     try:
@@ -169,59 +147,3 @@ async def predict(
         query_size=[inputs.query.width, inputs.query.height],
         timing=Timing(total_ms=1000 * (time.perf_counter() - started), **answer["timing"]),
     )
-
-
-@router.get("/{job_id}/checkpoints", response_model=CheckpointList, responses=responses(401, 404, 503))
-def list_checkpoints(job_id: uuid.UUID, session: SessionDep, owner: OwnerDep) -> CheckpointList:
-    """The job's checkpoints that exist now: ``best`` (best validation PCK so far) and ``last`` (latest epoch)."""
-    owned_job(session, job_id, owner)
-    items = []
-    store = get_store()
-    for name, file in CHECKPOINT_FILES.items():
-        info = store.info(job_id, file)
-        if info is not None:
-            items.append(CheckpointFile(name=name, bytes=info.size, etag=info.etag, modified_at=info.modified_at))
-    return CheckpointList(job_id=job_id, items=items)
-
-
-@router.get(
-    "/{job_id}/checkpoints/{name}",
-    response_class=StreamingResponse,
-    responses={
-        200: {"content": {"application/octet-stream": {}}, "description": "The checkpoint file"},
-        304: {"description": "Not modified (If-None-Match)"},
-        **responses(401, 404, 503),
-    },
-)
-def download_checkpoint(
-    job_id: uuid.UUID,
-    name: CheckpointName,
-    session: SessionDep,
-    owner: OwnerDep,
-    if_none_match: Annotated[str | None, Header(max_length=200)] = None,
-) -> Response:
-    """The checkpoint file, for ``python -m cape.predict`` and ``python -m cape.evaluate`` (or to resume elsewhere)."""
-    owned_job(session, job_id, owner)
-    # Opened once, and everything (length, ETag, bytes) from that one open version: a running job replaces its
-    # checkpoints while they may be downloaded, and the store reads only the version whose length was sent (a
-    # replaced S3 object fails the read: the client gets a short body, never a mix of two checkpoints).
-    opened = get_store().open(job_id, CHECKPOINT_FILES[name])
-    if opened is None:
-        raise not_found(f"{name} checkpoint of job {job_id}")
-    handle, info = opened
-    if if_none_match == info.etag:
-        handle.close()
-        return Response(status_code=304, headers={"ETag": info.etag})
-    headers = {
-        "Content-Length": str(info.size),
-        "ETag": info.etag,
-        "Last-Modified": format_datetime(info.modified_at, usegmt=True),
-        "Content-Disposition": f'attachment; filename="cape-{job_id}-{name}.pt"',
-    }
-    return StreamingResponse(_chunks(handle), media_type="application/octet-stream", headers=headers)
-
-
-def _chunks(handle) -> Iterator[bytes]:
-    with handle:
-        while chunk := handle.read(CHUNK):
-            yield chunk
