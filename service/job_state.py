@@ -1,10 +1,12 @@
 """The job state machine, shared by the API, the workers and the reaper: which state a job may move to from which,
-and who may move it. Each transition is one conditional UPDATE, so two processes racing for the same job cannot
-both win (a job is never claimed twice, a terminal job never changes)."""
+and who may move it. Every status change is one of the transitions here, each one conditional UPDATE, so two
+processes racing for the same job cannot both win (a job is never claimed twice, a terminal job never changes), and
+each one wakes the job's event streams."""
 
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 
 from sqlalchemy import case, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -14,18 +16,24 @@ from sqlmodel import Session
 from cape.epoch_record import EpochRecord
 from cape.verdict import is_memorised
 from service import notify
-from service.models import EpochMetric, Job, JobStatus, utcnow
-
-ACTIVE = (JobStatus.running, JobStatus.cancelling)
+from service.models import ACTIVE, EpochMetric, Job, JobStatus, utcnow
 
 
 def _transition(
-    session: Session, job_id: uuid.UUID, allowed: tuple[JobStatus, ...], held_by: str | None = None, **values
+    session: Session,
+    job_id: uuid.UUID,
+    allowed: tuple[JobStatus, ...],
+    held_by: str | None = None,
+    silent_since: datetime | None = None,
+    **values,
 ) -> bool:
-    """Move the job if it is in one of ``allowed`` (and, given ``held_by``, still held by that worker)."""
+    """Move the job if it is in one of ``allowed`` (and, given ``held_by``, still held by that worker; given
+    ``silent_since``, still without a heartbeat since then)."""
     conditions = [Job.id == job_id, Job.status.in_(allowed)]
     if held_by is not None:
         conditions.append(Job.worker == held_by)
+    if silent_since is not None:
+        conditions.append(Job.heartbeat_at < silent_since)
     result = session.execute(update(Job).where(*conditions).values(**values))
     session.commit()
     return result.rowcount == 1
@@ -92,9 +100,7 @@ def request_cancel(session: Session, job_id: uuid.UUID) -> bool:
         session, job_id, (JobStatus.queued,), status=JobStatus.cancelled, cancel_requested=True, finished_at=now
     ):
         return True
-    return _transition(
-        session, job_id, (JobStatus.running, JobStatus.cancelling), status=JobStatus.cancelling, cancel_requested=True
-    )
+    return _transition(session, job_id, ACTIVE, status=JobStatus.cancelling, cancel_requested=True)
 
 
 @notify.publishes
@@ -108,8 +114,51 @@ def finish(
     return _transition(session, job_id, ACTIVE, held_by=worker, **values)
 
 
-def cancel_requested(session: Session, job_id: uuid.UUID) -> bool:
-    return bool(session.execute(select(Job.cancel_requested).where(Job.id == job_id)).scalar_one_or_none())
+# The reaper's transitions, for a job whose worker was silent since ``silent_since`` (dead, or frozen). Each holds
+# only while the job is still that silent, so a worker that beats again in the meantime keeps its job, and of several
+# reapers at once one wins.
+
+
+@notify.publishes
+def requeue_lost(session: Session, job_id: uuid.UUID, silent_since: datetime) -> bool:
+    """running -> queued, to be sent again (as never dispatched) and resumed from its last checkpoint. The lost try
+    is not given back: it counted at its claim."""
+    return _transition(
+        session,
+        job_id,
+        (JobStatus.running,),
+        silent_since=silent_since,
+        status=JobStatus.queued,
+        worker=None,
+        dispatched_at=None,
+    )
+
+
+@notify.publishes
+def fail_lost(session: Session, job_id: uuid.UUID, silent_since: datetime, error: str) -> bool:
+    """running -> failed with ``error``: the job lost its worker once too often to be tried again."""
+    return _transition(
+        session,
+        job_id,
+        (JobStatus.running,),
+        silent_since=silent_since,
+        status=JobStatus.failed,
+        finished_at=utcnow(),
+        error=error,
+    )
+
+
+@notify.publishes
+def cancel_lost(session: Session, job_id: uuid.UUID, silent_since: datetime) -> bool:
+    """cancelling -> cancelled: the worker that was to stop the job is gone, so the job is stopped."""
+    return _transition(
+        session,
+        job_id,
+        (JobStatus.cancelling,),
+        silent_since=silent_since,
+        status=JobStatus.cancelled,
+        finished_at=utcnow(),
+    )
 
 
 def stop_requests(session: Session, job_id: uuid.UUID, worker: str) -> tuple[bool, bool, bool]:

@@ -5,7 +5,7 @@ but latency (the streams re-read it at a slow interval anyway). So publishing is
 Redis down it logs and returns (a refused connection fails at once; a broker that does not answer costs at most
 PUBLISH_TIMEOUT_S a try).
 
-``publish`` is for the writers (job_state, the reaper: sync code in workers and the API's threads); ``Listener`` is
+``publish`` is for the writer (job_state's transitions: sync code in workers and the API's threads); ``Listener`` is
 the API process's one subscription, which hands each job id to the streams waiting on it.
 """
 
@@ -19,6 +19,7 @@ from functools import lru_cache, wraps
 
 import redis
 import redis.asyncio
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -111,7 +112,7 @@ class Listener:
 
     async def _listen(self) -> None:
         # No retries inside redis-py: every disconnection comes here, so a reconnection always wakes the streams.
-        client = redis.asyncio.Redis.from_url(self.url, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
+        client = redis.asyncio.Redis.from_url(self.url, socket_connect_timeout=1, retry=AsyncRetry(NoBackoff(), 0))
         try:
             async with client.pubsub(ignore_subscribe_messages=True) as pubsub:
                 await pubsub.subscribe(CHANNEL)

@@ -1,7 +1,8 @@
 """The reaper: jobs whose worker died, and jobs whose message never reached a worker.
 
-Run periodically by every worker (and once when it starts). Every change is a conditional UPDATE that re-checks
-the condition it acts on, so several reapers at once, or a reaper racing a live worker, cannot do harm:
+Run periodically by every worker (and once when it starts). The reaper only finds these jobs: every change is one of
+job_state's transitions, which re-checks the condition it acts on, so several reapers at once, or a reaper racing a
+live worker, cannot do harm:
 - a running job whose heartbeat is older than ``heartbeat_timeout_s`` lost its worker: it goes back to the queue
   (and resumes from its last checkpoint), or, once ``max_attempts`` tries have been lost, it fails with the reason;
 - a cancelling job that lost its worker is cancelled;
@@ -15,11 +16,11 @@ import logging
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import or_, select
 from sqlmodel import Session
 
-from service import job_state, notify
-from service.models import Job, JobStatus, utcnow
+from service import job_state
+from service.models import ACTIVE, Job, JobStatus, utcnow
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -39,29 +40,25 @@ def reap(session: Session, dispatcher, settings: Settings) -> ReapReport:
     stale = now - timedelta(seconds=settings.heartbeat_timeout_s)
     lost = session.execute(
         select(Job.id, Job.status, Job.attempts, Job.heartbeat_at).where(
-            Job.status.in_((JobStatus.running, JobStatus.cancelling)), Job.heartbeat_at < stale
+            Job.status.in_(ACTIVE), Job.heartbeat_at < stale
         )
     ).all()
+    # What was read stays true while the transition's own condition holds: only a claim changes ``attempts``, and a
+    # claim gives the job a fresh heartbeat.
     for job_id, status, attempts, heartbeat_at in lost:
-        still_lost = (Job.id == job_id, Job.status == status, Job.heartbeat_at < stale)
         if status == JobStatus.cancelling:
-            values = dict(status=JobStatus.cancelled, finished_at=now)
-            target = report.cancelled
+            if job_state.cancel_lost(session, job_id, stale):
+                report.cancelled.append(job_id)
         elif attempts >= settings.max_attempts:
-            values = dict(
-                status=JobStatus.failed,
-                finished_at=now,
-                error=f"worker lost: {attempts} of {settings.max_attempts} attempts ended without a heartbeat "
-                f"(the last at {heartbeat_at:%Y-%m-%d %H:%M:%S} UTC); the worker may be running out of memory",
+            error = (
+                f"worker lost: {attempts} of {settings.max_attempts} attempts ended without a heartbeat "
+                f"(the last at {heartbeat_at:%Y-%m-%d %H:%M:%S} UTC); the worker may be running out of memory"
             )
-            target = report.failed
+            if job_state.fail_lost(session, job_id, stale, error):
+                report.failed.append(job_id)
         else:
-            values = dict(status=JobStatus.queued, worker=None, dispatched_at=None)
-            target = report.requeued
-        if session.execute(update(Job).where(*still_lost).values(**values)).rowcount == 1:
-            target.append(job_id)
-        session.commit()
-        notify.publish(job_id)  # the job's event streams look again
+            if job_state.requeue_lost(session, job_id, stale):
+                report.requeued.append(job_id)
 
     resend_before = now - timedelta(seconds=settings.redispatch_after_s)
     waiting = (

@@ -6,7 +6,8 @@
 Delivery guarantees come from Celery's own settings: a message is acknowledged only after its task returns
 (late acks), a worker holds one message at a time (prefetch 1), a task whose worker process died is redelivered
 (reject on worker lost), and Redis waits longer than any job before handing an unacknowledged message to someone
-else (visibility timeout). The database decides whether a delivered message still means work (see service.job_state.claim).
+else (visibility timeout). The database decides whether a delivered message still means work
+(service.job_state.claim).
 """
 
 from __future__ import annotations
@@ -33,4 +34,7 @@ app.conf.update(
     # turns the duplicate into a no-op.
     worker_cancel_long_running_tasks_on_connection_loss=False,
     worker_hijack_root_logger=False,
+    # A new pool process imports torch before it reports up (worker.prediction_task). On a busy machine that can take
+    # longer than Celery's default 4 s, and the pool would then kill every replacement of a lost process in turn.
+    worker_proc_alive_timeout=60,
 )

@@ -1,4 +1,5 @@
-"""``answer_prediction(request)``, the predict worker's task: keypoints on a person's images with a job's checkpoint, answered on the request's reply list.
+"""``answer_prediction(request)``, the predict worker's task: keypoints on a person's images with a job's checkpoint,
+answered on the request's reply list.
 
 Runs on its own queue (``predict``) and its own worker, so a prediction never waits behind a training job. The
 worker keeps the most recently used trained models loaded (CAPE_PREDICT_CACHE_SIZE), each keyed by its checkpoint's

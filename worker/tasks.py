@@ -19,18 +19,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session
 
 from cape.epoch_record import EpochRecord
-from cape.errors import CapeError
+from cape.errors import CapeError, TrainingDiverged
 from cape.run_files import LOG, RunFiles, json_safe, never_correct
 from service import job_state
 from service.artifacts import RunFolder, checkpoint_copy, get_store
 from service.db import get_engine
 from service.dispatch import RUN_JOB_TASK, dispatch
-from service.models import EvaluateConfig, Job, JobStatus
+from service.models import EvaluateJobConfig, Job, JobStatus
 from service.settings import get_settings
 from worker.celery_app import app
 
@@ -65,44 +66,55 @@ class Heartbeat(_Repeat):
     """Beats for the job from a thread for as long as the task runs: through loading, training, validation and
     testing alike, so that only a dead (or frozen) process stops it, never a long phase without training steps."""
 
-    def __init__(self, job_id: uuid.UUID, worker: str, interval: float):
-        super().__init__(interval, f"heartbeat-{job_id}")
-        self.job_id, self.worker = job_id, worker
+    def __init__(self, run: JobRun, interval: float):
+        super().__init__(interval, f"heartbeat-{run.job_id}")
+        self.run = run
         self.held = True  # what the last beat found: this worker still holds the job
 
     def tick(self) -> None:
         try:
             with Session(get_engine()) as session:
-                self.held = job_state.heartbeat(session, self.job_id, self.worker)
+                self.held = job_state.heartbeat(session, self.run.job_id, self.run.worker)
         except SQLAlchemyError:
-            log.exception("heartbeat of job %s failed; trying again in %.0f s", self.job_id, self.interval)
+            log.exception("heartbeat of job %s failed; trying again in %.0f s", self.run.job_id, self.interval)
 
 
 class LogPush(_Repeat):
     """With a remote store, pushes the job's log every heartbeat interval, so that the log of a worker that dies is
     there up to its last seconds. A thread of its own: a slow store never delays a heartbeat."""
 
-    def __init__(self, run: RunFolder, heartbeat: Heartbeat):
-        super().__init__(heartbeat.interval, f"log-push-{run.job_id}")
-        self.run, self.heartbeat = run, heartbeat
+    def __init__(self, folder: RunFolder, heartbeat: Heartbeat):
+        super().__init__(heartbeat.interval, f"log-push-{folder.job_id}")
+        self.folder, self.heartbeat = folder, heartbeat
 
     def tick(self) -> None:
         if not self.heartbeat.held:  # a worker that lost the job leaves its log to the worker that has it now
             return
         try:
-            self.run.push([LOG])
+            self.folder.push([LOG])
         except Exception:  # the store is unreachable for a moment: the next tick tries again
-            log.exception("pushing the log of job %s failed; trying again in %.0f s", self.run.job_id, self.interval)
+            log.exception("pushing the log of job %s failed; trying again in %.0f s", self.folder.job_id, self.interval)
 
 
-class JobCallbacks:
-    """The trainer's callbacks for one job (every method of cape.training.trainer.Callback, which is not imported here: it
-    would import torch before the pool forks): epoch rows and progress, its files in the store; cancellation,
-    hand-off and loss of the job."""
+@dataclass
+class JobRun:
+    """One job as this worker runs it, from its claim to its end: the job, what the claim read of it, its run folder.
 
-    def __init__(self, job_id: uuid.UUID, worker: str, run: RunFolder):
-        self.job_id, self.worker, self.run = job_id, worker, run
-        self.handoff = self.lost = False
+    It is also the trainer's callbacks (every method of cape.training.trainer.Callback, which is not imported here:
+    it would import torch before the pool forks): epoch rows and progress, its files in the store; cancellation,
+    hand-off and loss of the job.
+    """
+
+    job_id: uuid.UUID
+    worker: str  # this worker's node name: its shutdown asks exactly its own jobs to hand off
+    mode: str
+    config: dict  # the job's config fields, as submitted
+    dataset: str
+    attempt: int
+    folder: RunFolder
+    # Once found taken from this run (the reaper gave it to another worker), the job stays lost to it, even should it
+    # come back to a worker of this name: what this run does no longer counts.
+    lost: bool = False
 
     def on_epoch_end(self, record: EpochRecord) -> None:
         self.push()  # the epoch's pictures and metrics line before its row: whoever sees the row finds them
@@ -115,20 +127,20 @@ class JobCallbacks:
     def push(self) -> None:
         """The run folder's changes to the store, while this worker holds the job: a worker that lost it (the
         reaper gave it to another one) must not overwrite the files of the one that runs it now."""
-        if not self.run.mirrored:
+        if not self.folder.mirrored:
             return
         with Session(get_engine()) as session:
             _, _, held = job_state.stop_requests(session, self.job_id, self.worker)
         self.lost = self.lost or not held
-        if held:
-            self.run.push()
+        if not self.lost:
+            self.folder.push()
 
     def should_stop(self) -> bool:
         # Asked before every training step: one indexed read, so a cancel takes effect within one step.
         with Session(get_engine()) as session:
-            cancel, self.handoff, held = job_state.stop_requests(session, self.job_id, self.worker)
-        self.lost = not held
-        return cancel or self.handoff or self.lost
+            cancel, handoff, held = job_state.stop_requests(session, self.job_id, self.worker)
+        self.lost = self.lost or not held
+        return cancel or handoff or self.lost
 
 
 @dataclass(frozen=True)
@@ -148,53 +160,45 @@ def failure_reason(exc: Exception) -> str:
 
 @app.task(name=RUN_JOB_TASK, bind=True)
 def run_job(self, job_id: str) -> str:
-    job_uuid = uuid.UUID(job_id)
-    worker = self.request.hostname  # this worker's node name: its shutdown asks exactly its own jobs to hand off
-    settings = get_settings()
+    run = _claim(uuid.UUID(job_id), self.request.hostname)
+    if run is None:
+        return "skipped"
+    heartbeat = Heartbeat(run, get_settings().heartbeat_interval_s)
+    with heartbeat, LogPush(run.folder, heartbeat):
+        ending = _run(run)
+    run.folder.discard()  # every file is in the store now (or, for a lost job, the new holder's business)
+    return ending
+
+
+def _claim(job_id: uuid.UUID, worker: str) -> JobRun | None:
+    """The job, claimed by ``worker``; None when it is not this worker's to run."""
     with Session(get_engine()) as session:
-        if not job_state.claim(session, job_uuid, worker):
-            job = session.get(Job, job_uuid)
+        claimed = job_state.claim(session, job_id, worker)
+        job = session.get(Job, job_id)
+        if not claimed:
             log.info("job %s not claimed (status %s): nothing to do", job_id, job.status if job else "missing")
-            return "skipped"
-        job = session.get(Job, job_uuid)
-        mode, config_fields, dataset, attempt = job.mode, dict(job.config), job.dataset, job.attempts
-
-    run = RunFolder(get_store(), job_uuid, settings.work_dir)
-    callbacks = JobCallbacks(job_uuid, worker, run)
-    heartbeat = Heartbeat(job_uuid, worker, settings.heartbeat_interval_s)
-    with heartbeat, LogPush(run, heartbeat):
-        result = _run(job_uuid, worker, mode, config_fields, dataset, attempt, callbacks)
-    run.discard()  # every file is in the store now (or, for a lost job, the new holder's business)
-    return result
+            return None
+        folder = RunFolder(get_store(), job_id, get_settings().work_dir)
+        return JobRun(job_id, worker, job.mode, dict(job.config), job.dataset, job.attempts, folder)
 
 
-def _run(
-    job_id: uuid.UUID, worker: str, mode: str, config_fields: dict, dataset: str, attempt: int, callbacks: JobCallbacks
-) -> str:
+def _run(run: JobRun) -> str:
+    """The job's work, then its end. Returns how it ended (the task's result, for the worker's log)."""
     try:
-        callbacks.run.fill()  # before the log opens: the store may hold the log of the job's earlier attempts
+        run.folder.fill()  # before the log opens: the store may hold the log of the job's earlier attempts
     except Exception as exc:  # the store is unreachable: the job fails with why, the worker takes the next
-        return _fail(job_id, worker, exc, callbacks)
-    with job_log(callbacks.run.path):
+        return _fail(run, exc, "failed")
+    with job_log(run.folder.path):
         try:
-            if mode == "evaluate":
-                outcome = _evaluate(job_id, EvaluateConfig.model_validate(config_fields), dataset, attempt, callbacks)
+            if run.mode == "evaluate":
+                outcome = _evaluate(run, EvaluateJobConfig.model_validate(run.config))
             else:
-                outcome = _train(job_id, config_fields, dataset, attempt, callbacks)
+                outcome = _train(run)
+        except TrainingDiverged as exc:  # the run's own verdict: its message says where and what to change
+            return _fail(run, exc, "diverged")
         except Exception as exc:  # the job failed, not the worker: record why and take the next job
-            return _fail(job_id, worker, exc, callbacks)
-        return _conclude(job_id, worker, outcome, callbacks)
-
-
-def _fail(job_id: uuid.UUID, worker: str, exc: Exception, callbacks: JobCallbacks) -> str:
-    log.exception("job %s failed: %s", job_id, failure_reason(exc))
-    try:
-        callbacks.push()  # the log with the error reaches the store before the job ends
-    except Exception:  # the store is unreachable as well: the job still ends, its error says why it failed
-        log.exception("job %s: its files could not reach the artifact store", job_id)
-    with Session(get_engine()) as session:
-        job_state.finish(session, job_id, JobStatus.failed, error=failure_reason(exc), worker=worker)
-    return "failed"
+            return _fail(run, exc, "failed")
+        return _conclude(run, outcome)
 
 
 @contextmanager
@@ -223,96 +227,133 @@ def _dataset_root(dataset: str) -> str:
     return datasets[dataset]
 
 
-def _train(job_id: uuid.UUID, config_fields: dict, dataset: str, attempt: int, callbacks: JobCallbacks) -> Outcome:
+def _train(run: JobRun) -> Outcome:
     from cape.config import TrainConfig
     from cape.model.checkpoint import LAST
     from cape.training.trainer import Trainer
 
-    config = TrainConfig(**config_fields, dataset_root=_dataset_root(dataset), device=get_settings().device)
-    output = callbacks.run.path
+    config = TrainConfig(**run.config, dataset_root=_dataset_root(run.dataset), device=get_settings().device)
+    output = run.folder.path
     resume = output / LAST if (output / LAST).is_file() else None  # a job that ran before continues where it was
     log.info(
-        "job %s: attempt %d, %s on %s (%s)", job_id, attempt, config.mode, dataset, "resuming" if resume else "fresh"
+        "job %s: attempt %d, %s on %s (%s)",
+        run.job_id,
+        run.attempt,
+        config.mode,
+        run.dataset,
+        "resuming" if resume else "fresh",
     )
-    trainer = Trainer(config, output, callbacks=[callbacks], log=log.info)
+    trainer = Trainer(config, output, callbacks=[run], log=log.info)
     result = trainer.fit(resume)
     return Outcome(result.status == "stopped", result.test, f"after {result.epochs_completed} epochs")
 
 
-def _evaluate(
-    job_id: uuid.UUID, request: EvaluateConfig, dataset: str, attempt: int, callbacks: JobCallbacks
-) -> Outcome:
+def _evaluate(run: JobRun, request: EvaluateJobConfig) -> Outcome:
     """The MP-100 protocol on the source job's checkpoint, on the test categories of the split it trained on (the
     checkpoint's own config says which), with the copy-the-support baseline. Nothing to resume: a stopped evaluation
     starts again from the beginning."""
-    from cape.data.episodes import PROTOCOL_QUERIES
+    from cape.config import EvaluateConfig
     from cape.evaluation.protocol import EvaluationStopped, evaluate_checkpoint, protocol_result
     from cape.evaluation.table import format_table
 
     log.info(
         "job %s: attempt %d, evaluate the %s checkpoint of job %s on the test categories of its split (dataset %s): "
         "%d-shot, %d episodes per category, seed %d",
-        job_id,
-        attempt,
+        run.job_id,
+        run.attempt,
         request.checkpoint,
         request.from_job,
-        dataset,
+        run.dataset,
         request.shots,
         request.episodes_per_category,
         request.seed,
     )
-    if callbacks.should_stop():
+    if run.should_stop():
         return Outcome(True, None, "before it started")
     checkpoint, _ = checkpoint_copy(request.from_job, request.checkpoint)
+    config = EvaluateConfig(
+        **request.model_dump(include=set(EvaluateConfig.model_fields)),
+        subset="test",
+        dataset_root=_dataset_root(run.dataset),
+        device=get_settings().device,
+    )
     try:
-        evaluation = evaluate_checkpoint(
-            checkpoint,
-            "test",
-            request.shots,
-            request.episodes_per_category,
-            PROTOCOL_QUERIES,
-            _dataset_root(dataset),
-            request.seed,
-            get_settings().device,
-            log=log.info,
-            should_stop=callbacks.should_stop,
-        )
+        evaluation = evaluate_checkpoint(checkpoint, config, log=log.info, should_stop=run.should_stop)
     except EvaluationStopped:
         return Outcome(True, None, "during the evaluation")
     log.info("per category:\n%s", format_table(evaluation.model, evaluation.names))
     result = {
         **protocol_result(evaluation.model, evaluation.baseline, evaluation.names),
-        "shots": request.shots,
-        "episodes_per_category": request.episodes_per_category,
+        "shots": config.shots,
+        "episodes_per_category": config.episodes_per_category,
         "checkpoint": {"name": request.checkpoint, "epoch": evaluation.epoch, "val_pck": evaluation.val_pck},
         "from_job": str(request.from_job),
     }
-    RunFiles(callbacks.run.path).write_test(result)
+    RunFiles(run.folder.path).write_test(result)
     return Outcome(False, result, "after the evaluation")
 
 
-def _conclude(job_id: uuid.UUID, worker: str, outcome: Outcome, callbacks: JobCallbacks) -> str:
-    if callbacks.lost:
-        log.warning("job %s: no longer held by %s (the reaper gave it to another worker); leaving it", job_id, worker)
-        return "lost"
+def _conclude(run: JobRun, outcome: Outcome) -> str:
+    """Ends the job the way its work ended: each ending is a branch of its own."""
     with Session(get_engine()) as session:
-        cancel = job_state.cancel_requested(session, job_id)
-        if outcome.stopped and callbacks.handoff and not cancel:
-            # This worker is shutting down: what it did is saved (a training job's checkpoint), another worker
-            # takes the job from there.
-            callbacks.push()
-            if job_state.requeue_after_handoff(session, job_id, worker):
-                job_state.dispatch_job(session, job_id, dispatch)
-                log.info("job %s handed back to the queue (stopped %s)", job_id, outcome.where)
-                return "handed off"
-        if outcome.stopped or cancel:
-            log.info("job %s cancelled (stopped %s)", job_id, outcome.where)
-            callbacks.push()
-            job_state.finish(session, job_id, JobStatus.cancelled, worker=worker)
-            return "cancelled"
-        # Stored before the job ends: a client that sees it succeeded finds its results there, and its files.
-        callbacks.push()
-        test = json_safe(outcome.test) if outcome.test else None
-        job_state.record_outcome(session, job_id, worker, test, never_correct(callbacks.run.path))
-        job_state.finish(session, job_id, JobStatus.succeeded, worker=worker)
-    return "succeeded"
+        # Read now, not at the run's last stop check: a cancel that came in since still counts.
+        cancel, _, held = job_state.stop_requests(session, run.job_id, run.worker)
+    if run.lost or not held:
+        return _leave_lost(run)
+    if cancel:
+        return _cancel(run, outcome)
+    if outcome.stopped:  # for neither a cancel nor the job's loss: for a hand-off, this worker is shutting down
+        return _hand_back(run, outcome)
+    return _succeed(run, outcome)
+
+
+def _leave_lost(run: JobRun) -> str:
+    log.warning(
+        "job %s: no longer held by %s (the reaper gave it to another worker); leaving it", run.job_id, run.worker
+    )
+    return "lost"
+
+
+def _fail(run: JobRun, exc: Exception, ending: Literal["failed", "diverged"]) -> str:
+    log.exception("job %s failed: %s", run.job_id, failure_reason(exc))
+    try:
+        run.push()  # the log with the error reaches the store before the job ends
+    except Exception:  # the store is unreachable as well: the job still ends, its error says why it failed
+        log.exception("job %s: its files could not reach the artifact store", run.job_id)
+    return ending if _finish(run, JobStatus.failed, error=failure_reason(exc)) else _leave_lost(run)
+
+
+def _cancel(run: JobRun, outcome: Outcome) -> str:
+    log.info("job %s cancelled (stopped %s)", run.job_id, outcome.where)
+    run.push()
+    return "cancelled" if _finish(run, JobStatus.cancelled) else _leave_lost(run)
+
+
+def _hand_back(run: JobRun, outcome: Outcome) -> str:
+    # What this worker did is saved (a training job's checkpoint): another worker takes the job from there.
+    run.push()
+    with Session(get_engine()) as session:
+        requeued = job_state.requeue_after_handoff(session, run.job_id, run.worker)
+    if not requeued:
+        # The job changed since it was read: a cancel came in (it is cancelling now), or the reaper took it. Its
+        # ending is decided again from what it is now.
+        return _conclude(run, outcome)
+    with Session(get_engine()) as session:
+        job_state.dispatch_job(session, run.job_id, dispatch)
+    log.info("job %s handed back to the queue (stopped %s)", run.job_id, outcome.where)
+    return "handed off"
+
+
+def _succeed(run: JobRun, outcome: Outcome) -> str:
+    # Stored before the job ends: a client that sees it succeeded finds its results there, and its files.
+    run.push()
+    test = json_safe(outcome.test) if outcome.test else None
+    with Session(get_engine()) as session:
+        job_state.record_outcome(session, run.job_id, run.worker, test, never_correct(run.folder.path))
+    return "succeeded" if _finish(run, JobStatus.succeeded) else _leave_lost(run)
+
+
+def _finish(run: JobRun, status: JobStatus, error: str | None = None) -> bool:
+    """The job's last transition. False when this worker no longer holds the job."""
+    with Session(get_engine()) as session:
+        return job_state.finish(session, run.job_id, status, error=error, worker=run.worker)
