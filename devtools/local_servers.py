@@ -260,10 +260,16 @@ def postgres_server() -> Iterator[str]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def restart_postgres(server_url: str) -> None:
-    """Stop a postgres_server() cluster (closing every connection) and start it again on the same port and data."""
-    for command in _PG_RESTART[server_url]:
-        subprocess.run(command, check=True, capture_output=True, timeout=60)
+@contextmanager
+def postgres_stopped(server_url: str) -> Iterator[None]:
+    """A postgres_server() cluster stopped (every connection closed, new ones refused) for the time of the context,
+    then started again on the same port and data: an outage, or with nothing inside, a restart."""
+    stop, start = _PG_RESTART[server_url]
+    subprocess.run(stop, check=True, capture_output=True, timeout=60)
+    try:
+        yield
+    finally:
+        subprocess.run(start, check=True, capture_output=True, timeout=60)
 
 
 def fresh_database(server_url: str, name: str) -> str:
@@ -298,7 +304,7 @@ class MotoServer:
 
     def start(self, timeout: float = 60.0) -> None:
         # Its request log (one line per request) goes to ``log`` when given: it says what the store asked.
-        out = open(self.log, "w") if self.log else subprocess.DEVNULL
+        out = open(self.log, "w") if self.log else subprocess.DEVNULL  # noqa: SIM115 (closed below, once the child has it)
         try:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "moto.server", "-H", LOOPBACK, "-p", str(self.port)],

@@ -1,13 +1,18 @@
 import atexit
+import gc
+import ipaddress
 import os
 import shutil
+import socket
 import tempfile
+import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
 from cape.data.synthetic import generate
-from tests.helpers import KEY_A, KEY_B, reset_service_caches
+from tests.helpers import CLOSED_PORT_PROXY, KEY_A, KEY_B, reset_service_caches
 
 # Tests never download model weights: a test that would need ImageNet weights gets the offline error instead (the
 # worker and API processes the tests start inherit this).
@@ -16,6 +21,15 @@ os.environ["CAPE_DOWNLOAD_WEIGHTS"] = "false"
 # session cut, never a stale cache of an earlier checkout, and nothing accumulates in the user's ~/.cache.
 os.environ["CAPE_CROP_CACHE_DIR"] = tempfile.mkdtemp(prefix="cape-test-crops-")
 atexit.register(shutil.rmtree, os.environ["CAPE_CROP_CACHE_DIR"], ignore_errors=True)
+# Torch on one thread, here and in the processes the tests start (they inherit OMP_NUM_THREADS): the tests' models
+# are tiny, so a second intra-op thread costs more in synchronisation than it saves, and far more beside the other
+# busy processes of an end-to-end test.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+# What is loaded by now (torch, the service, the project) lives as long as the session: frozen once, the collector no
+# longer scans it, and the apps the tests start leave a frozen heap as it is (service.main.lifespan) instead of
+# collecting it all at every start (half a second per TestClient).
+gc.freeze()
 
 
 @pytest.fixture(scope="session")
@@ -90,3 +104,30 @@ def secured(service_env, monkeypatch):
     app.dependency_overrides[get_dispatcher] = lambda: lambda job_id: True
     with TestClient(app) as client:
         yield client
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch) -> dict:
+    """Downloads off, an empty torchvision cache (TORCH_HOME in ``tmp_path``), proxies to a closed port, and no
+    socket may connect beyond loopback; returns the environment it set, for the processes a test starts."""
+    env = {
+        "TORCH_HOME": str(tmp_path / "torch-home"),
+        "CAPE_DOWNLOAD_WEIGHTS": "false",
+        **dict.fromkeys(("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"), CLOSED_PORT_PROXY),
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    for name in ("no_proxy", "NO_PROXY", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    connect = socket.socket.connect
+
+    def loopback_only(sock, address):
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and not ipaddress.ip_address(address[0]).is_loopback:
+            raise AssertionError(f"a test tried to reach {address}")
+        return connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", loopback_only)
+    # urlopen (torch.hub's download) keeps the opener it built first, with the proxies of that moment: an earlier
+    # test's call would make this one's download skip the closed proxy.
+    monkeypatch.setattr(urllib.request, "_opener", None)
+    return env

@@ -1,12 +1,16 @@
-"""What the tests share, in one module (no test module imports another).
+"""What the tests share, in one module (no test module imports another; the fixtures are in conftest.py).
+
+Sections, in this order:
 
 - Real servers for the end-to-end tests: redis-server, PostgreSQL, moto's S3 server, a Celery worker process and
-  uvicorn. The servers themselves are devtools/local_servers.py's; this adds only what is pytest's: a server whose
-  binary is missing makes the test skip with the reason (``.ci/run`` installs them all). Each starts on a free
-  loopback port and is stopped when its context ends; the worker and uvicorn run from the repository root.
-- Playing a user through HTTP: job bodies, polling the metrics, waiting for a status or for rows.
-- Playing a worker in-process: claiming a job and writing its epochs, ending it.
-- A tiny model and training config, images for uploads, the real MP-100 annotation files, API keys.
+  uvicorn, and the whole stack on SQLite.
+- The service in-process: its caches, API keys.
+- Job bodies and playing a user through HTTP: submitting, polling the metrics, waiting for a status or for rows.
+- Playing a worker in-process: claiming a job, writing its epochs, ending it.
+- Training in-process: a tiny model and training config, a callback that stops a run.
+- Pretrained backbone weights offline: a stand-in ImageNet file, the error when it is missing.
+- Images for uploads.
+- The real MP-100 annotation files.
 """
 
 from __future__ import annotations
@@ -20,14 +24,18 @@ import uuid
 import zlib
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from functools import lru_cache
 from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
 import pytest
+import torch
+import torchvision
 from PIL import Image
 from sqlmodel import Session
 
+from cape.backbone_weights import IMAGENET_WEIGHTS, cache_dir, imagenet_file
 from cape.config import ModelConfig, TrainConfig
 from cape.data.catalog import MP100Catalog
 from cape.epoch_record import EpochRecord
@@ -38,7 +46,7 @@ from devtools.local_servers import (
     free_port,
     fresh_database,
     pool_children,
-    restart_postgres,
+    postgres_stopped,
     stack_env,
     wait_until,
 )
@@ -49,7 +57,13 @@ from service.models import TERMINAL, JobStatus
 
 REPO = Path(__file__).resolve().parents[1]
 
-__all__ = ["free_port", "fresh_database", "pool_children", "restart_postgres", "wait_until"]  # re-exported
+__all__ = ["free_port", "fresh_database", "pool_children", "postgres_stopped", "wait_until"]  # re-exported
+
+
+# --- real servers ----------------------------------------------------------------------------------------------------
+# The servers themselves are devtools/local_servers.py's; this adds only what is pytest's: a server whose binary is
+# missing makes the test skip with the reason (.ci/run installs them all). Each starts on a free loopback port and is
+# stopped when its context ends; the worker and uvicorn run from the repository root.
 
 
 @contextmanager
@@ -69,9 +83,19 @@ def redis_server(tmp: Path) -> Iterator[str]:
         yield server.url
 
 
+class RestartableRedis(local_servers.RedisServer):
+    """A redis-server that a test can stop and start again on the same port and data folder (AOF on, fsync on
+    every write), as an outage would: queued messages survive the restart."""
+
+    def __init__(self, tmp: Path):
+        with _skip_if_missing():
+            super().__init__(tmp, fsync_always=True)
+
+
 @contextmanager
 def postgres_server() -> Iterator[str]:
-    """A throwaway PostgreSQL cluster; yields the URL of its ``postgres`` database (see fresh_database)."""
+    """A throwaway PostgreSQL cluster; yields the URL of its ``postgres`` database (see fresh_database, and
+    postgres_stopped for an outage)."""
     with _skip_if_missing():
         local_servers.postgres_binaries()
     with local_servers.postgres_server() as url:
@@ -102,15 +126,6 @@ def uvicorn_server(env: dict, log: Path):
         yield api.url
 
 
-class RestartableRedis(local_servers.RedisServer):
-    """A redis-server that a test can stop and start again on the same port and data folder (AOF on, fsync on
-    every write), as an outage would: queued messages survive the restart."""
-
-    def __init__(self, tmp: Path):
-        with _skip_if_missing():
-            super().__init__(tmp, fsync_always=True)
-
-
 @contextmanager
 def sqlite_stack(tmp: Path, datasets: dict[str, Path], predict_worker: bool = False, **settings: str):
     """The whole service in ``tmp``: redis-server, a migrated SQLite file, a training worker (and a predict worker),
@@ -125,6 +140,62 @@ def sqlite_stack(tmp: Path, datasets: dict[str, Path], predict_worker: bool = Fa
                 servers.enter_context(celery_worker(env, tmp / "predict.log", name="predict", queues="predict"))
             base = servers.enter_context(uvicorn_server(env, tmp / "api.log"))
             yield SimpleNamespace(base=base, env=env, tmp=tmp)
+
+
+# --- the service in-process ------------------------------------------------------------------------------------------
+
+
+def reset_service_caches() -> None:
+    """The service caches its settings, engine and broker producer per process: tests change them. Its catalogs
+    (service.catalogs) are kept: each is a dataset root's files, which no test changes, and reading the synthetic
+    dataset's again for every test took a third of a second each time."""
+    from service.db import _sqlite_loop_engine, get_engine
+    from service.dispatch import producer
+    from service.settings import get_settings
+
+    for cached in (get_settings, get_engine, _sqlite_loop_engine, producer):
+        cached.cache_clear()
+
+
+KEY_A, KEY_B = "key-a-0123456789", "key-b-9876543210"
+
+
+def auth(key):
+    """The header that presents an API key."""
+    return {"Authorization": f"Bearer {key}"}
+
+
+# --- job bodies, and playing a user through HTTP ---------------------------------------------------------------------
+
+
+@lru_cache
+def catalog_of(root: str | Path) -> MP100Catalog:
+    """A dataset's catalog (split 1), read once per session: reading the synthetic dataset's takes a third of a
+    second, and a catalog is never changed."""
+    return MP100Catalog(root)
+
+
+def single(catalog, **overrides):
+    """A single-image job body for the API tests, where nothing trains it."""
+    body = {"mode": "single_image", "category_id": catalog.category_ids("train")[0], "image_index": 3, "epochs": 5}
+    body.update(overrides)
+    return body
+
+
+def single_image(category: int, **overrides) -> dict:
+    """A single-image job body that a real worker trains in seconds (one query, 20 episodes per epoch)."""
+    body = {
+        "mode": "single_image",
+        "category_id": category,
+        "image_index": 0,
+        "epochs": 6,
+        "batch_size": 1,
+        "num_queries_per_episode": 1,
+        "episodes_per_epoch": 20,
+        "seed": 0,
+    }
+    body.update(overrides)
+    return body
 
 
 def same_image_request(annotated, image: bytes) -> tuple[dict, dict]:
@@ -143,84 +214,44 @@ def same_image_request(annotated, image: bytes) -> tuple[dict, dict]:
 
 
 def rows_of(client, job_id):
+    """The job's epoch rows so far (TestClient or httpx.Client)."""
     return client.get(f"/jobs/{job_id}/metrics", params={"limit": 1000}).json()["items"]
 
 
 def wait_for_rows(client, job_id, n, timeout=120):
+    """Until the job has written ``n`` epoch rows."""
     wait_until(lambda: len(rows_of(client, job_id)) >= n, f"{n} epochs of job {job_id}", timeout=timeout)
 
 
-def run_to(job_id: str, status: JobStatus) -> None:
-    """End a queued job as a worker would, without running it."""
-    with Session(get_engine()) as session:
-        assert job_state.claim(session, uuid.UUID(job_id), "w")
-        assert job_state.finish(session, uuid.UUID(job_id), status, worker="w")
+def poll(client: httpx.Client, job_id: str, timeout: float = 240) -> tuple[str, list[dict]]:
+    """Poll the metrics as a user would: only newer rows each time, until the status is terminal."""
+    rows, after, deadline = [], 0, time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        page = client.get(f"/jobs/{job_id}/metrics", params={"after_epoch": after}).json()
+        rows += page["items"]
+        after = page["next_after_epoch"]
+        if page["status"] in TERMINAL:
+            return page["status"], rows
+        time.sleep(0.3)
+    raise TimeoutError(f"job {job_id} still {page['status']} after {timeout} s")
 
 
-def encoded(size=(64, 48), fmt="PNG", **save) -> bytes:
-    out = io.BytesIO()
-    Image.new("RGB", size, (90, 120, 200)).save(out, format=fmt, **save)
-    return out.getvalue()
+def wait_for(client: httpx.Client, job_id: str, statuses: set[str], timeout: float = 120) -> dict:
+    """Until the job's status is one of ``statuses``; returns the job."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/jobs/{job_id}").json()
+        if job["status"] in statuses:
+            return job
+        time.sleep(0.1)
+    raise TimeoutError(f"job {job_id} is {job['status']}, not {statuses}, after {timeout} s")
 
 
-def png_claiming(width: int, height: int) -> bytes:
-    """A tiny PNG file whose header claims width x height: a decompression bomb as far as a decoder is concerned."""
-    data = bytearray(encoded((1, 1)))
-    data[16:24] = struct.pack(">II", width, height)
-    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))  # the IHDR chunk's CRC, so the header is valid
-    return bytes(data)
-
-
-PNG = encoded()
-
-
-def tiny_config(root, **overrides) -> TrainConfig:
-    catalog = MP100Catalog(root)
-    fields = dict(
-        mode="category",
-        category_id=catalog.category_ids("train")[0],
-        dataset_root=str(root),
-        model=TINY,
-        epochs=4,
-        episodes_per_epoch=4,
-        batch_size=2,
-        num_queries_per_episode=2,
-        val_episodes_per_category=1,
-        val_queries_per_episode=3,
-        lr=1e-3,
-        device="cpu",
-    )
-    fields.update(overrides)
-    return TrainConfig(**fields)
-
-
-class StopAfter(Callback):
-    """should_stop() turns True once ``calls`` questions have been answered with False."""
-
-    def __init__(self, calls: int):
-        self.calls, self.asked, self.epochs = calls, 0, []
-
-    def on_epoch_end(self, metrics):
-        self.epochs.append(metrics)
-
-    def should_stop(self) -> bool:
-        self.asked += 1
-        return self.asked > self.calls
-
-
-TINY = ModelConfig(
-    input_size=64, d_model=32, num_heads=2, encoder_layers=1, decoder_layers=2, graph_layers=1, num_bins=16
-)
-
-
-def single(catalog, **overrides):
-    body = {"mode": "single_image", "category_id": catalog.category_ids("train")[0], "image_index": 3, "epochs": 5}
-    body.update(overrides)
-    return body
+# --- playing a worker in-process -------------------------------------------------------------------------------------
 
 
 def run_epochs(job_id, epochs):
-    """Play the worker's part: claim and write epoch rows."""
+    """Claim the job and write its epoch rows, as a worker would (without training)."""
     with Session(get_engine()) as session:
         assert job_state.claim(session, job_id, "test-worker")
         for epoch in range(1, epochs + 1):
@@ -238,45 +269,104 @@ def run_epochs(job_id, epochs):
         assert not job_state.record_epoch(session, job_id, row), "a repeated epoch makes no second row"
 
 
-def single_image(category: int, **overrides) -> dict:
-    body = {
-        "mode": "single_image",
-        "category_id": category,
-        "image_index": 0,
-        "epochs": 6,
-        "batch_size": 1,
-        "num_queries_per_episode": 1,
-        "episodes_per_epoch": 20,
-        "seed": 0,
-    }
-    body.update(overrides)
-    return body
+def run_to(job_id: str, status: JobStatus) -> None:
+    """End a queued job as a worker would, without running it."""
+    with Session(get_engine()) as session:
+        assert job_state.claim(session, uuid.UUID(job_id), "w")
+        assert job_state.finish(session, uuid.UUID(job_id), status, worker="w")
 
 
-def poll(client: httpx.Client, job_id: str, timeout: float = 240) -> tuple[str, list[dict]]:
-    """Poll the metrics as a user would: only newer rows each time, until the status is terminal."""
-    rows, after, deadline = [], 0, time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        page = client.get(f"/jobs/{job_id}/metrics", params={"after_epoch": after}).json()
-        rows += page["items"]
-        after = page["next_after_epoch"]
-        if page["status"] in TERMINAL:
-            return page["status"], rows
-        time.sleep(0.3)
-    raise TimeoutError(f"job {job_id} still {page['status']} after {timeout} s")
+# --- training in-process ---------------------------------------------------------------------------------------------
+
+TINY = ModelConfig(
+    input_size=64, d_model=32, num_heads=2, encoder_layers=1, decoder_layers=2, graph_layers=1, num_bins=16
+)
 
 
-def wait_for(client: httpx.Client, job_id: str, statuses: set[str], timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.get(f"/jobs/{job_id}").json()
-        if job["status"] in statuses:
-            return job
-        time.sleep(0.1)
-    raise TimeoutError(f"job {job_id} is {job['status']}, not {statuses}, after {timeout} s")
+def tiny_config(root, **overrides) -> TrainConfig:
+    """A TINY model trained on the first train category of ``root``: 4 epochs of 2 steps, on the CPU."""
+    fields = dict(
+        mode="category",
+        category_id=catalog_of(root).category_ids("train")[0],
+        dataset_root=str(root),
+        model=TINY,
+        epochs=4,
+        episodes_per_epoch=4,
+        batch_size=2,
+        num_queries_per_episode=2,
+        val_episodes_per_category=1,
+        val_queries_per_episode=3,
+        lr=1e-3,
+        device="cpu",
+    )
+    fields.update(overrides)
+    return TrainConfig(**fields)
 
 
-def real_annotations_dir() -> Path | None:
+class StopAfter(Callback):
+    """should_stop() turns True once ``calls`` questions have been answered with False; records the epochs."""
+
+    def __init__(self, calls: int):
+        self.calls, self.asked, self.epochs = calls, 0, []
+
+    def on_epoch_end(self, metrics):
+        self.epochs.append(metrics)
+
+    def should_stop(self) -> bool:
+        self.asked += 1
+        return self.asked > self.calls
+
+
+# --- pretrained backbone weights, offline (the ``offline`` fixture) -------------------------------------------------
+
+CLOSED_PORT_PROXY = "http://127.0.0.1:1"  # nothing listens there: a download attempt is refused on loopback
+OFF = "downloads are off: CAPE_DOWNLOAD_WEIGHTS=false"
+
+
+def place_imagenet_file(backbone: str = "resnet18", seed: int = 7) -> torchvision.models.ResNet:
+    """A ResNet with seeded random weights, saved where torchvision's cache keeps the backbone's ImageNet file."""
+    torch.manual_seed(seed)
+    resnet = getattr(torchvision.models, backbone)(weights=None)
+    imagenet_file(backbone).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(resnet.state_dict(), imagenet_file(backbone))
+    return resnet
+
+
+def not_cached_message(backbone: str, why: str) -> str:
+    """The error for a backbone whose ImageNet weights are not in the cache; ``why``: OFF, or the failed download."""
+    weights = IMAGENET_WEIGHTS[backbone]
+    return (
+        f"ImageNet weights for {backbone} are not in torchvision's cache ({why}): put {weights.file_name} "
+        f"(from {weights.url}) in {cache_dir()}/ or set TORCH_HOME to a folder whose hub/checkpoints/ has it"
+    )
+
+
+# --- images for uploads ----------------------------------------------------------------------------------------------
+
+
+def encoded(size=(64, 48), fmt="PNG", **save) -> bytes:
+    """A plain image file of ``size`` in ``fmt``."""
+    out = io.BytesIO()
+    Image.new("RGB", size, (90, 120, 200)).save(out, format=fmt, **save)
+    return out.getvalue()
+
+
+PNG = encoded()
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG file whose header claims width x height: a decompression bomb as far as a decoder is concerned."""
+    data = bytearray(encoded((1, 1)))
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))  # the IHDR chunk's CRC, so the header is valid
+    return bytes(data)
+
+
+# --- the real MP-100 annotation files --------------------------------------------------------------------------------
+
+
+def _real_annotations_dir() -> Path | None:
+    """CAPE_MP100_ANNOTATIONS, else shared/mp100/annotations beside the checkout (or above it)."""
     if env := os.environ.get("CAPE_MP100_ANNOTATIONS"):
         return Path(env)
     for parent in Path(__file__).resolve().parents:
@@ -286,31 +376,11 @@ def real_annotations_dir() -> Path | None:
     return None
 
 
-REAL_DIR = real_annotations_dir()
-
-
-REAL_FILES = sorted(REAL_DIR.glob("mp100_split*.json")) if REAL_DIR else []
-
+_REAL_DIR = _real_annotations_dir()
+REAL_FILES = sorted(_REAL_DIR.glob("mp100_split*.json")) if _REAL_DIR else []
 
 requires_real = pytest.mark.skipif(
     not REAL_FILES,
-    reason="real MP-100 annotations not found: set CAPE_MP100_ANNOTATIONS or place shared/mp100/annotations beside the checkout",
+    reason="real MP-100 annotations not found: set CAPE_MP100_ANNOTATIONS "
+    "or place shared/mp100/annotations beside the checkout",
 )
-
-
-def reset_service_caches() -> None:
-    """The service caches its settings, engine, broker producer and catalogs per process: tests change them."""
-    from service.catalogs import _load
-    from service.db import _sqlite_loop_engine, get_engine
-    from service.dispatch import producer
-    from service.settings import get_settings
-
-    for cached in (get_settings, get_engine, _sqlite_loop_engine, producer, _load):
-        cached.cache_clear()
-
-
-KEY_A, KEY_B = "key-a-0123456789", "key-b-9876543210"
-
-
-def auth(key):
-    return {"Authorization": f"Bearer {key}"}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import time
 
 import httpx
 import pytest
@@ -21,6 +20,7 @@ from tests.helpers import (
     single_image,
     uvicorn_server,
     wait_for,
+    wait_for_rows,
 )
 
 
@@ -90,11 +90,7 @@ def test_cancel_queued_and_running_jobs(stack, category):
         # the worker holds one job at a time: the second one is still queued
         assert client.post(f"/jobs/{queued}/cancel").json()["status"] == "cancelled"
 
-        rows = []
-        deadline = time.monotonic() + 120
-        while not rows and time.monotonic() < deadline:  # let it write an epoch, so there are rows to keep
-            rows = client.get(f"/jobs/{long_job}/metrics").json()["items"]
-            time.sleep(0.2)
+        wait_for_rows(client, long_job, 1)  # an epoch written, so there are rows to keep
         response = client.post(f"/jobs/{long_job}/cancel")
         assert response.json()["status"] == "cancelling"
         job = wait_for(client, long_job, TERMINAL, timeout=30)
@@ -140,8 +136,8 @@ def test_a_diverged_job_fails_with_the_trainers_message(stack, category):
         job = client.get(f"/jobs/{job_id}").json()
     assert status == "failed", job
     assert re.fullmatch(
-        r"training diverged: (loss|gradient norm) is (nan|inf) at epoch \d+, step \d+ \(lr 1.0, gradient clipping off\); "
-        r"lower --lr or set --clip_max_norm",
+        r"training diverged: (loss|gradient norm) is (nan|inf) at epoch \d+, step \d+ "
+        r"\(lr 1.0, gradient clipping off\); lower --lr or set --clip_max_norm",
         job["error"],
     ), job["error"]
     epoch = int(re.search(r"at epoch (\d+)", job["error"]).group(1))

@@ -13,6 +13,8 @@ import httpx
 import pytest
 
 from cape.data.catalog import MP100Catalog
+from cape.model import checkpoint
+from cape.model.checkpoint import LAST
 from service.migrate import upgrade
 from service.models import TERMINAL
 from tests.helpers import (
@@ -20,9 +22,11 @@ from tests.helpers import (
     celery_worker,
     poll,
     pool_children,
+    rows_of,
     single_image,
     uvicorn_server,
     wait_for_rows,
+    wait_until,
 )
 
 # Short clocks, so a lost worker is noticed in seconds rather than minutes.
@@ -73,8 +77,9 @@ def test_sigkill_mid_job_resumes_with_every_epoch_exactly_once(env, category):
     environment, _, tmp = env
     with running(environment, tmp) as (client, workers):
         job_id = client.post("/jobs", json=single_image(category, epochs=6)).json()["id"]
-        wait_for_rows(client, job_id, 2)
-        time.sleep(0.4)  # into epoch 3
+        # Into epoch 3: the trainer writes an epoch's checkpoint as the last thing the epoch does, and goes on at once.
+        last = tmp / "artifacts" / job_id / LAST
+        wait_until(lambda: checkpoint.load(last)["epoch"] >= 2, "the checkpoint of epoch 2", interval=0.05)
         (child,) = pool_children(workers["test"].pid)
         os.kill(child, signal.SIGKILL)
         status, rows = poll(client, job_id)
@@ -113,7 +118,10 @@ def test_redis_restart_during_a_job(env, category):
         wait_for_rows(client, job_id, 1)
         redis.stop()
         assert client.get("/readyz").json()["broker"].startswith("unreachable")
-        time.sleep(2)
+        # The outage lasts until the worker has lost its broker connection and the job has trained on without it.
+        worker_log = tmp / "test.log"
+        wait_until(lambda: "Connection to broker lost" in worker_log.read_text(), "the worker to notice the outage")
+        wait_for_rows(client, job_id, len(rows_of(client, job_id)) + 1)
         redis.start()
         status, rows = poll(client, job_id)
         job = client.get(f"/jobs/{job_id}").json()

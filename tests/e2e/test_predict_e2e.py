@@ -86,7 +86,6 @@ def test_png_answer_is_the_query_with_the_keypoints_drawn(stack, trained):
 def test_undecodable_pixels_behind_a_valid_header_are_422_from_the_worker(stack, trained):
     client, _ = stack
     job, annotated, image = trained
-    instance = annotated[0]
     files, fields = same_image_request(annotated, image)
     files["query_image"] = ("query.jpg", image[: len(image) // 3], "image/jpeg")
     response = client.post(f"/jobs/{job['id']}/predict", files=files, data=fields)
@@ -144,7 +143,8 @@ def test_downloaded_checkpoint_predicts_offline_with_the_cli(stack, trained, tmp
     offline = json.loads((tmp_path / "pred.json").read_text())
     assert offline["checkpoint"]["epoch"] == api["checkpoint"]["epoch"]
     np.testing.assert_allclose(offline["keypoints"], api["keypoints"], atol=1e-3)
-    assert Image.open(tmp_path / "pred.png").format == "PNG"
+    with Image.open(tmp_path / "pred.png") as drawn:
+        assert drawn.format == "PNG"
 
 
 def test_cli_errors_exit_2_before_torch(tmp_path):

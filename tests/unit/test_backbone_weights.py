@@ -1,14 +1,15 @@
-"""Pretrained backbones (cape.backbone_weights, python -m cape.weights): ImageNet weights through torchvision's weights API and cache, a local file,
-or random initialisation; offline with an empty cache, one clear error in the library, the CLI and the API.
+"""Pretrained backbones (cape.backbone_weights, python -m cape.weights): ImageNet weights through torchvision's weights
+API and cache, a local file, or random initialisation; offline with an empty cache, one clear error in the library,
+the CLI and the API (the CLIs in their own processes: tests/e2e/test_cli.py).
 
-Nothing here is downloaded: every test runs with downloads off (CAPE_DOWNLOAD_WEIGHTS=false), an empty TORCH_HOME of
-its own, proxies that point at a closed loopback port, and a socket guard that fails any connection leaving the
-machine. The "ImageNet" files are small local state dicts written under torchvision's file names.
+Nothing here is downloaded: every test runs offline (the ``offline`` fixture): downloads off
+(CAPE_DOWNLOAD_WEIGHTS=false), an empty TORCH_HOME of its own, proxies that point at a closed loopback port, and a
+socket guard that fails any connection leaving the machine. The "ImageNet" files are small local state dicts written
+under torchvision's file names.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import socket
 import subprocess
@@ -33,55 +34,9 @@ from cape.data.catalog import MP100Catalog
 from cape.errors import CheckpointError
 from cape.model import CapeModel
 from cape.model.backbone import load_imagenet_state_dict
+from tests.helpers import OFF, REPO, TINY, not_cached_message, place_imagenet_file
 
-REPO = Path(__file__).resolve().parents[2]
-TINY = ModelConfig(
-    input_size=64, d_model=32, num_heads=2, encoder_layers=1, decoder_layers=2, graph_layers=1, num_bins=16
-)
-CLOSED_PORT_PROXY = "http://127.0.0.1:1"  # nothing listens there: a download attempt is refused on loopback
-
-
-@pytest.fixture(autouse=True)
-def offline(tmp_path, monkeypatch) -> dict:
-    """Downloads off, an empty cache, proxies to nowhere, and no socket may connect beyond loopback."""
-    env = {
-        "TORCH_HOME": str(tmp_path / "torch-home"),
-        "CAPE_DOWNLOAD_WEIGHTS": "false",
-        **dict.fromkeys(("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"), CLOSED_PORT_PROXY),
-    }
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    for name in ("no_proxy", "NO_PROXY", "XDG_CACHE_HOME"):
-        monkeypatch.delenv(name, raising=False)
-    connect = socket.socket.connect
-
-    def loopback_only(sock, address):
-        if sock.family in (socket.AF_INET, socket.AF_INET6) and not ipaddress.ip_address(address[0]).is_loopback:
-            raise AssertionError(f"a test tried to reach {address}")
-        return connect(sock, address)
-
-    monkeypatch.setattr(socket.socket, "connect", loopback_only)
-    return env
-
-
-def place_imagenet_file(backbone: str = "resnet18", seed: int = 7) -> torchvision.models.ResNet:
-    """A ResNet with seeded random weights, saved where torchvision's cache keeps the backbone's ImageNet file."""
-    torch.manual_seed(seed)
-    resnet = getattr(torchvision.models, backbone)(weights=None)
-    imagenet_file(backbone).parent.mkdir(parents=True, exist_ok=True)
-    torch.save(resnet.state_dict(), imagenet_file(backbone))
-    return resnet
-
-
-def not_cached_message(backbone: str, why: str) -> str:
-    weights = IMAGENET_WEIGHTS[backbone]
-    return (
-        f"ImageNet weights for {backbone} are not in torchvision's cache ({why}): put {weights.file_name} "
-        f"(from {weights.url}) in {cache_dir()}/ or set TORCH_HOME to a folder whose hub/checkpoints/ has it"
-    )
-
-
-OFF = "downloads are off: CAPE_DOWNLOAD_WEIGHTS=false"
+pytestmark = pytest.mark.usefixtures("offline")
 
 
 def test_the_guard_refuses_a_connection_beyond_loopback():
@@ -228,21 +183,13 @@ def test_a_trainer_fails_before_training_when_the_weights_are_missing(synthetic_
 # --- the fetcher ----------------------------------------------------------------------------------------------------
 
 
-def test_the_fetcher_checks_a_cached_file_and_reports_a_failed_download(offline, capsys):
+def test_the_fetcher_checks_a_cached_file_and_reports_a_failed_download(capsys):
     from cape.weights import main
 
     place_imagenet_file()
-    result = subprocess.run(  # the docker-compose one-shot's command, in its own process
-        [sys.executable, "-m", "cape.weights", "--backbone", "resnet18"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, **offline},
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout == f"resnet18: {imagenet_file('resnet18')}\n"
-    with pytest.raises(SystemExit) as exit:  # in this process, under the socket guard: it does try to download
+    assert main(["--backbone", "resnet18"]) == 0
+    assert capsys.readouterr().out == f"resnet18: {imagenet_file('resnet18')}\n"
+    with pytest.raises(SystemExit) as exit:  # under the socket guard: it does try to download
         main(["--backbone", "resnet34"])
     assert exit.value.code == 2
     err = capsys.readouterr().err
@@ -298,19 +245,6 @@ def test_the_cli_offline_prints_one_error_line_before_torch_loads(offline, synth
     assert result.returncode == 0, result.stdout + result.stderr
     backbone = file.split("-")[0]
     assert result.stderr == f"python -m cape.train: error: {not_cached_message(backbone, OFF)}\n"
-
-
-def test_the_cli_exits_2_without_a_traceback(offline, synthetic_root):
-    result = subprocess.run(
-        [sys.executable, "-m", "cape.train", "--dataset_root", str(synthetic_root), "--preset", "base"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, **offline},
-    )
-    assert result.returncode == 2
-    assert result.stderr == f"python -m cape.train: error: {not_cached_message('resnet50', OFF)}\n"
 
 
 # --- the API ------------------------------------------------------------------------------------------------------

@@ -295,6 +295,9 @@ def test_torch_tensor_inputs():
 
 
 def test_metrics_module_does_not_import_torch():
-    code = "import cape.evaluation.metrics, sys; assert 'torch' not in sys.modules, 'cape.evaluation.metrics pulled in torch'"
+    code = (
+        "import cape.evaluation.metrics, sys; "
+        "assert 'torch' not in sys.modules, 'cape.evaluation.metrics pulled in torch'"
+    )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
