@@ -64,7 +64,7 @@ from devtools.local_servers import (
 from service import job_state
 from service.db import make_engine
 from service.migrate import upgrade
-from service.models import TERMINAL, JobStatus
+from service.models import ACTIVE, TERMINAL, JobStatus
 
 REPO = Path(__file__).resolve().parents[1]
 HISTORY_EPOCHS = 300
@@ -314,7 +314,7 @@ def dispatch_once(client: httpx.Client, category: int, timeout: float) -> float:
     started = time.perf_counter()
     response = client.post("/jobs", json=single_image_job(category)).raise_for_status()
     job_id = response.json()["id"]
-    wait_for_status(client, job_id, (JobStatus.running, JobStatus.cancelling, *TERMINAL), timeout, DISPATCH_POLL_S)
+    wait_for_status(client, job_id, (*ACTIVE, *TERMINAL), timeout, DISPATCH_POLL_S)
     latency = time.perf_counter() - started
     # 409: the one-step job finished before the cancel arrived; either way the worker is free once it is terminal.
     cancel = client.post(f"/jobs/{job_id}/cancel")

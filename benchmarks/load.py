@@ -52,6 +52,7 @@ import uuid
 from collections import Counter, defaultdict
 from contextlib import AsyncExitStack, ExitStack
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -93,7 +94,6 @@ WARMUP_S = 2.0  # opens the connections, the database pools and uvicorn's thread
 REQUEST_TIMEOUT_S = 60.0  # a slow answer is measured as slow; only one slower than this counts as no answer
 MAX_RETRY_AFTER_S = 5.0
 FIRST_EPOCH_TIMEOUT_S = 300.0  # the worker imports torch on its first job
-ACTIVE = {JobStatus.queued, JobStatus.running, JobStatus.cancelling}
 
 POST, POST_KEYED, POST_REPLAY = "POST /jobs", "POST /jobs, new Idempotency-Key", "POST /jobs, replayed key"
 METRICS, LIST, GET = "GET /jobs/{id}/metrics?after_epoch", "GET /jobs?limit=20", "GET /jobs/{id}"
@@ -172,7 +172,7 @@ class SimulatedClient:
                 await timed(self.observed, LIST, lambda: self.http.get("/jobs", params={"limit": 20}))
             elif draw < POST_SHARE + LIST_SHARE + GET_SHARE:
                 job_id = self.pick_job()
-                await timed(self.observed, GET, lambda: self.http.get(f"/jobs/{job_id}"))
+                await timed(self.observed, GET, partial(self.http.get, f"/jobs/{job_id}"))
             else:
                 await self.poll_metrics(self.pick_job())
 
@@ -332,12 +332,12 @@ def wind_down(base: str, database_url: str, timeout: float = 300.0) -> str:
     try:
         drained = wait_until_serving(base, timeout)
         with Session(engine) as session:
-            active = [str(i) for i in session.exec(select(Job.id).where(Job.status.in_(ACTIVE)))]
+            active = [str(i) for i in session.exec(select(Job.id).where(Job.status.not_in(TERMINAL)))]
         statuses = asyncio.run(cancel_all(base, active))
         deadline = time.monotonic() + timeout
         while True:
             with Session(engine) as session:
-                left = session.exec(select(func.count()).select_from(Job).where(Job.status.in_(ACTIVE))).one()
+                left = session.exec(select(func.count()).select_from(Job).where(Job.status.not_in(TERMINAL))).one()
             if left == 0:
                 return (
                     f"API serving again {drained:.1f} s after the load; {len(active)} queued or running jobs "
@@ -526,13 +526,15 @@ def run_on(kind: str, root: Path, category: int, images: dict[int, int], clients
         busy = status == JobStatus.running
         print(
             f"  worker during the window: training job {status}, epochs {snapshot['epoch']} -> {epoch} "
-            f"({(epoch - snapshot['epoch']) / elapsed:.2f} epoch rows/s; target: still running at the end: {verdict(busy)})"
+            f"({(epoch - snapshot['epoch']) / elapsed:.2f} epoch rows/s; target: still running at the end: "
+            f"{verdict(busy)})"
         )
         fives = {code: count for code, count in sorted(everything.statuses.items()) if code >= 500}
         unanswered = sum(everything.no_answer.values())
         by_status = f" {fives}" if fives else ""
         print(
-            f"  5xx answers: {sum(fives.values())}{by_status} (target 0: {verdict(not fives)}); requests without an answer in "
+            f"  5xx answers: {sum(fives.values())}{by_status} (target 0: {verdict(not fives)}); requests without an "
+            "answer in "
             f"{REQUEST_TIMEOUT_S:.0f} s: {unanswered} (target 0: {verdict(unanswered == 0)})"
         )
 

@@ -46,6 +46,7 @@ from benchmarks.common import dataset_root
 from cape.data.catalog import MP100Catalog
 from cape.evaluation.metrics import correct_keypoints
 from devtools.local_servers import celery_worker
+from service.models import TERMINAL
 
 WARM_REQUESTS = 100
 CLIENTS, THROUGHPUT_S = 8, 10.0
@@ -55,7 +56,7 @@ def wait(client: httpx.Client, job_id: str, timeout: float = 900) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = client.get(f"/jobs/{job_id}").json()
-        if job["status"] in ("succeeded", "failed", "cancelled"):
+        if job["status"] in TERMINAL:
             if job["status"] != "succeeded":
                 raise SystemExit(f"job {job_id} ended {job['status']}: {job['error']}")
             return job
@@ -186,7 +187,8 @@ def main() -> int:
                 cold.append((elapsed, answer["timing"]["load_ms"]))
         worst = max(c[0] for c in cold)
         print(
-            f"  cold (first request for each of 4 checkpoints): median {1000 * statistics.median(c[0] for c in cold):.0f} ms, "
+            "  cold (first request for each of 4 checkpoints): median "
+            f"{1000 * statistics.median(c[0] for c in cold):.0f} ms, "
             f"worst {1000 * worst:.0f} ms, of which loading the model {statistics.median(c[1] for c in cold):.0f} ms "
             f"(median)  target < 2000 ms: {verdict(worst < 2.0)}"
         )
@@ -235,7 +237,8 @@ def main() -> int:
                 inference.append(answer["timing"]["inference_ms"])
             p50 = percentile_ms(took, 0.5)
             print(
-                f"  warm, {label}: p50 {p50:.0f} ms, p99 {percentile_ms(took, 0.99):.0f} ms over {WARM_REQUESTS} requests "
+                f"  warm, {label}: p50 {p50:.0f} ms, p99 {percentile_ms(took, 0.99):.0f} ms over {WARM_REQUESTS} "
+                "requests "
                 f"(model alone p50 {statistics.median(inference):.0f} ms)"
                 + (f"  target p50 < 150 ms: {verdict(p50 < 150)}" if label == "dataset image" else "")
             )
@@ -243,7 +246,8 @@ def main() -> int:
         rate, latencies, failures = throughput(base, whole["id"], files, data)
         print(
             f"\nthroughput, {CLIENTS} clients for {THROUGHPUT_S:.0f} s, one predict worker: {rate:.1f} requests/s, "
-            f"p50 {percentile_ms(latencies, 0.5):.0f} ms, p99 {percentile_ms(latencies, 0.99):.0f} ms, {failures} failed"
+            f"p50 {percentile_ms(latencies, 0.5):.0f} ms, p99 {percentile_ms(latencies, 0.99):.0f} ms, {failures} "
+            "failed"
         )
     return 0
 

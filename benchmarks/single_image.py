@@ -92,7 +92,8 @@ def main() -> int:
         ok = watch.both_epoch is not None and watch.both_epoch <= EPOCH_TARGET and watch.both_seconds <= SECONDS_TARGET
         rows.append((cid, catalog.category(cid).num_keypoints, watch, result.history[-1], ok))
         print(
-            f"category {cid:>3} (K={catalog.category(cid).num_keypoints:>2}): loss<{LOSS_TARGET} at epoch {watch.loss_epoch}, "
+            f"category {cid:>3} (K={catalog.category(cid).num_keypoints:>2}): loss<{LOSS_TARGET} at epoch "
+            f"{watch.loss_epoch}, "
             f"PCK@0.2=100% at epoch {watch.pck_epoch}, both at epoch {watch.both_epoch} after "
             f"{watch.both_seconds if watch.both_seconds is None else round(watch.both_seconds, 1)} s "
             f"[{'ok' if ok else 'MISSED'}]",

@@ -41,6 +41,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -160,7 +161,7 @@ async def open_streams(base: str, job_id: str, count: int, commits: dict) -> Cro
     for _ in range(count):
         stream, first, done = Stream(), asyncio.Event(), asyncio.Event()
         transport, _ = await loop.create_connection(
-            lambda: _Client(stream, first, done, commits), url.hostname, url.port
+            partial(_Client, stream, first, done, commits), url.hostname, url.port
         )
         transport.write(request)
         streams.append(stream), firsts.append(first), closed.append(done), transports.append(transport)

@@ -39,9 +39,9 @@ class ImagenetWeights:
         return self.url.rsplit("/", 1)[1]
 
 
-# Kept equal to torchvision's metadata by tests/test_backbone_weights.py. IMAGENET1K_V1 for every ResNet, also where
-# torchvision's DEFAULT is the newer V2 (ResNet-50): V1 is the backbone CapeFormer and DETR fine-tune, and the one
-# torchvision's own detection models start from, so results compare with the papers'.
+# Kept equal to torchvision's metadata by tests/unit/test_backbone_weights.py. IMAGENET1K_V1 for every ResNet, also
+# where torchvision's DEFAULT is the newer V2 (ResNet-50): V1 is the backbone CapeFormer and DETR fine-tune, and the
+# one torchvision's own detection models start from, so results compare with the papers'.
 IMAGENET_WEIGHTS: dict[str, ImagenetWeights] = {
     "resnet18": ImagenetWeights("IMAGENET1K_V1", "https://download.pytorch.org/models/resnet18-f37072fd.pth"),
     "resnet34": ImagenetWeights("IMAGENET1K_V1", "https://download.pytorch.org/models/resnet34-b627a593.pth"),

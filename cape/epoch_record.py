@@ -18,7 +18,8 @@ class EpochRecord(BaseModel):
     loss_coords: float = Field(description="L1 loss of the refined coordinates")
     pck: float | None = Field(
         default=None,
-        description="validation PCK@0.2, decoded autoregressively, as a fraction; null when no keypoint could be counted",
+        description="validation PCK@0.2, decoded autoregressively, as a fraction; "
+        "null when no keypoint could be counted",
     )
     mpck: float | None = Field(
         default=None, description="mean PCK over alpha in {0.05, 0.10, 0.15, 0.20, 0.25}; null like pck"

@@ -1,4 +1,4 @@
-"""``python -m cape.weights``: fetch torchvision's ImageNet weights ahead, into its cache (see cape/backbone_weights.py).
+"""``python -m cape.weights``: fetch torchvision's ImageNet weights ahead, into its cache (cape/backbone_weights.py).
 
 python -m cape.weights                        # all, files already there are only checked
 python -m cape.weights --backbone resnet50    # only the base preset's

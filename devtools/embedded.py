@@ -95,14 +95,17 @@ def main() -> int:
             print(
                 f"\nCAPE training service running at {base} (docs: {base}/docs), API access: {auth}\n"
                 f"page: {base}/\n"
-                f"dataset {settings.default_dataset!r} at {root}, a training and a predict worker, broker {settings.broker_url}\n\n"
+                f"dataset {settings.default_dataset!r} at {root}, a training and a predict worker, broker "
+                f"{settings.broker_url}\n\n"
                 f"  curl -s{header} '{base}/categories?split=1' | head -c 400\n"
                 f"  curl -s{header} -X POST {base}/jobs -H 'Content-Type: application/json' \\\n"
-                f'       -d \'{{"mode": "single_image", "category_id": {example_category}, "image_index": 0, "epochs": 10, '
-                f'"batch_size": 1, "num_queries_per_episode": 1, "episodes_per_epoch": 20}}\'\n'
+                f'       -d \'{{"mode": "single_image", "category_id": {example_category}, "image_index": 0, '
+                f'"epochs": 10, "batch_size": 1, "num_queries_per_episode": 1, "episodes_per_epoch": 20}}\'\n'
                 f"  curl -s{header} '{base}/jobs/<id>/metrics?after_epoch=0'\n"
-                f"  curl -s{header} {base}/jobs/<id>/predict -F support_image=@support.jpg -F query_image=@query.jpg \\\n"
-                f"       -F support_keypoints='[[120, 80], [160, 95], [140, 150]]'    (-H 'Accept: image/png' -o pred.png: the drawing)\n"
+                f"  curl -s{header} {base}/jobs/<id>/predict \\\n"
+                "       -F support_image=@support.jpg -F query_image=@query.jpg \\\n"
+                "       -F support_keypoints='[[120, 80], [160, 95], [140, 150]]'\n"
+                "       (add -H 'Accept: image/png' -o pred.png for the drawing)\n"
                 f"  curl -s{header} -OJ {base}/jobs/<id>/checkpoints/best\n\n"
                 "Ctrl-C stops it all.\n",
                 flush=True,

@@ -195,7 +195,8 @@ class MP100Catalog:
         self.split = split
         if not (self.root / "annotations").is_dir():
             raise DatasetError(
-                f"{self.root} is not an MP-100 dataset root: expected annotations/mp100_split{split}_{{train,val,test}}.json "
+                f"{self.root} is not an MP-100 dataset root: expected "
+                f"annotations/mp100_split{split}_{{train,val,test}}.json "
                 "and images/ under it (python -m cape.data.synthetic --out DIR writes one)"
             )
         files = {subset: AnnotationFile.load(annotation_path(self.root, split, subset)) for subset in SUBSETS}
@@ -238,7 +239,8 @@ class MP100Catalog:
         # With a category split file, categories it leaves out are not part of this catalog.
         if category_id not in self._subset_of:
             raise DatasetError(
-                f"category {category_id} does not exist in split {self.split}: valid ids are {format_choices(self._subset_of)}",
+                f"category {category_id} does not exist in split {self.split}: valid ids are "
+                f"{format_choices(self._subset_of)}",
                 "category_id",
             )
         return self._categories[category_id]
@@ -262,7 +264,8 @@ class MP100Catalog:
         if own != subset:
             raise DatasetError(
                 f"category {category_id} ({self._categories[category_id].name}) has no {subset} instances in split "
-                f"{self.split}: it is a {own} category; {subset} categories are {format_choices(self.category_ids(subset))}",
+                f"{self.split}: it is a {own} category; {subset} categories are "
+                f"{format_choices(self.category_ids(subset))}",
                 "category_id",
             )
         records = self._instances[category_id]

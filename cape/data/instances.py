@@ -13,7 +13,7 @@ crops is found nowhere else, and then every instance of that photo is cut from t
    declares, the crop box, the input size and the torchvision version; a changed photo or bbox gets a new key;
 3. the decode, which fills both for all the photo's instances.
 
-The cached pixels are the bytes ``crop_instance`` produced (``tests/test_input_pipeline.py`` compares). Decoding at
+The cached pixels are the bytes ``crop_instance`` produced (``tests/unit/test_input_pipeline.py`` compares). Decoding at
 reduced scale (JPEG DCT scaling) would be faster still, but torchvision's decoders have no such option, and other
 decoders' pixels would differ from ``crop_instance``'s.
 """

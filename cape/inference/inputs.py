@@ -92,7 +92,8 @@ def inspect_image(data: bytes, field: str, max_pixels: int = MAX_IMAGE_PIXELS) -
         width, height = image.size
         if width * height > max_pixels:
             raise InputError(
-                f"{field} is {width}x{height} pixels ({width * height / 1e6:.1f} MP): the limit is {max_pixels / 1e6:g} MP",
+                f"{field} is {width}x{height} pixels ({width * height / 1e6:.1f} MP): the limit is "
+                f"{max_pixels / 1e6:g} MP",
                 field,
             )
         if image.format == "JPEG" and image.getexif().get(EXIF_ORIENTATION) in ROTATED:

@@ -1,9 +1,10 @@
 """Training losses, on the query keypoints that are visible (labelled, inside the crop, not padding) only.
 
 loss_ce: cross-entropy of the x and y bins, plus ``match_weight`` times the cross-entropy of the appearance
-matcher's map over query cells (the cell holding the keypoint). loss_coords: L1 of the refined coordinate, in crop units, times
-``coords_weight``. Both are means over the visible keypoints of the batch; ``loss = loss_ce + loss_coords``.
-A batch with no visible keypoint gives zero losses that still backpropagate (the all-masked guard), not NaN.
+matcher's map over query cells (the cell holding the keypoint). loss_coords: L1 of the refined coordinate, in crop
+units, times ``coords_weight``. Both are means over the visible keypoints of the batch;
+``loss = loss_ce + loss_coords``. A batch with no visible keypoint gives zero losses that still backpropagate (the
+all-masked guard), not NaN.
 """
 
 from __future__ import annotations

@@ -216,7 +216,8 @@ class Trainer:
         clipping = f"gradient clipping at {clip:g}" if clip > 0 else "gradient clipping off"
         advice = "lower --lr or --clip_max_norm" if clip > 0 else "lower --lr or set --clip_max_norm"
         return TrainingDiverged(
-            f"training diverged: {name} is {value} at epoch {epoch}, step {step} (lr {self.config.lr}, {clipping}); {advice}"
+            f"training diverged: {name} is {value} at epoch {epoch}, step {step} (lr {self.config.lr}, {clipping}); "
+            f"{advice}"
         )
 
     def train_epoch(self, epoch: int, progress: EpochProgress) -> bool:
@@ -322,8 +323,8 @@ class Trainer:
             seconds=progress.sums["seconds"],
         )
         # A PCK that does not exist (nothing countable) is never a best, and never blocks a later real one.
-        # PCK@0.2 saturates (a memorised image is 100 % from an early epoch on): at equal PCK@0.2 the finer mPCK decides,
-        # so that "best" is not simply the first epoch to reach it.
+        # PCK@0.2 saturates (a memorised image is 100 % from an early epoch on): at equal PCK@0.2 the finer mPCK
+        # decides, so that "best" is not simply the first epoch to reach it.
         improved = record.pck is not None and (
             self.best_pck is None
             or record.pck > self.best_pck
