@@ -250,21 +250,26 @@ def wait_for(client: httpx.Client, job_id: str, statuses: set[str], timeout: flo
 # --- playing a worker in-process -------------------------------------------------------------------------------------
 
 
+def epoch_row(epoch: int) -> EpochRecord:
+    """A made-up epoch's row whose loss falls and PCK rises with the epoch."""
+    return EpochRecord(
+        epoch=epoch,
+        loss=1.0 / epoch,
+        loss_ce=0.9 / epoch,
+        loss_coords=0.1 / epoch,
+        pck=epoch / 10,
+        mpck=epoch / 20,
+        lr=1e-3,
+        seconds=1.5,
+    )
+
+
 def run_epochs(job_id, epochs):
     """Claim the job and write its epoch rows, as a worker would (without training)."""
     with Session(get_engine()) as session:
         assert job_state.claim(session, job_id, "test-worker")
         for epoch in range(1, epochs + 1):
-            row = EpochRecord(
-                epoch=epoch,
-                loss=1.0 / epoch,
-                loss_ce=0.9 / epoch,
-                loss_coords=0.1 / epoch,
-                pck=epoch / 10,
-                mpck=epoch / 20,
-                lr=1e-3,
-                seconds=1.5,
-            )
+            row = epoch_row(epoch)
             assert job_state.record_epoch(session, job_id, row)
         assert not job_state.record_epoch(session, job_id, row), "a repeated epoch makes no second row"
 

@@ -18,7 +18,6 @@ from fastapi.testclient import TestClient
 from sqlmodel import Session
 
 from cape.data.catalog import MP100Catalog
-from cape.epoch_record import EpochRecord
 from devtools import local_servers
 from service import job_state
 from service.db import get_engine
@@ -33,6 +32,7 @@ from tests.helpers import (
     REPO,
     RestartableRedis,
     auth,
+    epoch_row,
     fresh_database,
     postgres_server,
     reset_service_caches,
@@ -99,19 +99,6 @@ class Reader:
             if "comment" not in event:
                 out.append(event)
         return out
-
-
-def epoch_row(epoch: int) -> EpochRecord:
-    return EpochRecord(
-        epoch=epoch,
-        loss=1.0 / epoch,
-        loss_ce=0.9 / epoch,
-        loss_coords=0.1 / epoch,
-        pck=epoch / 10,
-        mpck=epoch / 20,
-        lr=1e-3,
-        seconds=1.5,
-    )
 
 
 def work(job_id: str, epochs: Iterable[int] = (), claim: bool = False, finish: JobStatus | None = None) -> None:
