@@ -105,7 +105,7 @@ def main() -> int:
                 f"  curl -s{header} {base}/jobs/<id>/predict \\\n"
                 "       -F support_image=@support.jpg -F query_image=@query.jpg \\\n"
                 "       -F support_keypoints='[[120, 80], [160, 95], [140, 150]]'\n"
-                "       (add -H 'Accept: image/png' -o pred.png for the drawing)\n"
+                "       # add -H 'Accept: image/png' -o pred.png for the drawing\n"
                 f"  curl -s{header} -OJ {base}/jobs/<id>/checkpoints/best\n\n"
                 "Ctrl-C stops it all.\n",
                 flush=True,

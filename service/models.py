@@ -86,7 +86,7 @@ class Job(SQLModel, table=True):
     # keypoints that were never correct
     memorised_epoch: int | None = None
     never_correct: list[int] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
-    # full mode: PCK on the split's unseen test categories at the end, with the copy-the-support baseline
+    # full and evaluate jobs: PCK on the split's unseen test categories, with the copy-the-support baseline
     test_result: dict | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     latest_pck: float | None = None
     latest_loss: float | None = None

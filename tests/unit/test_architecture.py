@@ -1,5 +1,5 @@
-"""The architecture's promises (DESIGN.md), each checked where it can break: who imports whom, no import cycle,
-no torch in the API process, and an API surface that grows only on purpose."""
+"""The architecture's promises (docs/architecture.md), each checked where it can break: who imports whom, no import
+cycle, no torch in the API process, and an API surface that grows only on purpose."""
 
 from __future__ import annotations
 
