@@ -81,7 +81,7 @@ def wait_until(
         try:
             if check():
                 return
-        except Exception as exc:
+        except Exception as exc:  # not up yet; the last error is reported on time-out
             last_error = exc
         time.sleep(interval)
     raise TimeoutError(f"{what} not ready after {timeout:.0f} s (last error: {last_error!r})")

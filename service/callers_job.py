@@ -24,20 +24,16 @@ from service.errors import not_found
 from service.models import Job
 
 
-def is_callers(job_owner: str | None, caller: str) -> bool:
-    """Whether a job whose owner is ``job_owner`` (None: there is no such job, which is nobody's) is the caller's."""
-    return job_owner == caller
-
-
 def check_callers(job_id: uuid.UUID, job_owner: str | None, caller: str) -> None:
-    if not is_callers(job_owner, caller):
+    """404 unless the job is the caller's; ``job_owner`` None: there is no such job."""
+    if job_owner != caller:
         raise not_found(f"job {job_id}")
 
 
 def find_callers_job(session: Session, job_id: uuid.UUID, caller: str) -> Job | None:
     """The job if it is the caller's; None for a missing job and for another key's alike."""
     job = session.get(Job, job_id)
-    return job if job is not None and is_callers(job.owner, caller) else None
+    return job if job is not None and job.owner == caller else None
 
 
 def callers_job(job_id: uuid.UUID, session: SessionDep, owner: OwnerDep) -> Job:

@@ -72,9 +72,8 @@ class Job(SQLModel, table=True):
     # single_image: the instance the job trains on, resolved when the job was accepted
     image_index: int | None = None
     image_file: str | None = Field(default=None, max_length=512)
-    image_annotation_id: int | None = Field(
-        default=None, sa_column=Column(BigInteger, nullable=True)
-    )  # MP-100 ids exceed 2**31
+    # MP-100's annotation ids exceed 2**31
+    image_annotation_id: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
     config: dict = Field(sa_column=Column(JSON, nullable=False))
     name: str | None = Field(default=None, max_length=NAME_MAX)
     # A sweep is the jobs that share a tag (GET /jobs?tag=...).

@@ -108,7 +108,7 @@ def _what_else(data: bytes) -> str:
             warnings.simplefilter("ignore")
             with Image.open(io.BytesIO(data)) as other:
                 return f"a {other.format} image"
-    except Exception:
+    except Exception:  # anything Pillow cannot open is "not an image" to the user
         return "not an image"
 
 

@@ -89,7 +89,7 @@ class Feed:
             try:
                 last_epoch = await self._read(last_epoch)
                 wait, failing = RECHECK_S, False
-            except Exception as exc:
+            except Exception as exc:  # the streams must hear of it, not wait for ever
                 if not self.ready.is_set():
                     self.error = exc
                 elif not failing:
