@@ -236,6 +236,23 @@ def poll(client: httpx.Client, job_id: str, timeout: float = 240) -> tuple[str, 
     raise TimeoutError(f"job {job_id} still {page['status']} after {timeout} s")
 
 
+def epochs_lost_and_repeated(epochs: list[int], expected: int) -> tuple[int, int]:
+    """Of a job's epoch rows (their epoch numbers), how many of 1..expected are missing and how many rows repeat one."""
+    return len(set(range(1, expected + 1)) - set(epochs)), len(epochs) - len(set(epochs))
+
+
+def report_fault(injected: str, seconds: float, jobs: int, succeeded: int, lost: int, repeated: int) -> None:
+    """One line for benchmarks/faults.py: a fault test appends what it injected and what came of it to the JSON lines
+    file CAPE_FAULT_REPORT names (nothing when it is not set). Written before the test's asserts, so a failing run
+    is reported too."""
+    path = os.environ.get("CAPE_FAULT_REPORT")
+    if not path:
+        return
+    line = {"injected": injected, "seconds": round(seconds, 1), "jobs": jobs, "succeeded": succeeded}
+    with open(path, "a") as out:
+        out.write(json.dumps({**line, "epochs_lost": lost, "epochs_repeated": repeated}) + "\n")
+
+
 def wait_for(client: httpx.Client, job_id: str, statuses: set[str], timeout: float = 120) -> dict:
     """Until the job's status is one of ``statuses``; returns the job."""
     deadline = time.monotonic() + timeout
