@@ -16,6 +16,7 @@ from typing import Literal
 
 from cape.config import TrainConfig
 from cape.epoch_record import EpochRecord
+from cape.errors import writing
 
 METRICS, CONFIG, TEST_METRICS, LOG = "metrics.jsonl", "config.json", "test_metrics.json", "log.txt"
 INPUTS, EPOCHS, PREDICTIONS_PNG, PREDICTIONS_JSON = "inputs.png", "epochs", "predictions.png", "predictions.json"
@@ -66,6 +67,8 @@ def json_safe(x):
 
 
 class RunFiles:
+    """The run's config, metrics and test result in its folder. A disk with no room left raises DiskFull."""
+
     def __init__(self, folder: Path):
         self.folder = folder
 
@@ -73,16 +76,19 @@ class RunFiles:
         """Write the config; return the records of the epochs already done, cutting metrics.jsonl back to them so
         that a resumed run never repeats a line."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / CONFIG).write_text(config.model_dump_json(indent=2))
+        with writing(self.folder / CONFIG):
+            (self.folder / CONFIG).write_text(config.model_dump_json(indent=2))
         path = self.folder / METRICS
         lines = path.read_text().splitlines() if path.is_file() else []
         kept = [r for r in map(EpochRecord.model_validate_json, lines) if r.epoch <= completed_epochs]
-        path.write_text("".join(r.model_dump_json() + "\n" for r in kept))
+        with writing(path):
+            path.write_text("".join(r.model_dump_json() + "\n" for r in kept))
         return kept
 
     def append(self, record: EpochRecord) -> None:
-        with open(self.folder / METRICS, "a") as f:
+        with writing(self.folder / METRICS), open(self.folder / METRICS, "a") as f:
             f.write(record.model_dump_json() + "\n")
 
     def write_test(self, result: dict) -> None:
-        (self.folder / TEST_METRICS).write_text(json.dumps(json_safe(result), indent=2))
+        with writing(self.folder / TEST_METRICS):
+            (self.folder / TEST_METRICS).write_text(json.dumps(json_safe(result), indent=2))

@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -356,6 +357,41 @@ class MotoServer:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class RestartableMotoServer(MotoServer):
+    """moto's S3 server in threads of this process (as moto's ThreadedMotoServer runs it) rather than a process of
+    its own, so that it can be stopped and started again on the same port with its buckets and objects, as a real
+    store's data survive its restart: they live in this process's moto backends, not in the server. Stopped, its
+    port is closed: connections are refused. On exit moto's state is reset, for the next server of the process."""
+
+    def __init__(self, port: int | None = None):
+        super().__init__(port)
+        self.server = None
+
+    def start(self, timeout: float = 60.0) -> None:
+        from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+        from werkzeug.serving import make_server
+
+        # Bound here, not in the serving thread: a port taken meanwhile fails the start rather than hanging it.
+        app = DomainDispatcherApplication(create_backend_app)
+        self.server = make_server(LOOPBACK, self.port, app, threaded=True, request_handler=MotoRequestHandler)
+        threading.Thread(target=self.server.serve_forever, name="moto-server", daemon=True).start()
+        wait_until(
+            lambda: httpx.get(f"{self.url}/moto-api/", timeout=1).status_code == 200, "moto server", None, timeout
+        )
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+
+    def __exit__(self, *exc) -> None:
+        if self.server is None:
+            self.start()  # stopped by the test: the reset goes through the server
+        httpx.post(f"{self.url}/moto-api/reset", timeout=10).raise_for_status()
         self.stop()
 
 

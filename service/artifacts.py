@@ -14,27 +14,35 @@ If-Match, so a replaced object fails the read rather than mixing two versions).
 The worker writes a job into a run folder on its own disk (``RunFolder``): with the local store that folder is the
 store's own, nothing is copied; with a remote store it is a scratch folder under CAPE_WORK_DIR, filled from the store
 when the worker claims the job and pushed to it at the points the worker chooses.
+
+A remote store that cannot be reached for now (down, restarting, asking to slow down) raises ``StoreUnavailable``
+from every method: the API answers 503, and a worker's run folder tries again for up to CAPE_STORE_RETRY_S
+(service/retry.py) before the job fails with it.
 """
 
 from __future__ import annotations
 
+import errno
+import functools
 import os
 import shutil
 import threading
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 import fsspec
 
 from cape.errors import CheckpointError
 from cape.run_files import CHECKPOINT_FILES, EPOCHS, LOG, METRICS, PREDICTIONS_JSON, complete_epochs, epoch_folder
+from service.retry import Unavailable, persist
 from service.settings import get_settings
 
+T = TypeVar("T")
 LOG_CHUNK = 64 * 1024  # the most a log request returns at once
 # Bytes per ranged GET when a remote object is read in a stream: few requests per checkpoint, bounded memory.
 READ_BLOCK = 16 * 1024 * 1024
@@ -60,6 +68,46 @@ def _remote_info(details: dict) -> ObjectInfo:
     return ObjectInfo(details["size"], details["ETag"], details["LastModified"].astimezone(UTC))
 
 
+class StoreUnavailable(Unavailable):
+    """The artifact store could not be reached (see _unreachable); the message names the store."""
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """Whether a remote store's error means it cannot be reached for now, or asked to be asked again later, as
+    opposed to a refusal (no such bucket, no permission) or a bug. What s3fs raises, found by stopping moto's server
+    under it: botocore's EndpointConnectionError (refused), and beside it closed connections and timeouts; a 5xx
+    answer or a SlowDown becomes an OSError (EBUSY, EREMOTEIO, or EIO caused by the ClientError)."""
+    import aiohttp  # s3fs's own dependencies: only a remote store gets here, with them loaded already
+    from botocore.exceptions import ClientError, HTTPClientError
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+
+    if isinstance(
+        exc,
+        (BotoConnectionError, HTTPClientError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError),
+    ):
+        return True
+    if isinstance(exc, ConnectionError) or (isinstance(exc, OSError) and exc.errno in (errno.EBUSY, errno.EREMOTEIO)):
+        return True
+    cause = exc.__cause__
+    return isinstance(cause, ClientError) and cause.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500
+
+
+def _reaching(method):
+    """A remote store's method whose failure to reach the store raises StoreUnavailable (the original error as its
+    cause); any other error stays as it is."""
+
+    @functools.wraps(method)
+    def wrapper(self: ArtifactStore, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as exc:
+            if self.local or not _unreachable(exc):
+                raise
+            raise StoreUnavailable(f"{self.where} unreachable: {type(exc).__name__}: {exc}") from exc
+
+    return wrapper
+
+
 class ArtifactStore:
     """Jobs' files at ``url`` (a local folder or an fsspec URL such as s3://bucket/prefix). Every method names a
     file by its job and its name in the run folder (``epochs/3/predictions.json``)."""
@@ -70,10 +118,29 @@ class ArtifactStore:
         self.root = root.rstrip("/")
         protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
         self.local = "file" in protocols
+        endpoint = storage_options.get("client_kwargs", {}).get("endpoint_url")
+        self.where = f"artifact store {url}" + (f" at {endpoint}" if endpoint else "")  # for errors: which store
+
+    def patiently(self, doing: str, call: Callable[[], T], patience_s: float) -> T:
+        """``call()`` (of this store's methods), tried again while the store cannot be reached, for up to
+        ``patience_s`` seconds (service/retry.py); then StoreUnavailable saying what it was ``doing``. No patience:
+        one try."""
+        if patience_s <= 0:
+            return call()
+        return persist(
+            call,
+            transient=lambda exc: isinstance(exc, StoreUnavailable),
+            patience_s=patience_s,
+            setting="CAPE_STORE_RETRY_S",
+            what=self.where,
+            doing=doing,
+            unavailable=StoreUnavailable,
+        )
 
     def path(self, job_id: uuid.UUID, name: str = "") -> str:
         return f"{self.root}/{job_id}/{name}" if name else f"{self.root}/{job_id}"
 
+    @_reaching
     def info(self, job_id: uuid.UUID, name: str) -> ObjectInfo | None:
         """Size, ETag and time of the file now; None when there is none."""
         path = self.path(job_id, name)
@@ -88,6 +155,7 @@ class ArtifactStore:
     def exists(self, job_id: uuid.UUID, name: str) -> bool:
         return self.info(job_id, name) is not None
 
+    @_reaching
     def read_range(self, job_id: uuid.UUID, name: str, offset: int, length: int) -> tuple[bytes, int]:
         """Up to ``length`` bytes from ``offset``, and the file's size when read (0 and nothing when there is no
         file)."""
@@ -97,6 +165,7 @@ class ArtifactStore:
         end = min(info.size, offset + length)
         return self.fs.cat_file(self.path(job_id, name), start=offset, end=end), info.size
 
+    @_reaching
     def read(self, job_id: uuid.UUID, name: str) -> bytes | None:
         """The whole file (a picture, a JSON), or None when there is none."""
         try:
@@ -104,6 +173,7 @@ class ArtifactStore:
         except FileNotFoundError:
             return None
 
+    @_reaching
     def names(self, job_id: uuid.UUID, under: str = "") -> list[str]:
         """The names of the job's files (only those under the sub-folder ``under``), sorted. A local folder's
         temporary files (a put or a checkpoint being written) are not files of the job yet."""
@@ -112,6 +182,7 @@ class ArtifactStore:
         names = (path[len(base) + 1 :] for path in found if path.startswith(base + "/"))
         return sorted(name for name in names if not name.endswith(".tmp"))
 
+    @_reaching
     def open(self, job_id: uuid.UUID, name: str) -> tuple[BinaryIO, ObjectInfo] | None:
         """The file opened for reading, with the info of the version opened (every read of the handle is of that
         version; see the module's note); None when there is none. The caller closes it."""
@@ -125,6 +196,7 @@ class ArtifactStore:
             return None
         return handle, _remote_info(handle.details)
 
+    @_reaching
     def put_file(self, local: Path, job_id: uuid.UUID, name: str) -> None:
         """Store a local file under ``name``, atomically: a reader sees the old file or the new one, never part."""
         path = self.path(job_id, name)
@@ -134,6 +206,7 @@ class ArtifactStore:
         with open(local, "rb") as handle:
             _write_whole(handle, Path(path))
 
+    @_reaching
     def get_file(self, job_id: uuid.UUID, name: str, local: Path) -> ObjectInfo | None:
         """Copy one version of the file to ``local`` (written whole, then renamed into place); None when there is
         none."""
@@ -145,6 +218,7 @@ class ArtifactStore:
             _write_whole(handle, local)
         return info
 
+    @_reaching
     def local_copy(self, job_id: uuid.UUID, name: str, cache_dir: Path) -> tuple[Path, ObjectInfo] | None:
         """A file on this machine with the content of ``name`` (for torch.load), and the info of that version;
         None when there is none. The local store's own file; else a copy in ``cache_dir`` named by its ETag, so
@@ -258,10 +332,11 @@ class RunFolder:
 
     With the local store, the folder is the store's own (``mirrored`` False: nothing to fill or push). With a remote
     store, a scratch folder under ``work_dir``: ``fill`` makes it the job's files in the store (a job resumed on any
-    machine continues from its checkpoint, metrics, pictures and log), ``push`` copies what changed since."""
+    machine continues from its checkpoint, metrics, pictures and log), ``push`` copies what changed since. Both wait
+    out a store that cannot be reached for up to ``patience_s`` (CAPE_STORE_RETRY_S), then raise StoreUnavailable."""
 
-    def __init__(self, store: ArtifactStore, job_id: uuid.UUID, work_dir: Path):
-        self.store, self.job_id = store, job_id
+    def __init__(self, store: ArtifactStore, job_id: uuid.UUID, work_dir: Path, patience_s: float = 0.0):
+        self.store, self.job_id, self.patience_s = store, job_id, patience_s
         self.mirrored = not store.local
         self.path = work_dir.resolve() / str(job_id) if self.mirrored else Path(store.path(job_id))
         self._pushed: dict[str, tuple[int, int, int]] = {}  # name -> signature of the version in the store
@@ -273,18 +348,24 @@ class RunFolder:
         machine may be behind the store: another worker may have continued the job since)."""
         with self._lock:
             if self.mirrored:
-                if self.path.exists():
-                    shutil.rmtree(self.path)
-                for name in self.store.names(self.job_id):
-                    local = self.path / name
-                    if self.store.get_file(self.job_id, name, local) is not None:
-                        self._pushed[name] = _signature(local.stat())
+                self.store.patiently(f"filling the run folder of job {self.job_id}", self._copy_store, self.patience_s)
             self.path.mkdir(parents=True, exist_ok=True)
             self._filled = True
 
-    def push(self, names: Iterable[str] | None = None) -> list[str]:
+    def _copy_store(self) -> None:
+        # Whole, each try: a try cut short by the store leaves some files behind, which the next one starts over.
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        self._pushed.clear()
+        for name in self.store.names(self.job_id):
+            local = self.path / name
+            if self.store.get_file(self.job_id, name, local) is not None:
+                self._pushed[name] = _signature(local.stat())
+
+    def push(self, names: Iterable[str] | None = None, patient: bool = True) -> list[str]:
         """Copy to the store the files changed since their last push (all, or only ``names``), in _push_rank's
-        order; returns their names. Nothing before ``fill``: a folder not filled yet is not the job's."""
+        order; returns their names. Nothing before ``fill``: a folder not filled yet is not the job's. Not
+        ``patient``: one try per file, for a caller that tries again later anyway, or has given up on the store."""
         if not self.mirrored:
             return []
         with self._lock:
@@ -305,9 +386,14 @@ class RunFolder:
                     continue
                 if self._pushed.get(name) != signature:
                     changed[name] = signature
+            patience = self.patience_s if patient else 0.0
             for name in sorted(changed, key=_push_rank):
                 # The signature was taken before the upload: a file that changes during it is pushed again next time.
-                self.store.put_file(self.path / name, self.job_id, name)
+                self.store.patiently(
+                    f"pushing {name} of job {self.job_id}",
+                    functools.partial(self.store.put_file, self.path / name, self.job_id, name),
+                    patience,
+                )
                 self._pushed[name] = changed[name]
             return sorted(changed, key=_push_rank)
 
@@ -318,10 +404,13 @@ class RunFolder:
             shutil.rmtree(self.path)
 
 
-def checkpoint_copy(job_id: uuid.UUID, name: str) -> tuple[Path, ObjectInfo]:
+def checkpoint_copy(job_id: uuid.UUID, name: str, patience_s: float = 0.0) -> tuple[Path, ObjectInfo]:
     """The job's ``best`` or ``last`` checkpoint as a file on this machine (for torch.load), with the version it is;
-    CheckpointError when the job has none. A remote store's is fetched once per version (see local_copy)."""
-    copy = get_store().local_copy(job_id, CHECKPOINT_FILES[name], get_settings().work_dir / "cache")
+    CheckpointError when the job has none. A remote store's is fetched once per version (see local_copy), waiting out
+    a store that cannot be reached for up to ``patience_s`` (none: a prediction's caller waits for the answer)."""
+    store, file = get_store(), CHECKPOINT_FILES[name]
+    fetch = functools.partial(store.local_copy, job_id, file, get_settings().work_dir / "cache")
+    copy = store.patiently(f"fetching {file} of job {job_id}", fetch, patience_s)
     if copy is None:
         raise CheckpointError(f"job {job_id} has no {name} checkpoint in the artifact store")
     return copy

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -11,10 +12,13 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
+from service.artifacts import StoreUnavailable
 from service.body_size_limit import BodySizeLimit
 from service.db import dispose_loop_engines
 from service.routes import artifacts, categories, checkpoints, events, health, jobs, pages, predictions
 from service.settings import get_settings
+
+log = logging.getLogger(__name__)
 
 
 @asynccontextmanager
@@ -56,6 +60,7 @@ def create_app() -> FastAPI:
     )
     app.add_exception_handler(PoolTimeout, _database_unavailable)
     app.add_exception_handler(OperationalError, _database_unavailable)
+    app.add_exception_handler(StoreUnavailable, _store_unavailable)
     return app
 
 
@@ -65,6 +70,15 @@ async def _database_unavailable(request: Request, exc: Exception) -> JSONRespons
         {"detail": f"database unavailable, try again: {type(exc).__name__}"},
         status_code=503,
         headers={"Retry-After": "1"},
+    )
+
+
+async def _store_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    # The artifact store is down or restarting: the job's files are there, just not now. Which store, and why, is
+    # for the log: a client has no use for the store's address.
+    log.warning("%s %s: %s", request.method, request.url.path, exc)
+    return JSONResponse(
+        {"detail": "artifact store unreachable, try again"}, status_code=503, headers={"Retry-After": "5"}
     )
 
 

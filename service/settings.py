@@ -12,6 +12,8 @@
     CAPE_API_KEYS       comma-separated keys; when set, every endpoint but /healthz, /readyz and the docs needs one
     CAPE_MAX_UPLOAD_BYTES, CAPE_MAX_IMAGE_PIXELS, CAPE_PREDICT_TIMEOUT_S, CAPE_PREDICT_CACHE_SIZE: predictions
     CAPE_MAX_ATTEMPTS, CAPE_HEARTBEAT_TIMEOUT_S, CAPE_REDISPATCH_AFTER_S, CAPE_REAPER_INTERVAL_S: see the reaper
+    CAPE_STORE_RETRY_S, CAPE_DATABASE_RETRY_S  seconds a worker waits out an artifact store or database it cannot
+                        reach (a restart) before the job fails, or is left to the reaper (default 300 each)
 
 Read by the library itself (cape.backbone_weights), the same in the API, the workers and the CLI, so not a field here:
     CAPE_DOWNLOAD_WEIGHTS  true (default) or false: whether ImageNet backbone weights missing from torchvision's cache
@@ -59,6 +61,13 @@ class Settings(BaseSettings):
     heartbeat_timeout_s: float = Field(default=120.0, gt=0)
     redispatch_after_s: float = Field(default=900.0, gt=0)
     reaper_interval_s: float = Field(default=30.0, gt=0)
+    # How long a worker tries again (backoff 0.5 s doubling to 10 s: service/retry.py) when the artifact store or the
+    # database cannot be reached, its training paused meanwhile: long enough for a restart, short enough that a dead
+    # store fails the job with a message naming it. 0: no second try. A database outage longer than
+    # heartbeat_timeout_s makes the reaper give the job to another worker once the database is back (nothing is
+    # lost: it resumes from its checkpoint).
+    store_retry_s: float = Field(default=300.0, ge=0)
+    database_retry_s: float = Field(default=300.0, ge=0)
     api_keys: str = ""
     max_body_bytes: int = 64 * 1024
     # POST /jobs/{id}/predict carries two images: its own body limit, and a pixel limit checked before decoding.

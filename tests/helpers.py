@@ -22,7 +22,7 @@ import struct
 import time
 import uuid
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -111,6 +111,15 @@ def moto_server(log: Path | None = None) -> Iterator[local_servers.MotoServer]:
         yield server
 
 
+class RestartableMoto(local_servers.RestartableMotoServer):
+    """moto's S3 server in this process, which a test can stop and start again with its buckets and objects, as an
+    outage of the store would (see devtools/local_servers.py)."""
+
+    def __init__(self):
+        with _skip_if_missing():
+            super().__init__()
+
+
 @contextmanager
 def celery_worker(env: dict, log: Path, name: str = "test", queues: str = "gpu"):
     """A Celery worker on ``queues`` (``predict`` for predictions), ready; yields its process (``.pid``: see
@@ -127,9 +136,10 @@ def uvicorn_server(env: dict, log: Path):
 
 
 @contextmanager
-def sqlite_stack(tmp: Path, datasets: dict[str, Path], predict_worker: bool = False, **settings: str):
+def sqlite_stack(tmp: Path, datasets: dict[str, Path], predict_worker: bool = False, api: bool = True, **settings: str):
     """The whole service in ``tmp``: redis-server, a migrated SQLite file, a training worker (and a predict worker),
-    the API; ``settings`` are CAPE_ settings (``heartbeat_interval_s="1"``). Yields base URL, environment, folder."""
+    the API (unless ``api`` is False: a test that starts its own); ``settings`` are CAPE_ settings
+    (``heartbeat_interval_s="1"``). Yields base URL (None without the API), environment, folder."""
     with redis_server(tmp / "redis") as redis_url:
         database = f"sqlite:///{tmp / 'cape.sqlite3'}"
         env = stack_env(database, redis_url, datasets, tmp, **settings)
@@ -138,7 +148,7 @@ def sqlite_stack(tmp: Path, datasets: dict[str, Path], predict_worker: bool = Fa
             servers.enter_context(celery_worker(env, tmp / "worker.log"))
             if predict_worker:
                 servers.enter_context(celery_worker(env, tmp / "predict.log", name="predict", queues="predict"))
-            base = servers.enter_context(uvicorn_server(env, tmp / "api.log"))
+            base = servers.enter_context(uvicorn_server(env, tmp / "api.log")) if api else None
             yield SimpleNamespace(base=base, env=env, tmp=tmp)
 
 
@@ -236,19 +246,37 @@ def poll(client: httpx.Client, job_id: str, timeout: float = 240) -> tuple[str, 
     raise TimeoutError(f"job {job_id} still {page['status']} after {timeout} s")
 
 
+def sse_events(lines: Iterable[str]) -> Iterator[dict]:
+    """The events of a Server-Sent Events stream's lines as dicts: {"event", "id", "data" (decoded JSON)} or
+    {"comment"}. An event counts once its blank line came, as in a browser: one cut short by a dropped connection
+    never does."""
+    event: dict = {}
+    for line in lines:
+        if line == "":
+            if event:
+                yield event
+            event = {}
+        elif line.startswith(":"):
+            yield {"comment": line[1:].strip()}
+        else:
+            field, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            event[field] = json.loads(value) if field == "data" else value
+
+
 def epochs_lost_and_repeated(epochs: list[int], expected: int) -> tuple[int, int]:
     """Of a job's epoch rows (their epoch numbers), how many of 1..expected are missing and how many rows repeat one."""
     return len(set(range(1, expected + 1)) - set(epochs)), len(epochs) - len(set(epochs))
 
 
-def report_fault(injected: str, seconds: float, jobs: int, succeeded: int, lost: int, repeated: int) -> None:
+def report_fault(injected: str, seconds: float, jobs: int, succeeded: int | bool, lost: int, repeated: int) -> None:
     """One line for benchmarks/faults.py: a fault test appends what it injected and what came of it to the JSON lines
     file CAPE_FAULT_REPORT names (nothing when it is not set). Written before the test's asserts, so a failing run
     is reported too."""
     path = os.environ.get("CAPE_FAULT_REPORT")
     if not path:
         return
-    line = {"injected": injected, "seconds": round(seconds, 1), "jobs": jobs, "succeeded": succeeded}
+    line = {"injected": injected, "seconds": round(seconds, 1), "jobs": jobs, "succeeded": int(succeeded)}
     with open(path, "a") as out:
         out.write(json.dumps({**line, "epochs_lost": lost, "epochs_repeated": repeated}) + "\n")
 

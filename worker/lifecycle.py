@@ -22,6 +22,7 @@ from service.artifacts import get_store
 from service.db import get_engine
 from service.dispatch import dispatch
 from service.reaper import reap
+from service.retry import database_down
 from service.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -40,9 +41,13 @@ def _reap_periodically() -> None:
         try:
             with Session(get_engine()) as session:
                 reap(session, dispatch, get_settings())
-        except SQLAlchemyError:
-            # The database is unreachable for a moment: the next round tries again; the error is in the log.
-            log.exception("reaper round failed")
+        except SQLAlchemyError as exc:
+            # The database is unreachable for a moment: the next round tries again; the error is in the log (a line
+            # for an outage, the traceback for anything else).
+            if database_down(exc):
+                log.warning("reaper round failed (database unreachable: %s)", getattr(exc, "orig", exc))
+            else:
+                log.exception("reaper round failed")
         if _stop.wait(interval):
             return
 

@@ -8,6 +8,11 @@ dead (a long stall) can neither finish nor advance a job that another worker now
 The job's files are written in its run folder (service/artifacts.py's RunFolder). With a remote artifact store the
 folder is filled from the store at the claim and pushed to it: an epoch's files before its row, the checkpoint
 right after it is written, the log with every heartbeat, everything before the job changes state.
+
+An outage of the store or the database is waited out (service/retry.py): every store transfer and every database
+call of the task is tried again for up to CAPE_STORE_RETRY_S or CAPE_DATABASE_RETRY_S, the training paused. A store
+still unreachable after that fails the job with a message naming it; a database still unreachable cannot record
+anything, so the task leaves the job as it is and the reaper requeues it once the database is back.
 """
 
 from __future__ import annotations
@@ -15,11 +20,11 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session
@@ -28,14 +33,36 @@ from cape.epoch_record import EpochRecord
 from cape.errors import CapeError, TrainingDiverged
 from cape.run_files import LOG, RunFiles, json_safe, never_correct
 from service import job_state
-from service.artifacts import RunFolder, checkpoint_copy, get_store
+from service.artifacts import RunFolder, StoreUnavailable, checkpoint_copy, get_store
 from service.db import get_engine
 from service.dispatch import RUN_JOB_TASK, dispatch
 from service.models import EvaluateJobConfig, Job, JobStatus
+from service.retry import DatabaseUnavailable, Unavailable, database_down, persist
 from service.settings import get_settings
 from worker.celery_app import app
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def _db(doing: str, call: Callable[[Session], T]) -> T:
+    """``call(session)`` in a session of its own, tried again (each time in a new session) while the database cannot
+    be reached, for up to CAPE_DATABASE_RETRY_S; then DatabaseUnavailable. Every job_state call the task makes is
+    safe to repeat: each is conditional, and an epoch's row is written once however often it is recorded."""
+
+    def attempt() -> T:
+        with Session(get_engine()) as session:
+            return call(session)
+
+    return persist(
+        attempt,
+        transient=database_down,
+        patience_s=get_settings().database_retry_s,
+        setting="CAPE_DATABASE_RETRY_S",
+        what=f"database {get_engine().url.render_as_string(hide_password=True)}",
+        doing=doing,
+        unavailable=DatabaseUnavailable,
+    )
 
 
 class _Repeat:
@@ -75,8 +102,13 @@ class Heartbeat(_Repeat):
         try:
             with Session(get_engine()) as session:
                 self.held = job_state.heartbeat(session, self.run.job_id, self.run.worker)
-        except SQLAlchemyError:
-            log.exception("heartbeat of job %s failed; trying again in %.0f s", self.run.job_id, self.interval)
+        except SQLAlchemyError as exc:
+            if not database_down(exc):
+                log.exception("heartbeat of job %s failed; trying again in %.0f s", self.run.job_id, self.interval)
+            else:  # an outage is no bug: one line per missed beat, not a traceback three times a second
+                log.warning(
+                    "heartbeat of job %s missed (database unreachable: %s)", self.run.job_id, getattr(exc, "orig", exc)
+                )
 
 
 class LogPush(_Repeat):
@@ -91,8 +123,12 @@ class LogPush(_Repeat):
         if not self.heartbeat.held:  # a worker that lost the job leaves its log to the worker that has it now
             return
         try:
-            self.folder.push([LOG])
-        except Exception:  # the store is unreachable for a moment: the next tick tries again
+            self.folder.push([LOG], patient=False)  # the next tick is its next try
+        except StoreUnavailable as exc:
+            log.warning(
+                "pushing the log of job %s failed; trying again in %.0f s: %s", self.folder.job_id, self.interval, exc
+            )
+        except Exception:  # any other failure of the store: the next tick tries again, the traceback says why
             log.exception("pushing the log of job %s failed; trying again in %.0f s", self.folder.job_id, self.interval)
 
 
@@ -118,29 +154,37 @@ class JobRun:
 
     def on_epoch_end(self, record: EpochRecord) -> None:
         self.push()  # the epoch's pictures and metrics line before its row: whoever sees the row finds them
-        with Session(get_engine()) as session:
-            job_state.record_epoch(session, self.job_id, record, self.worker)
+        _db(
+            f"recording epoch {record.epoch} of job {self.job_id}",
+            lambda session: job_state.record_epoch(session, self.job_id, record, self.worker),
+        )
 
     def on_checkpoint(self, epoch: int) -> None:
         self.push()  # from now on, a worker that takes the job over resumes from this checkpoint
 
-    def push(self) -> None:
+    def push(self, patient: bool = True) -> None:
         """The run folder's changes to the store, while this worker holds the job: a worker that lost it (the
-        reaper gave it to another one) must not overwrite the files of the one that runs it now."""
+        reaper gave it to another one) must not overwrite the files of the one that runs it now. ``patient``: wait
+        out a store that cannot be reached (CAPE_STORE_RETRY_S), else one try."""
         if not self.folder.mirrored:
             return
-        with Session(get_engine()) as session:
-            _, _, held = job_state.stop_requests(session, self.job_id, self.worker)
+        _, _, held = self.stop_requests()
         self.lost = self.lost or not held
         if not self.lost:
-            self.folder.push()
+            self.folder.push(patient=patient)
 
     def should_stop(self) -> bool:
         # Asked before every training step: one indexed read, so a cancel takes effect within one step.
-        with Session(get_engine()) as session:
-            cancel, handoff, held = job_state.stop_requests(session, self.job_id, self.worker)
+        cancel, handoff, held = self.stop_requests()
         self.lost = self.lost or not held
         return cancel or handoff or self.lost
+
+    def stop_requests(self) -> tuple[bool, bool, bool]:
+        """job_state.stop_requests: (cancel requested, hand-off requested, still held by this worker)."""
+        return _db(
+            f"reading the stop requests of job {self.job_id}",
+            lambda session: job_state.stop_requests(session, self.job_id, self.worker),
+        )
 
 
 @dataclass(frozen=True)
@@ -153,9 +197,10 @@ class Outcome:
 
 
 def failure_reason(exc: Exception) -> str:
-    """A job's ``error``: the project's own errors (a diverged run, a dataset or checkpoint problem) are written
-    for the user and stand as they are; anything else is a bug, named by its type."""
-    return str(exc) if isinstance(exc, CapeError) else f"{type(exc).__name__}: {exc}"
+    """A job's ``error``: the project's own errors (a diverged run, a dataset or checkpoint problem, a full disk, a
+    store that stayed unreachable) are written for the user and stand as they are; anything else is a bug, named by
+    its type."""
+    return str(exc) if isinstance(exc, (CapeError, Unavailable)) else f"{type(exc).__name__}: {exc}"
 
 
 @app.task(name=RUN_JOB_TASK, bind=True)
@@ -172,21 +217,25 @@ def run_job(self, job_id: str) -> str:
 
 def _claim(job_id: uuid.UUID, worker: str) -> JobRun | None:
     """The job, claimed by ``worker``; None when it is not this worker's to run."""
-    with Session(get_engine()) as session:
+
+    def claim(session: Session) -> tuple[bool, Job | None]:
         claimed = job_state.claim(session, job_id, worker)
-        job = session.get(Job, job_id)
-        if not claimed:
-            log.info("job %s not claimed (status %s): nothing to do", job_id, job.status if job else "missing")
-            return None
-        folder = RunFolder(get_store(), job_id, get_settings().work_dir)
-        return JobRun(job_id, worker, job.mode, dict(job.config), job.dataset, job.attempts, folder)
+        return claimed, session.get(Job, job_id)  # its fields stay readable once the session is closed
+
+    claimed, job = _db(f"claiming job {job_id}", claim)
+    if not claimed:
+        log.info("job %s not claimed (status %s): nothing to do", job_id, job.status if job else "missing")
+        return None
+    settings = get_settings()
+    folder = RunFolder(get_store(), job_id, settings.work_dir, settings.store_retry_s)
+    return JobRun(job_id, worker, job.mode, dict(job.config), job.dataset, job.attempts, folder)
 
 
 def _run(run: JobRun) -> str:
     """The job's work, then its end. Returns how it ended (the task's result, for the worker's log)."""
     try:
         run.folder.fill()  # before the log opens: the store may hold the log of the job's earlier attempts
-    except Exception as exc:  # the store is unreachable: the job fails with why, the worker takes the next
+    except Exception as exc:  # the store stayed unreachable: the job fails with why, the worker takes the next
         return _fail(run, exc, "failed")
     with job_log(run.folder.path):
         try:
@@ -194,11 +243,13 @@ def _run(run: JobRun) -> str:
                 outcome = _evaluate(run, EvaluateJobConfig.model_validate(run.config))
             else:
                 outcome = _train(run)
+            return _conclude(run, outcome)
+        except DatabaseUnavailable as exc:
+            return _abandon(run, exc)
         except TrainingDiverged as exc:  # the run's own verdict: its message says where and what to change
             return _fail(run, exc, "diverged")
         except Exception as exc:  # the job failed, not the worker: record why and take the next job
             return _fail(run, exc, "failed")
-        return _conclude(run, outcome)
 
 
 @contextmanager
@@ -270,7 +321,7 @@ def _evaluate(run: JobRun, request: EvaluateJobConfig) -> Outcome:
     )
     if run.should_stop():
         return Outcome(True, None, "before it started")
-    checkpoint, _ = checkpoint_copy(request.from_job, request.checkpoint)
+    checkpoint, _ = checkpoint_copy(request.from_job, request.checkpoint, get_settings().store_retry_s)
     config = EvaluateConfig(
         **request.model_dump(include=set(EvaluateConfig.model_fields)),
         subset="test",
@@ -295,9 +346,7 @@ def _evaluate(run: JobRun, request: EvaluateJobConfig) -> Outcome:
 
 def _conclude(run: JobRun, outcome: Outcome) -> str:
     """Ends the job the way its work ended: each ending is a branch of its own."""
-    with Session(get_engine()) as session:
-        # Read now, not at the run's last stop check: a cancel that came in since still counts.
-        cancel, _, held = job_state.stop_requests(session, run.job_id, run.worker)
+    cancel, _, held = run.stop_requests()  # now, not at the run's last stop check: a cancel since still counts
     if run.lost or not held:
         return _leave_lost(run)
     if cancel:
@@ -314,10 +363,19 @@ def _leave_lost(run: JobRun) -> str:
     return "lost"
 
 
+def _abandon(run: JobRun, exc: DatabaseUnavailable) -> str:
+    # Nothing can be recorded, the job's end neither: it stays running, its heartbeat stops with the task, and once the
+    # database is back the reaper requeues it (a lost attempt), to resume from its last checkpoint.
+    log.error("job %s: %s; left to the reaper", run.job_id, exc)
+    return "database unreachable"
+
+
 def _fail(run: JobRun, exc: Exception, ending: Literal["failed", "diverged"]) -> str:
     log.exception("job %s failed: %s", run.job_id, failure_reason(exc))
     try:
-        run.push()  # the log with the error reaches the store before the job ends
+        # The log with the error reaches the store before the job ends; when the store is what failed, one try only:
+        # its patience is spent already.
+        run.push(patient=not isinstance(exc, StoreUnavailable))
     except Exception:  # the store is unreachable as well: the job still ends, its error says why it failed
         log.exception("job %s: its files could not reach the artifact store", run.job_id)
     return ending if _finish(run, JobStatus.failed, error=failure_reason(exc)) else _leave_lost(run)
@@ -332,14 +390,15 @@ def _cancel(run: JobRun, outcome: Outcome) -> str:
 def _hand_back(run: JobRun, outcome: Outcome) -> str:
     # What this worker did is saved (a training job's checkpoint): another worker takes the job from there.
     run.push()
-    with Session(get_engine()) as session:
-        requeued = job_state.requeue_after_handoff(session, run.job_id, run.worker)
+    requeued = _db(
+        f"requeueing job {run.job_id}",
+        lambda session: job_state.requeue_after_handoff(session, run.job_id, run.worker),
+    )
     if not requeued:
         # The job changed since it was read: a cancel came in (it is cancelling now), or the reaper took it. Its
         # ending is decided again from what it is now.
         return _conclude(run, outcome)
-    with Session(get_engine()) as session:
-        job_state.dispatch_job(session, run.job_id, dispatch)
+    _db(f"dispatching job {run.job_id}", lambda session: job_state.dispatch_job(session, run.job_id, dispatch))
     log.info("job %s handed back to the queue (stopped %s)", run.job_id, outcome.where)
     return "handed off"
 
@@ -348,12 +407,17 @@ def _succeed(run: JobRun, outcome: Outcome) -> str:
     # Stored before the job ends: a client that sees it succeeded finds its results there, and its files.
     run.push()
     test = json_safe(outcome.test) if outcome.test else None
-    with Session(get_engine()) as session:
-        job_state.record_outcome(session, run.job_id, run.worker, test, never_correct(run.folder.path))
+    never = never_correct(run.folder.path)
+    _db(
+        f"recording the outcome of job {run.job_id}",
+        lambda session: job_state.record_outcome(session, run.job_id, run.worker, test, never),
+    )
     return "succeeded" if _finish(run, JobStatus.succeeded) else _leave_lost(run)
 
 
 def _finish(run: JobRun, status: JobStatus, error: str | None = None) -> bool:
     """The job's last transition. False when this worker no longer holds the job."""
-    with Session(get_engine()) as session:
-        return job_state.finish(session, run.job_id, status, error=error, worker=run.worker)
+    return _db(
+        f"ending job {run.job_id} as {status.value}",
+        lambda session: job_state.finish(session, run.job_id, status, error=error, worker=run.worker),
+    )

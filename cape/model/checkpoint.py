@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from cape.config import TrainConfig
-from cape.errors import CheckpointError
+from cape.errors import CheckpointError, writing
 from cape.model.cape_model import CapeModel
 from cape.run_files import CHECKPOINT_FILES
 
@@ -28,9 +28,19 @@ LAST, BEST = CHECKPOINT_FILES["last"], CHECKPOINT_FILES["best"]
 
 
 def save(state: dict, path: Path) -> None:
+    """Write the checkpoint whole or not at all: a crash or a full disk mid-write leaves the previous one as it was
+    (DiskFull says so, and where)."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a crash mid-write never leaves a truncated checkpoint behind
+    with writing(path):
+        try:
+            # Into a file object, not to a path: torch's own writer reports a full disk as a bare RuntimeError,
+            # Python's file as the OSError it is (ENOSPC).
+            with open(tmp, "wb") as out:
+                torch.save(state, out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # half a checkpoint would only take the room a later one needs
+            raise
+    os.replace(tmp, path)
 
 
 def load(path: str | Path) -> dict:
