@@ -34,6 +34,11 @@ PUBLISH_TIMEOUT_S = 0.5
 # The listener's reconnection delays: short first, so a Redis restart costs streams little, then backing off so an
 # outage costs the API nothing.
 RECONNECT_FIRST_S, RECONNECT_MAX_S = 0.2, 5.0
+# The subscription's liveness: after KEEPALIVE_S without a message it sends a PING, and a connection that has not
+# answered within KEEPALIVE_S more is dead (the broker's host gone without closing it, a frozen broker): reconnect.
+KEEPALIVE_S = 10.0
+# The listener's commands (the connection's handshake, SUBSCRIBE): its reads of messages set their own timeout.
+LISTENER_COMMAND_TIMEOUT_S = 5.0
 
 
 @lru_cache
@@ -80,10 +85,22 @@ class Listener:
 
     ``on_job(job_id)`` runs on the event loop for each message; ``on_connected()`` after each (re)connection, since
     anything published while the connection was down was lost: the streams must look at the database again.
+
+    Each read of it waits ``keepalive_s`` at most, a timeout of its own, never the client's ``socket_timeout``:
+    redis-py 8 gives every client a 5 s default, and whether a pub/sub read obeys it has changed between versions
+    (8.2's ``listen()`` opts out; one that obeyed would drop an idle subscription, and wake every stream, at each 5 s
+    of silence); and a read with no timeout at all, as ``listen()``'s now is, never notices a dead connection. After
+    a silent ``keepalive_s`` it pings, and a ping unanswered for another ``keepalive_s`` ends the connection.
     """
 
-    def __init__(self, url: str, on_job: Callable[[uuid.UUID], None], on_connected: Callable[[], None]) -> None:
-        self.url, self.on_job, self.on_connected = url, on_job, on_connected
+    def __init__(
+        self,
+        url: str,
+        on_job: Callable[[uuid.UUID], None],
+        on_connected: Callable[[], None],
+        keepalive_s: float = KEEPALIVE_S,
+    ) -> None:
+        self.url, self.on_job, self.on_connected, self.keepalive_s = url, on_job, on_connected, keepalive_s
         self.connected = asyncio.Event()  # for tests and benchmarks: the subscription is live
         self._task: asyncio.Task | None = None
 
@@ -112,13 +129,29 @@ class Listener:
 
     async def _listen(self) -> None:
         # No retries inside redis-py: every disconnection comes here, so a reconnection always wakes the streams.
-        client = redis.asyncio.Redis.from_url(self.url, socket_connect_timeout=1, retry=AsyncRetry(NoBackoff(), 0))
+        client = redis.asyncio.Redis.from_url(
+            self.url,
+            socket_connect_timeout=1,
+            socket_timeout=LISTENER_COMMAND_TIMEOUT_S,
+            retry=AsyncRetry(NoBackoff(), 0),
+        )
         try:
-            async with client.pubsub(ignore_subscribe_messages=True) as pubsub:
+            async with client.pubsub() as pubsub:
                 await pubsub.subscribe(CHANNEL)
                 self.connected.set()
                 self.on_connected()
-                async for message in pubsub.listen():
+                pinged = False
+                while True:
+                    message = await pubsub.get_message(timeout=self.keepalive_s)  # None: nothing in that time
+                    if message is None:
+                        if pinged:
+                            raise redis.TimeoutError(f"no answer to a PING within {self.keepalive_s:g} s")
+                        await pubsub.ping()
+                        pinged = True
+                        continue
+                    pinged = False  # anything heard (a message, the subscription's confirmation, a PONG) is a life sign
+                    if message["type"] != "message":
+                        continue
                     try:
                         job_id = uuid.UUID(message["data"].decode())
                     except (ValueError, AttributeError, UnicodeDecodeError):

@@ -5,22 +5,32 @@ Runs on its own queue (``predict``) and its own worker, so a prediction never wa
 worker keeps the most recently used trained models loaded (CAPE_PREDICT_CACHE_SIZE), each keyed by its checkpoint's
 ETag in the artifact store, so a newer best checkpoint of a running job is fetched (a remote store: once, into a
 local copy under CAPE_WORK_DIR) and loaded afresh.
+
+A request is computed only if the worker takes it first (service.predict_queue.take): one the API has given up on
+is dropped unread, so a backlog of abandoned requests never delays the next ones. Each pool process of a worker that
+consumes the ``predict`` queue sends a heartbeat, and each answer says how long it took: the API's admission
+estimate counts on both.
 """
 
 from __future__ import annotations
 
 import base64
 import logging
+import os
+import socket
+import threading
 import time
 import uuid
 from collections import OrderedDict
 
-from celery.signals import worker_process_init
+import redis
+from celery.signals import worker_process_init, worker_process_shutdown
 
 from cape.errors import CheckpointError
 from cape.inference.inputs import InputError, PredictInputs
-from service.artifacts import checkpoint_copy
-from service.predict_queue import PREDICT_TASK, send_reply
+from service.artifacts import StoreUnavailable, checkpoint_copy
+from service.predict_admission import HEARTBEAT_S, heartbeat, leave, take
+from service.predict_queue import PREDICT_QUEUE, PREDICT_TASK, send_reply
 from service.settings import get_settings
 from worker.celery_app import app
 
@@ -32,6 +42,38 @@ def _load_torch(**_):
     # In the pool process, after the fork (no CUDA state crosses it): a first request then costs the model's load,
     # not torch's import too. Training tasks import the same modules anyway.
     import cape.inference.keypoints  # noqa: F401
+
+    global _heartbeat_name
+    if PREDICT_QUEUE in app.amqp.queues.consume_from:  # -Q, selected before the pool forked
+        _heartbeat_name = f"{socket.gethostname()}:{os.getpid()}"
+        threading.Thread(target=_heartbeats, args=(_heartbeat_name,), name="predict heartbeat", daemon=True).start()
+
+
+_heartbeat_name: str | None = None  # this pool process's, when it answers predictions
+
+
+def _heartbeats(name: str) -> None:
+    """This pool process answers predictions: say so every HEARTBEAT_S (the API counts the live ones)."""
+    failing = False
+    while True:
+        try:
+            heartbeat(name)
+            failing = False
+        except redis.RedisError as exc:
+            if not failing:  # once per outage
+                log.warning("predict heartbeat not sent (%s): the API counts this worker again when it is", exc)
+            failing = True
+        time.sleep(HEARTBEAT_S)
+
+
+@worker_process_shutdown.connect
+def _leave(**_):
+    if _heartbeat_name is None:
+        return
+    try:
+        leave(_heartbeat_name)
+    except redis.RedisError:
+        pass  # its heartbeat ages out of the count anyway
 
 
 class ModelCache:
@@ -93,13 +135,38 @@ def _answer(request: dict) -> dict:
 # At most once: a prediction that killed its process is not retried (the client has its 504 by then).
 @app.task(name=PREDICT_TASK, acks_late=False, ignore_result=True)
 def answer_prediction(request: dict) -> None:
+    request_id, job_id = request.get("request_id"), request.get("job_id")
+    try:
+        taken = take(request)
+    except redis.RedisError as exc:  # no broker to say whether the API still waits, nor to answer it
+        log.warning("prediction %s for job %s dropped: cannot take it (%s)", request_id, job_id, exc)
+        return
+    if not taken:
+        log.info("prediction %s for job %s dropped: the API gave up on it before a worker took it", request_id, job_id)
+        return
+    started, service_s = time.perf_counter(), None
     try:
         answer = {"status": 200, **_answer(request)}
+        # A sample of the time a request keeps a worker busy, for the API's admission: a model's load is not one
+        # (it happens once per model, not per request).
+        timing = answer["timing"]
+        service_s = time.perf_counter() - started - (0 if timing["cached"] else timing["load_ms"] / 1000)
     except InputError as exc:  # an image whose header was fine but whose data is not
         answer = {"status": 422, "detail": [{"loc": ["body", exc.field], "msg": str(exc), "type": "value_error"}]}
     except CheckpointError as exc:
         answer = {"status": 409, "detail": str(exc)}
+    except StoreUnavailable as exc:  # the checkpoint is there, the store is not, for now: the log says which store
+        log.warning("prediction %s for job %s: %s", request_id, job_id, exc)
+        answer = {"status": 503, "detail": "artifact store unreachable, try again"}
     except Exception as exc:  # a bug: the client gets a 500 that says so, the log gets the traceback
         log.exception("prediction for job %s failed", request.get("job_id"))
         answer = {"status": 500, "detail": f"prediction failed: {type(exc).__name__}: {exc}"}
-    send_reply(request["reply_to"], answer)
+    # Logged before the answer goes: whoever has the answer finds the line (the load tests count computed = answered).
+    log.info(
+        "prediction %s for job %s answered %d in %.3f s",
+        request_id,
+        job_id,
+        answer["status"],
+        time.perf_counter() - started,
+    )
+    send_reply(request["reply_to"], answer, service_s)

@@ -20,6 +20,7 @@ from cape.run_files import CHECKPOINT_FILES, CheckpointName
 from service.artifacts import get_store
 from service.callers_job import CallersJobStatusDep
 from service.errors import responses, unprocessable
+from service.predict_admission import PredictBusy
 from service.predict_queue import PredictionRequesterDep, PredictTimeout, PredictUnavailable
 from service.settings import get_settings
 
@@ -56,6 +57,21 @@ class PredictionPublic(BaseModel):
 
 
 PNG = {"content": {"image/png": {}}}
+RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before trying again", "schema": {"type": "integer"}}}
+ERRORS = responses(400, 401, 404, 409, 413, 503, 504)
+ERRORS[503] = {
+    **ERRORS[503],
+    "headers": RETRY_AFTER,
+    "description": 'Not computed, try again after Retry-After: the predict workers are busy ("predict workers busy: '
+    'N requests ahead ...", answered at once when they could not answer within CAPE_PREDICT_TIMEOUT_S), the broker '
+    'is unreachable ("broker unreachable") or does not answer in time, or the database is unavailable',
+}
+ERRORS[504] = {
+    **ERRORS[504],
+    "headers": RETRY_AFTER,
+    "description": "No predict worker answered within CAPE_PREDICT_TIMEOUT_S: try again after Retry-After. A request "
+    "no worker had taken by then is withdrawn and never computed",
+}
 
 
 @router.post(
@@ -63,7 +79,7 @@ PNG = {"content": {"image/png": {}}}
     response_model=PredictionPublic,
     responses={
         200: {**PNG, "description": "The prediction; with Accept: image/png, the query image with it drawn"},
-        **responses(400, 401, 404, 409, 413, 503, 504),
+        **ERRORS,
     },
     # The summary, operationId and form schema (Body_<operationId>) it had when this function was called predict:
     # clients generated from the schema keep their names.
@@ -125,13 +141,15 @@ async def predict_keypoints(
     }
     try:
         answer = await predictor(request, settings.predict_timeout_s)
+    except PredictBusy as exc:  # refused before it was sent: prompt, and when to come back
+        raise HTTPException(503, str(exc), headers={"Retry-After": str(exc.retry_after_s)}) from None
     except PredictUnavailable as exc:
         raise HTTPException(503, f"prediction not possible now: {exc}", headers={"Retry-After": "5"}) from None
     except PredictTimeout as exc:
-        detail = f"{exc}: the model may still be loading, or no worker consumes the 'predict' queue; try again"
-        raise HTTPException(504, detail, headers={"Retry-After": "5"}) from None
+        raise HTTPException(504, f"{exc}; try again", headers={"Retry-After": "5"}) from None
     if answer["status"] != 200:
-        raise HTTPException(answer["status"], answer["detail"])
+        retry = {"Retry-After": "5"} if answer["status"] == 503 else None  # the worker found the store down
+        raise HTTPException(answer["status"], answer["detail"], headers=retry)
     if png:
         return Response(base64.b64decode(answer["png"]), media_type="image/png")
     return PredictionPublic(

@@ -11,11 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from service.predict_queue import (
-    PredictTimeout,
-    PredictUnavailable,
-    get_prediction_requester,
-)
+from service.predict_admission import PredictBusy
+from service.predict_queue import PredictTimeout, PredictUnavailable, get_prediction_requester
 from tests.helpers import KEY_A, KEY_B, PNG, auth, catalog_of, encoded, png_claiming
 
 KEYPOINTS = json.dumps([[10, 10], [30, 20], [50, 40]])
@@ -191,6 +188,36 @@ def test_no_worker_or_no_broker_is_a_clear_5xx_with_retry_after(client, service_
     assert response.headers["retry-after"] == "5"
 
 
+def test_busy_workers_are_a_prompt_503_with_their_own_retry_after(client, service_env, fake):
+    job_id = job_with(client, service_env, "best")
+    fake.fail = PredictBusy("predict workers busy: 44 requests ahead at about 0.1 s each on 1 worker", 7)
+    response = predict(client, job_id)
+    assert response.status_code == 503 and response.headers["retry-after"] == "7"
+    assert response.json()["detail"].startswith("predict workers busy: 44 requests ahead")
+    assert "unreachable" not in response.json()["detail"]
+    documented = client.app.openapi()["paths"]["/jobs/{job_id}/predict"]["post"]["responses"]
+    assert "Retry-After" in documented["503"]["headers"] and "predict workers busy" in documented["503"]["description"]
+    assert "Retry-After" in documented["504"]["headers"]
+
+
+def test_the_database_connection_is_back_in_the_pool_while_the_worker_computes(client, service_env):
+    """The wait for a worker (up to CAPE_PREDICT_TIMEOUT_S) holds no database connection: 45 such waits would take
+    the whole PostgreSQL read pool (20 + 10) from the metrics polls. The owner check's read comes first."""
+    from service.db import _sqlite_loop_engine
+    from service.settings import get_settings
+
+    job_id = job_with(client, service_env, "best")
+    held = []
+
+    async def waiting(request, timeout_s):
+        held.append(_sqlite_loop_engine(get_settings().database_url).pool.checkedout())
+        return await FakePredictionRequester()(request, timeout_s)
+
+    client.app.dependency_overrides[get_prediction_requester] = lambda: waiting
+    assert predict(client, job_id).status_code == 200
+    assert held == [0]
+
+
 def test_a_worker_error_answer_is_passed_on(client, service_env, fake):
     job_id = job_with(client, service_env, "best")
 
@@ -205,6 +232,18 @@ def test_a_worker_error_answer_is_passed_on(client, service_env, fake):
     client.app.dependency_overrides[get_prediction_requester] = lambda: damaged
     response = predict(client, job_id)
     assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", "query_image"]
+
+
+def test_a_worker_that_found_the_store_down_is_a_503_with_retry_after(client, service_env, fake):
+    job_id = job_with(client, service_env, "best")
+
+    async def store_down(request, timeout_s):
+        return {"status": 503, "detail": "artifact store unreachable, try again"}
+
+    client.app.dependency_overrides[get_prediction_requester] = lambda: store_down
+    response = predict(client, job_id)
+    assert response.status_code == 503 and response.headers["retry-after"] == "5"
+    assert response.json()["detail"] == "artifact store unreachable, try again"
 
 
 def test_the_real_predictor_without_a_broker_is_503(client, service_env):
