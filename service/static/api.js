@@ -280,7 +280,10 @@ export async function followJob(jobId, {afterEpoch = 0, onEpoch, onStatus, onEnd
       failures += 1;
     }
     onMode?.("reconnecting");
-    await sleep(Math.min(1000 * 2 ** failures, 15000), signal);
+    // Backing off, with a random half of the delay: the many tabs that lost an API restarting together come back
+    // spread over a moment, not all in the same instant.
+    const delay = Math.min(1000 * 2 ** failures, 15000);
+    await sleep(delay / 2 + Math.random() * (delay / 2), signal);
   }
 }
 

@@ -4,13 +4,12 @@ once; a reconnection continues; the wake-ups survive a Redis restart; a stopped 
 
 from __future__ import annotations
 
-import json
 import queue
 import signal
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import httpx
 import pytest
@@ -36,6 +35,7 @@ from tests.helpers import (
     fresh_database,
     postgres_server,
     reset_service_caches,
+    sse_events,
     uvicorn_server,
 )
 
@@ -43,22 +43,6 @@ WAIT_S = 10.0  # a test gives up on an event after this long
 
 
 # --- helpers --------------------------------------------------------------------------------------------------
-
-
-def parse(lines: Iterable[str]) -> Iterator[dict]:
-    """The events of an SSE stream as dicts: {"event", "id", "data" (decoded JSON)} or {"comment"}."""
-    event: dict = {}
-    for line in lines:
-        if line == "":
-            if event:
-                yield event
-            event = {}
-        elif line.startswith(":"):
-            yield {"comment": line[1:].strip()}
-        else:
-            field, _, value = line.partition(":")
-            value = value.removeprefix(" ")
-            event[field] = json.loads(value) if field == "data" else value
 
 
 class Reader:
@@ -71,7 +55,7 @@ class Reader:
 
     def _read(self, lines: Iterable[str]) -> None:
         try:
-            for event in parse(lines):
+            for event in sse_events(lines):
                 self.events.put((time.monotonic(), event))
         except Exception:  # the stream was cut: the test sees it as the end
             pass
@@ -136,7 +120,7 @@ def test_a_finished_job_replays_its_rows_then_ends(client, body):
     with client.stream("GET", f"/jobs/{job_id}/events") as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
-        stream = list(parse(response.iter_lines()))  # ends: the server closed the stream after `end`
+        stream = list(sse_events(response.iter_lines()))  # ends: the server closed the stream after `end`
     assert kinds(stream) == ["status", "epoch:1", "epoch:2", "epoch:3", "epoch:4", "epoch:5", "end"]
     assert stream[0]["data"] == client.get(f"/jobs/{job_id}").json(), "status is the job as GET /jobs/{id} has it"
     metrics = client.get(f"/jobs/{job_id}/metrics").json()["items"]
@@ -158,10 +142,31 @@ def test_resuming_sends_every_later_epoch_once_in_order(client, body, headers, p
     job_id = client.post("/jobs", json=body).json()["id"]
     work(job_id, range(1, 6), claim=True, finish=JobStatus.cancelled)
     with client.stream("GET", f"/jobs/{job_id}/events", headers=headers, params=params) as response:
-        stream = list(parse(response.iter_lines()))
+        stream = list(sse_events(response.iter_lines()))
     assert kinds(stream) == ["status", *[f"epoch:{n}" for n in expected], "end"]
     assert [e["data"]["epoch"] for e in stream[1:-1]] == expected
     assert stream[-1]["data"] == {"status": "cancelled"}
+
+
+def test_a_reconnection_joins_an_open_feed_at_its_last_event_id(client, body, monkeypatch):
+    """Many clients coming back at once (after an API restart) share the job's one feed, each from its own
+    Last-Event-ID: the epochs after it, then the live ones, each once."""
+    monkeypatch.setattr(events, "RECHECK_S", 0.2)
+    job_id = client.post("/jobs", json=body).json()["id"]
+    work(job_id, [1, 2, 3], claim=True)
+    with client.stream("GET", f"/jobs/{job_id}/events") as first:
+        from_start = Reader(first.iter_lines())
+        assert kinds(from_start.take(4)) == ["status", "epoch:1", "epoch:2", "epoch:3"]
+        with client.stream("GET", f"/jobs/{job_id}/events", headers={"Last-Event-ID": "2"}) as second:
+            resumed = Reader(second.iter_lines())
+            assert kinds(resumed.take(2)) == ["status", "epoch:3"]
+            (feed,) = client.app.state.streams.feeds.values()
+            assert feed.subscribers == 2
+            work(job_id, [4], finish=JobStatus.succeeded)
+            for reader in (from_start, resumed):
+                stream = reader.rest()
+                assert [e["data"]["epoch"] for e in stream if e["event"] == "epoch"] == [4]
+                assert kinds(stream)[-1] == "end"
 
 
 def test_a_closed_stream_lets_its_feed_go(client, body):
@@ -193,7 +198,7 @@ def test_another_keys_job_is_404_before_any_event(secured, body):
     assert secured.get(f"/jobs/{job_id}/events").status_code == 401
     with secured.stream("GET", f"/jobs/{job_id}/events", headers=auth(KEY_A)) as response:
         assert response.status_code == 200
-        assert kinds(list(parse(response.iter_lines()))) == ["status", "end"]
+        assert kinds(list(sse_events(response.iter_lines()))) == ["status", "end"]
 
 
 def test_without_wake_ups_a_stream_follows_at_the_recheck_and_pings(client, body, monkeypatch):
