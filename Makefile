@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DATA_ROOT ?= data/synthetic
 SPLIT ?= 1
 
-.PHONY: run catalog test test-fast lint format data bench bench-generalisation bench-service bench-streams bench-predict bench-input clean
+.PHONY: run catalog test test-fast lint format data bench bench-generalisation bench-service bench-streams bench-predict bench-predict-load bench-faults bench-input clean
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 is required"'
@@ -57,6 +57,12 @@ bench-streams: data  # 500 event streams (SSE) on one API process while a job tr
 
 bench-predict: data  # predictions through HTTP: cold and warm latency, 8 clients, answers checked against validation
 	$(PY) -m benchmarks.predict --dataset_root $(DATA_ROOT)
+
+bench-predict-load: data  # predictions alone and beside a training job: p50, p99, 45 at once (needs redis-server)
+	$(PY) -m benchmarks.predict_load
+
+bench-faults: data  # the fault-injection tests, one line per fault (redis-server, postgresql, moto; about 10 minutes)
+	$(PY) -m benchmarks.faults
 
 bench-input: data  # the input pipeline alone on MP-100-sized photos (writes data/synthetic-mp100 once, ~300 MB)
 	$(PY) -m benchmarks.input_pipeline

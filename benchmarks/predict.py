@@ -25,7 +25,8 @@ import statistics
 import tempfile
 import threading
 import time
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import httpx
@@ -137,6 +138,35 @@ def train(client: httpx.Client, body: dict) -> dict:
     return wait(client, response.json()["id"])
 
 
+@contextmanager
+def predict_stack(root: Path, prefix: str) -> Iterator[tuple[httpx.Client, Path]]:
+    """On this machine: redis-server, SQLite, a training worker, a predict worker and the API, in a temporary folder
+    named with ``prefix``; yields a client of the API and the folder (the predict worker logs to predict.log)."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp_name, ExitStack() as stack:
+        tmp = Path(tmp_name)
+        broker_url = stack.enter_context(redis_server(tmp)).url
+        env = service_env(stack.enter_context(database("sqlite", tmp)), broker_url, root, tmp)
+        stack.enter_context(celery_worker(env, tmp / "worker.log", name="bench", mingle=False, cwd=REPO))
+        stack.enter_context(
+            celery_worker(env, tmp / "predict.log", name="predict", queues="predict", mingle=False, cwd=REPO)
+        )
+        base = stack.enter_context(api_server(env, tmp / "api.log")).url
+        yield stack.enter_context(httpx.Client(base_url=base, timeout=120)), tmp
+
+
+def single_image(category: int, epochs: int) -> dict:
+    """The single-image job body the predict benchmarks train: one query, 20 episodes per epoch."""
+    return {
+        "mode": "single_image",
+        "category_id": category,
+        "image_index": 0,
+        "epochs": epochs,
+        "batch_size": 1,
+        "num_queries_per_episode": 1,
+        "episodes_per_epoch": 20,
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.predict", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset_root")
@@ -150,30 +180,9 @@ def main() -> int:
         f"client on the same machine; dataset {root}, category {category}",
         flush=True,
     )
-    with tempfile.TemporaryDirectory(prefix="cape-bench-predict-") as tmp_name, ExitStack() as stack:
-        tmp = Path(tmp_name)
-        broker_url = stack.enter_context(redis_server(tmp)).url
-        env = service_env(stack.enter_context(database("sqlite", tmp)), broker_url, root, tmp)
-        stack.enter_context(celery_worker(env, tmp / "worker.log", name="bench", mingle=False, cwd=REPO))
-        stack.enter_context(
-            celery_worker(env, tmp / "predict.log", name="predict", queues="predict", mingle=False, cwd=REPO)
-        )
-        base = stack.enter_context(api_server(env, tmp / "api.log")).url
-        client = stack.enter_context(httpx.Client(base_url=base, timeout=120))
-
+    with predict_stack(root, "cape-bench-predict-") as (client, _):
         print("training a single-image job (10 epochs) and a category job (8 epochs) ...", flush=True)
-        single = train(
-            client,
-            {
-                "mode": "single_image",
-                "category_id": category,
-                "image_index": 0,
-                "epochs": 10,
-                "batch_size": 1,
-                "num_queries_per_episode": 1,
-                "episodes_per_epoch": 20,
-            },
-        )
+        single = train(client, single_image(category, epochs=10))
         whole = train(client, {"mode": "category", "category_id": category, "epochs": 8, "episodes_per_epoch": 40})
 
         print("\nlatency, one query per request, through HTTP (cold first: no checkpoint has been used yet)")
@@ -243,7 +252,7 @@ def main() -> int:
                 + (f"  target p50 < 150 ms: {verdict(p50 < 150)}" if label == "dataset image" else "")
             )
 
-        rate, latencies, failures = throughput(base, whole["id"], files, data)
+        rate, latencies, failures = throughput(str(client.base_url), whole["id"], files, data)
         print(
             f"\nthroughput, {CLIENTS} clients for {THROUGHPUT_S:.0f} s, one predict worker: {rate:.1f} requests/s, "
             f"p50 {percentile_ms(latencies, 0.5):.0f} ms, p99 {percentile_ms(latencies, 0.99):.0f} ms, {failures} "

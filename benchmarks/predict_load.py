@@ -22,19 +22,15 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
-from pathlib import Path
 
 import httpx
 
-from benchmarks.api import REPO, api_server, database, percentile_ms, redis_server, require_binaries, service_env
+from benchmarks.api import percentile_ms, require_binaries
 from benchmarks.common import dataset_root
-from benchmarks.predict import request_for, train
+from benchmarks.predict import predict_stack, request_for, single_image, train
 from cape.data.catalog import MP100Catalog
-from devtools.local_servers import celery_worker
 
 COMPUTED = re.compile(r"prediction \w+ for job \S+ answered")
 
@@ -107,32 +103,14 @@ def main() -> int:
         f"worker, the client on the same machine; dataset {root}, category {category}",
         flush=True,
     )
-    with tempfile.TemporaryDirectory(prefix="cape-bench-predict-load-") as tmp_name, ExitStack() as stack:
-        tmp = Path(tmp_name)
-        broker_url = stack.enter_context(redis_server(tmp)).url
-        env = service_env(stack.enter_context(database("sqlite", tmp)), broker_url, root, tmp)
-        stack.enter_context(celery_worker(env, tmp / "worker.log", name="bench", mingle=False, cwd=REPO))
-        predict_log = tmp / "predict.log"
-        stack.enter_context(celery_worker(env, predict_log, name="predict", queues="predict", mingle=False, cwd=REPO))
-        base = stack.enter_context(api_server(env, tmp / "api.log")).url
-        client = stack.enter_context(httpx.Client(base_url=base, timeout=120))
+    with predict_stack(root, "cape-bench-predict-load-") as (client, tmp):
+        predict_log, base = tmp / "predict.log", str(client.base_url)
 
         def computed() -> int:
             return len(COMPUTED.findall(predict_log.read_text(errors="replace")))
 
         print("training a single-image job (4 epochs) for its checkpoint ...", flush=True)
-        single = train(
-            client,
-            {
-                "mode": "single_image",
-                "category_id": category,
-                "image_index": 0,
-                "epochs": 4,
-                "batch_size": 1,
-                "num_queries_per_episode": 1,
-                "episodes_per_epoch": 20,
-            },
-        )
+        single = train(client, single_image(category, epochs=4))
         files, data, _ = request_for(catalog, category, 0, 1)
         in_a_row(client, single["id"], files, data, 5)  # the model loaded, service times recorded
 

@@ -208,6 +208,19 @@ def single_image(category: int, **overrides) -> dict:
     return body
 
 
+def trained_single_image(client: httpx.Client, root: Path, epochs: int) -> tuple[dict, tuple, bytes]:
+    """A single-image job on the first train category of the dataset at ``root``, trained to its end by the stack's
+    worker: the succeeded job, its image's (instance, skeleton) and the image's bytes (see same_image_request)."""
+    catalog = catalog_of(root)
+    category = catalog.category_ids("train")[0]
+    response = client.post("/jobs", json=single_image(category, epochs=epochs))
+    assert response.status_code == 201, response.text
+    job = wait_for(client, response.json()["id"], {"succeeded", "failed"}, timeout=600)
+    assert job["status"] == "succeeded", job["error"]
+    instance = catalog.instance(category, 0)
+    return job, (instance, catalog.category(category).skeleton), catalog.image_path(instance).read_bytes()
+
+
 def same_image_request(annotated, image: bytes) -> tuple[dict, dict]:
     """The request that is the job's validation episode: the image, its keypoints, its category's skeleton (the
     support encoder reads the graph) and its annotated box for both crops."""

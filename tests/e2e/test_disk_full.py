@@ -101,7 +101,7 @@ def test_a_full_disk_fails_the_job_and_keeps_the_checkpoint_before(tmp_path, syn
         run.fit(resume=folder / checkpoint.LAST)
     epochs = [r["epoch"] for r in rows]
     report_fault(
-        "the worker's disk full while it writes a checkpoint",
+        "the worker's disk full while it writes a checkpoint (the job must fail, resumable)",
         time.monotonic() - started,
         1,
         status == "succeeded",

@@ -20,8 +20,10 @@ from service.models import TERMINAL
 from tests.helpers import (
     RestartableRedis,
     celery_worker,
+    epochs_lost_and_repeated,
     poll,
     pool_children,
+    report_fault,
     rows_of,
     single_image,
     uvicorn_server,
@@ -84,8 +86,12 @@ def test_sigkill_mid_job_resumes_with_every_epoch_exactly_once(env, category):
         os.kill(child, signal.SIGKILL)
         status, rows = poll(client, job_id)
         job = client.get(f"/jobs/{job_id}").json()
+    epochs = [r["epoch"] for r in rows]
+    report_fault(
+        "worker's pool process SIGKILLed mid-job", 0, 1, status == "succeeded", *epochs_lost_and_repeated(epochs, 6)
+    )
     assert status == "succeeded", job
-    assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5, 6], "every epoch exactly once"
+    assert epochs == [1, 2, 3, 4, 5, 6], "every epoch exactly once"
     assert job["attempts"] == 2
     assert "resuming" in (tmp / "test.log").read_text()
 
@@ -117,16 +123,20 @@ def test_redis_restart_during_a_job(env, category):
         job_id = client.post("/jobs", json=single_image(category, epochs=6)).json()["id"]
         wait_for_rows(client, job_id, 1)
         redis.stop()
+        stopped = time.monotonic()
         assert client.get("/readyz").json()["broker"].startswith("unreachable")
         # The outage lasts until the worker has lost its broker connection and the job has trained on without it.
         worker_log = tmp / "test.log"
         wait_until(lambda: "Connection to broker lost" in worker_log.read_text(), "the worker to notice the outage")
         wait_for_rows(client, job_id, len(rows_of(client, job_id)) + 1)
         redis.start()
+        outage = time.monotonic() - stopped
         status, rows = poll(client, job_id)
         job = client.get(f"/jobs/{job_id}").json()
+    epochs = [r["epoch"] for r in rows]
+    report_fault("Redis stopped mid-job", outage, 1, status == "succeeded", *epochs_lost_and_repeated(epochs, 6))
     assert status == "succeeded", job
-    assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert epochs == [1, 2, 3, 4, 5, 6]
     assert job["attempts"] == 1, "the redelivered message did not start a second run"
 
 
@@ -134,7 +144,7 @@ def test_submission_during_a_broker_outage_is_stored_and_runs_later(env, categor
     environment, redis, tmp = env
     with running(environment, tmp) as (client, _):
         redis.stop()
-        started = time.monotonic()
+        started = stopped = time.monotonic()
         response = client.post("/jobs", json=single_image(category, epochs=2))
         answered_in = time.monotonic() - started
         assert response.status_code == 201, response.text
@@ -143,8 +153,11 @@ def test_submission_during_a_broker_outage_is_stored_and_runs_later(env, categor
         ready = client.get("/readyz")
         assert ready.status_code == 503 and ready.json()["database"] == "ok"
         redis.start()
+        outage = time.monotonic() - stopped
         status, rows = poll(client, response.json()["id"])
-    assert status == "succeeded" and [r["epoch"] for r in rows] == [1, 2]
+    epochs = [r["epoch"] for r in rows]
+    report_fault("Redis stopped at submission", outage, 1, status == "succeeded", *epochs_lost_and_repeated(epochs, 2))
+    assert status == "succeeded" and epochs == [1, 2]
 
 
 def test_warm_shutdown_hands_the_job_to_another_worker(env, category):
@@ -158,7 +171,11 @@ def test_warm_shutdown_hands_the_job_to_another_worker(env, category):
         leaving.wait(60)  # the warm shutdown ends once the job has handed off
         status, rows = poll(client, job_id)
         job = client.get(f"/jobs/{job_id}").json()
+    epochs = [r["epoch"] for r in rows]
+    report_fault(
+        "worker SIGTERMed mid-job (warm shutdown)", 0, 1, status == "succeeded", *epochs_lost_and_repeated(epochs, 6)
+    )
     assert status == "succeeded", job
     assert job["worker"].startswith(f"{staying}@")
-    assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert epochs == [1, 2, 3, 4, 5, 6]
     assert job["attempts"] == 1, "a hand-off is not a lost attempt"

@@ -15,9 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cape.data.catalog import MP100Catalog
 from cape.evaluation.metrics import correct_keypoints
-from tests.helpers import REPO, same_image_request, single_image, sqlite_stack, wait_for
+from tests.helpers import REPO, same_image_request, sqlite_stack, trained_single_image
 
 
 @pytest.fixture(scope="module")
@@ -34,14 +33,7 @@ def stack(tmp_path_factory, synthetic_root):
 def trained(stack, synthetic_root):
     """A finished single-image job, and its image as the dataset has it."""
     client, _ = stack
-    catalog = MP100Catalog(synthetic_root)
-    category = catalog.category_ids("train")[0]
-    response = client.post("/jobs", json=single_image(category, epochs=4))
-    assert response.status_code == 201, response.text
-    job = wait_for(client, response.json()["id"], {"succeeded", "failed"}, timeout=600)
-    assert job["status"] == "succeeded", job["error"]
-    instance = catalog.instance(category, 0)
-    return job, (instance, catalog.category(category).skeleton), catalog.image_path(instance).read_bytes()
+    return trained_single_image(client, synthetic_root, epochs=4)
 
 
 def test_support_equals_query_reproduces_validation(stack, trained):

@@ -31,7 +31,7 @@ import redis
 
 from cape.data.catalog import MP100Catalog
 from service.predict_admission import PENDING, PREDICT_ADMIT_FRACTION, SERVICE_S, WORKERS
-from tests.helpers import report_fault, same_image_request, single_image, sqlite_stack, uvicorn_server, wait_for
+from tests.helpers import report_fault, same_image_request, sqlite_stack, trained_single_image, uvicorn_server, wait_for
 
 CONCURRENT = 45
 IN_A_ROW = 20
@@ -52,16 +52,8 @@ def stack(tmp_path_factory, synthetic_root):
 def trained(stack, synthetic_root):
     """A finished single-image job, and the request that predicts its training image (warm: the model loaded)."""
     _, client = stack
-    catalog = MP100Catalog(synthetic_root)
-    category = catalog.category_ids("train")[0]
-    response = client.post("/jobs", json=single_image(category, epochs=2))
-    assert response.status_code == 201, response.text
-    job = wait_for(client, response.json()["id"], {"succeeded", "failed"}, timeout=600)
-    assert job["status"] == "succeeded", job["error"]
-    instance = catalog.instance(category, 0)
-    files, fields = same_image_request(
-        (instance, catalog.category(category).skeleton), catalog.image_path(instance).read_bytes()
-    )
+    job, annotated, image = trained_single_image(client, synthetic_root, epochs=2)
+    files, fields = same_image_request(annotated, image)
     for _ in range(3):  # the model loaded, and service times recorded for the admission estimate
         assert client.post(f"/jobs/{job['id']}/predict", files=files, data=fields).status_code == 200
     return job, files, fields
