@@ -5,9 +5,13 @@
 
 No debug flag trains the full episodic benchmark on the split. Every TrainConfig field is a flag of the same name
 with TrainConfig's default (the mode, category and image come from the debug flags; the architecture from
-``--preset``, ``--backbone_weights`` and ``--model``). The arguments are checked, against the dataset too, before
-torch is imported: mistakes (unknown category, index out of range, bad values) print one error line naming the
-valid choices and exit with code 2, never a traceback. So does a run whose loss diverges.
+``--preset``, ``--backbone_weights`` and ``--model``). ``--resume CHECKPOINT`` continues the run the checkpoint is
+from: its config (the run folder's config.json beside it, else the checkpoint's own) with the flags given over it,
+so a service job's checkpoint resumes with no other flag than ``--dataset_root`` where the dataset lies here.
+
+The arguments are checked, against the dataset too, before torch is imported: mistakes (unknown category, index out
+of range, bad values) print one error line naming the valid choices and exit with code 2, never a traceback. So does
+a run whose loss diverges.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import argparse
 import json
 import sys
 import typing
+from pathlib import Path
 
 from pydantic import ValidationError
 from tqdm import tqdm
@@ -26,6 +31,7 @@ from cape.config import PRESETS, ModelConfig, NamedWeights, TrainConfig
 from cape.data.catalog import MP100Catalog
 from cape.data.run_choices import check_run_choices
 from cape.errors import CapeError
+from cape.run_files import CONFIG
 
 # TrainConfig fields the debug flags and the architecture flags set; every other field is a flag of its own name.
 SET_BY_OTHER_FLAGS = {"mode", "category_id", "image_index", "model", "backbone_weights"}
@@ -61,19 +67,53 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--output_dir", help="config.json, metrics.jsonl and checkpoints go here")
     p.add_argument("--print_freq", type=int, default=10, help="steps between running-loss updates")
-    p.add_argument("--resume", metavar="CHECKPOINT")
+    p.add_argument(
+        "--resume",
+        metavar="CHECKPOINT",
+        help="continue the run this checkpoint is from: its config, with the flags given here over it",
+    )
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
+def given_flags(argv: list[str] | None) -> set[str]:
+    """The destinations of the flags typed on the command line, not defaulted."""
+    p = parser()
+    for action in p._actions:  # argparse's way to leave a flag not typed out of the namespace
+        action.default = argparse.SUPPRESS
+    return set(vars(p.parse_args(argv)))
+
+
+def resumed_config(checkpoint: str) -> dict:
+    """The config of the run ``checkpoint`` is from: its run folder's config.json, read without torch; else the
+    checkpoint's own."""
+    path = Path(checkpoint)
+    if (path.parent / CONFIG).is_file():
+        return json.loads((path.parent / CONFIG).read_text())
+    from cape.model.checkpoint import load  # torch: only for a checkpoint taken away from its run folder
+
+    return load(path)["config"]
+
+
+def config_from_args(args: argparse.Namespace, given: set[str] | None = None, base: dict | None = None) -> TrainConfig:
+    """The run's config from the flags; with ``base`` (a resumed run's config), only the flags in ``given`` (typed
+    on the command line) replace its fields."""
+    given = set(vars(args)) if base is None else (given or set())
+    fields = dict(base or {})
     if args.debug_single_image is not None:
-        mode, category = "single_image", args.debug_single_image
+        fields.update(mode="single_image", category_id=args.debug_single_image)
     elif args.debug_overfit_category is not None:
-        mode, category = "category", args.debug_overfit_category
-    else:
-        mode, category = "full", None
-    fields = {name: getattr(args, name) for name in TrainConfig.model_fields if name not in SET_BY_OTHER_FLAGS}
-    fields.update(mode=mode, category_id=category, image_index=args.debug_single_image_index)
+        fields.update(mode="category", category_id=args.debug_overfit_category)
+    elif base is None:
+        fields.update(mode="full", category_id=None)
+    if "debug_single_image_index" in given:
+        fields["image_index"] = args.debug_single_image_index
+    fields.update(
+        {
+            name: getattr(args, name)
+            for name in TrainConfig.model_fields
+            if name not in SET_BY_OTHER_FLAGS and name in given
+        }
+    )
     overrides = _model_overrides(args.model)
     if args.backbone_weights in typing.get_args(NamedWeights):
         fields["backbone_weights"] = args.backbone_weights  # by name, as a job records it
@@ -100,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
     try:
-        config = config_from_args(args)
+        base = resumed_config(args.resume) if args.resume else None
+        config = config_from_args(args, given_flags(argv), base)
         catalog = MP100Catalog(config.dataset_root, config.split, config.category_split_file)
         check_run_choices(config, catalog)
         check_backbone_weights(config.resolved_model)  # offline without the weights: say so before torch loads

@@ -42,8 +42,10 @@ from cape.run_files import RunFiles
 from cape.training.losses import keypoint_losses
 from cape.training.pictures import MAX_QUERIES, Pictures
 
-# Fields a resumed run may change without changing what it computes.
-RESUME_MAY_CHANGE = {"device", "num_workers"}
+# Fields a resumed run may change without changing what it computes: where it runs, and where the dataset lies on
+# this machine (a job resumed by another worker, or a service job's checkpoint resumed with the CLI, finds the same
+# dataset at its own path).
+RESUME_MAY_CHANGE = {"device", "num_workers", "dataset_root"}
 LOSSES = ("loss", "loss_ce", "loss_coords")
 
 

@@ -9,7 +9,7 @@ import torch
 from cape.evaluation.metrics import PCKAccumulator
 from cape.evaluation.protocol import score_batch
 from cape.model import ModelOutput
-from cape.model.checkpoint import LAST
+from cape.model.checkpoint import LAST, load
 from cape.training.trainer import Trainer
 from tests.helpers import StopAfter, tiny_config
 
@@ -246,3 +246,24 @@ def test_every_train_config_field_is_a_cli_flag_with_its_default():
     assert (config.test_episodes_per_category, config.augment, config.preset) == (0, False, "base")
     assert config.resolved_model.d_model == 64 and config.resolved_model.backbone == "resnet50"
     assert config_from_args(p.parse_args([])).preset == TrainConfig().preset == "small", "one preset default everywhere"
+
+
+def test_the_cli_resumes_a_run_from_its_checkpoint_alone(synthetic_root, tmp_path, capsys):
+    """As a service job's checkpoint is resumed: no flag but where the dataset lies here (another path to the same
+    dataset) and the device; the config is the run's own, and a flag that would change what it computes is refused."""
+    from cape.train import main
+
+    run = tmp_path / "run"
+    config = tiny_config(synthetic_root, epochs=3, val_episodes_per_category=1)
+    Trainer(config, run, callbacks=[StopAfter(2)]).fit()  # stopped in epoch 2, after epoch 1's checkpoint
+    here = tmp_path / "dataset-here"
+    here.symlink_to(synthetic_root)
+    flags = ["--resume", str(run / LAST), "--dataset_root", str(here), "--output_dir", str(run), "--device", "cpu"]
+    with pytest.raises(SystemExit) as refused:
+        main([*flags, "--lr", "0.5"])
+    assert refused.value.code == 2
+    assert "lr: checkpoint 0.001, now 0.5" in capsys.readouterr().err
+    assert main(flags) == 0
+    epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3], "resumed in epoch 2, with the run's own 3 epochs"
+    assert load(run / LAST)["config"]["model"] == config.model.model_dump()
