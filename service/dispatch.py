@@ -18,6 +18,7 @@ from kombu.exceptions import OperationalError
 from service.settings import get_settings
 
 RUN_JOB_TASK = "cape.run_job"
+PUBLISH_TIMEOUT_S = 2.0  # a broker's answer to a publish comes in milliseconds; this long without one, it is down
 GPU_QUEUE = "gpu"
 log = logging.getLogger(__name__)
 
@@ -29,8 +30,11 @@ class Dispatcher(Protocol):
 @lru_cache
 def producer() -> Celery:
     app = Celery("cape-api", broker=get_settings().broker_url)
-    # With the broker down, POST /jobs must still answer promptly: the job is stored and the reaper resends it.
+    # With the broker down, POST /jobs must still answer promptly: the job is stored and the reaper resends it. Down
+    # includes frozen (its port accepts connections, nothing answers): kombu's Redis transport waits for an answer
+    # for ever unless told otherwise, and the request with it (a prediction's, on the event loop).
     app.conf.broker_connection_timeout = 1
+    app.conf.broker_transport_options = {"socket_connect_timeout": 1, "socket_timeout": PUBLISH_TIMEOUT_S}
     return app
 
 

@@ -121,7 +121,10 @@ async def request_prediction(request: dict, timeout_s: float) -> dict:
         if not admission.state:
             raise admission.refusal(timeout_s)
         try:
-            producer().send_task(
+            # In a thread: a publish is one round trip, but a broker that does not answer holds it for
+            # dispatch.PUBLISH_TIMEOUT_S, and the event loop must not wait with it.
+            await asyncio.to_thread(
+                producer().send_task,
                 PREDICT_TASK,
                 args=[{**request, "request_id": request_id, "reply_to": reply_to}],
                 queue=PREDICT_QUEUE,
