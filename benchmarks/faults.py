@@ -56,7 +56,10 @@ def main() -> int:
             f"{line['injected']:<{width}}  {line['seconds']:>7.1f}s  {line['jobs']:>5}  {line['succeeded']:>9}  "
             f"{line['epochs_lost']:>5}  {line['epochs_repeated']:>8}"
         )
-    print("(lost, repeated: epoch rows of the jobs, against one row for each of their epochs)")
+    print(
+        "(lost, repeated: epoch rows of the jobs, against one row for each of their epochs; for predictions, requests "
+        "that got an error other than an answer or a prompt 'retry', and requests computed for a client gone)"
+    )
     summary = tests.stdout.strip().splitlines()[-1] if tests.stdout.strip() else "no output"
     print(f"the tests behind these lines: {summary} ({elapsed:.0f} s)")
     if tests.returncode != 0:

@@ -24,7 +24,7 @@ import uuid
 from collections import OrderedDict
 
 import redis
-from celery.signals import worker_process_init, worker_process_shutdown
+from celery.signals import celeryd_after_setup, worker_process_init, worker_process_shutdown
 
 from cape.errors import CheckpointError
 from cape.inference.inputs import InputError, PredictInputs
@@ -37,6 +37,19 @@ from worker.celery_app import app
 log = logging.getLogger(__name__)
 
 
+_answers_predictions = False  # this worker consumes the predict queue (-Q): set in the main process, before any fork
+_heartbeat_name: str | None = None  # this pool process's, when it answers predictions
+
+
+@celeryd_after_setup.connect
+def _note_queues(instance=None, **_):
+    # Read here, in the main process before the pool forks and before its threads run, never in a pool process:
+    # Celery's lazily computed attributes (app.amqp) take a lock that a thread of the main process (the reaper,
+    # dispatching) may hold at the moment of a fork, and a pool process that waits for it waits for ever.
+    global _answers_predictions
+    _answers_predictions = PREDICT_QUEUE in instance.app.amqp.queues.consume_from
+
+
 @worker_process_init.connect
 def _load_torch(**_):
     # In the pool process, after the fork (no CUDA state crosses it): a first request then costs the model's load,
@@ -44,12 +57,9 @@ def _load_torch(**_):
     import cape.inference.keypoints  # noqa: F401
 
     global _heartbeat_name
-    if PREDICT_QUEUE in app.amqp.queues.consume_from:  # -Q, selected before the pool forked
+    if _answers_predictions:
         _heartbeat_name = f"{socket.gethostname()}:{os.getpid()}"
         threading.Thread(target=_heartbeats, args=(_heartbeat_name,), name="predict heartbeat", daemon=True).start()
-
-
-_heartbeat_name: str | None = None  # this pool process's, when it answers predictions
 
 
 def _heartbeats(name: str) -> None:
