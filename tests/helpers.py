@@ -136,20 +136,33 @@ def uvicorn_server(env: dict, log: Path):
 
 
 @contextmanager
-def sqlite_stack(tmp: Path, datasets: dict[str, Path], predict_worker: bool = False, api: bool = True, **settings: str):
-    """The whole service in ``tmp``: redis-server, a migrated SQLite file, a training worker (and a predict worker),
-    the API (unless ``api`` is False: a test that starts its own); ``settings`` are CAPE_ settings
-    (``heartbeat_interval_s="1"``). Yields base URL (None without the API), environment, folder."""
+def service_stack(
+    tmp: Path,
+    datasets: dict[str, Path],
+    database: str | None = None,
+    predict_worker: bool = False,
+    api: bool = True,
+    **settings: str,
+):
+    """The whole service in ``tmp``: redis-server, the database migrated (``database``'s URL; by default a SQLite
+    file in ``tmp``), a training worker (and a predict worker), the API (unless ``api`` is False: a test that starts
+    its own); ``settings`` are CAPE_ settings (``heartbeat_interval_s="1"``). Yields base URL (None without the API),
+    environment, folder, and the training worker's process and log."""
     with redis_server(tmp / "redis") as redis_url:
-        database = f"sqlite:///{tmp / 'cape.sqlite3'}"
+        database = database or f"sqlite:///{tmp / 'cape.sqlite3'}"
         env = stack_env(database, redis_url, datasets, tmp, **settings)
         upgrade(database)
         with ExitStack() as servers:
-            servers.enter_context(celery_worker(env, tmp / "worker.log"))
+            worker = servers.enter_context(celery_worker(env, tmp / "worker.log"))
             if predict_worker:
                 servers.enter_context(celery_worker(env, tmp / "predict.log", name="predict", queues="predict"))
             base = servers.enter_context(uvicorn_server(env, tmp / "api.log")) if api else None
-            yield SimpleNamespace(base=base, env=env, tmp=tmp)
+            yield SimpleNamespace(base=base, env=env, tmp=tmp, worker=worker, worker_log=tmp / "worker.log")
+
+
+def sqlite_stack(tmp: Path, datasets: dict[str, Path], predict_worker: bool = False, api: bool = True, **settings: str):
+    """service_stack on a SQLite file in ``tmp``."""
+    return service_stack(tmp, datasets, None, predict_worker, api, **settings)
 
 
 # --- the service in-process ------------------------------------------------------------------------------------------

@@ -54,6 +54,13 @@ def _db(doing: str, call: Callable[[Session], T]) -> T:
         with Session(get_engine()) as session:
             return call(session)
 
+    # The first try outside the retry machinery: this runs before every training step (should_stop), where the
+    # machinery cost a quarter again of the read itself.
+    try:
+        return attempt()
+    except SQLAlchemyError as exc:
+        if not database_down(exc):
+            raise
     return persist(
         attempt,
         transient=database_down,

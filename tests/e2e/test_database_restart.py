@@ -11,22 +11,18 @@ from contextlib import ExitStack
 import httpx
 from sqlmodel import Session, select
 
-from devtools.local_servers import stack_env
 from service.db import make_engine
-from service.migrate import upgrade
 from service.models import TERMINAL, EpochMetric
 from tests.helpers import (
     catalog_of,
-    celery_worker,
     epochs_lost_and_repeated,
     fresh_database,
     pool_children,
     postgres_server,
     postgres_stopped,
-    redis_server,
     report_fault,
+    service_stack,
     single_image,
-    uvicorn_server,
     wait_for,
     wait_for_rows,
     wait_until,
@@ -61,13 +57,9 @@ def test_a_postgres_restart_mid_job_is_waited_out(tmp_path, synthetic_root):
     with ExitStack() as stack:
         server = stack.enter_context(postgres_server())
         database = fresh_database(server, f"restart_{uuid.uuid4().hex[:12]}")
-        upgrade(database)
-        broker = stack.enter_context(redis_server(tmp_path / "redis"))
-        env = stack_env(database, broker, {"synthetic": synthetic_root}, tmp_path, **RELIABILITY)
-        worker_log = tmp_path / "worker.log"
-        worker = stack.enter_context(celery_worker(env, worker_log))
-        base = stack.enter_context(uvicorn_server(env, tmp_path / "api.log"))
-        client = stack.enter_context(httpx.Client(base_url=base, timeout=30))
+        service = stack.enter_context(service_stack(tmp_path, {"synthetic": synthetic_root}, database, **RELIABILITY))
+        worker, worker_log = service.worker, service.worker_log
+        client = stack.enter_context(httpx.Client(base_url=service.base, timeout=30))
 
         job_id = client.post("/jobs", json=single_image(category, epochs=EPOCHS)).json()["id"]
         wait_for_rows(client, job_id, 1)

@@ -18,17 +18,13 @@ import pytest
 from cape.config import TrainConfig
 from cape.model import checkpoint
 from cape.training.trainer import Callback, Trainer
-from devtools.local_servers import stack_env
-from service.migrate import upgrade
 from tests.helpers import (
     catalog_of,
-    celery_worker,
     epochs_lost_and_repeated,
     poll,
-    redis_server,
     report_fault,
     single_image,
-    uvicorn_server,
+    sqlite_stack,
 )
 
 EPOCHS = 6
@@ -78,14 +74,9 @@ def test_a_full_disk_fails_the_job_and_keeps_the_checkpoint_before(tmp_path, syn
     # first checkpoint written once both exist fills the disk.
     disk_size = 2 * size + size // 2
     with ExitStack() as stack:
-        artifacts = stack.enter_context(small_disk(tmp_path / "artifacts", disk_size))
-        broker = stack.enter_context(redis_server(tmp_path / "redis"))
-        database = f"sqlite:///{tmp_path / 'cape.sqlite3'}"
-        upgrade(database)
-        env = stack_env(database, broker, {"synthetic": synthetic_root}, tmp_path)  # artifacts: tmp_path/artifacts
-        stack.enter_context(celery_worker(env, tmp_path / "worker.log"))
-        base = stack.enter_context(uvicorn_server(env, tmp_path / "api.log"))
-        client = stack.enter_context(httpx.Client(base_url=base, timeout=30))
+        artifacts = stack.enter_context(small_disk(tmp_path / "artifacts", disk_size))  # the stack's artifacts folder
+        service = stack.enter_context(sqlite_stack(tmp_path, {"synthetic": synthetic_root}))
+        client = stack.enter_context(httpx.Client(base_url=service.base, timeout=30))
         started = time.monotonic()
         job_id = client.post("/jobs", json=body).json()["id"]
         status, rows = poll(client, job_id, timeout=300)

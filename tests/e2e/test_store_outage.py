@@ -13,18 +13,14 @@ from types import SimpleNamespace
 import httpx
 import torch
 
-from devtools.local_servers import stack_env
-from service.migrate import upgrade
 from tests.helpers import (
     RestartableMoto,
     catalog_of,
-    celery_worker,
     epochs_lost_and_repeated,
     poll,
-    redis_server,
     report_fault,
+    service_stack,
     single_image,
-    uvicorn_server,
     wait_for,
     wait_for_rows,
     wait_until,
@@ -42,19 +38,13 @@ def s3_stack(tmp, synthetic_root, **settings):
     with ExitStack() as stack:
         moto = stack.enter_context(RestartableMoto())
         moto.create_bucket("cape")
-        broker = stack.enter_context(redis_server(tmp / "redis"))
-        database = f"sqlite:///{tmp / 'cape.sqlite3'}"
-        upgrade(database)
-        env = {
-            # CAPE_ARTIFACTS_DIR names a folder that is never made: every file goes to the S3 store.
-            **stack_env(database, broker, {"synthetic": synthetic_root}, tmp / "no-local-store", **settings),
-            **moto.store_env("cape", "jobs"),
-            "CAPE_WORK_DIR": str(tmp / "machine"),
-        }
-        worker_log = tmp / "worker.log"
-        stack.enter_context(celery_worker(env, worker_log))
-        base = stack.enter_context(uvicorn_server(env, tmp / "api.log"))
-        client = stack.enter_context(httpx.Client(base_url=base, timeout=60))
+        store = {name.removeprefix("CAPE_").lower(): value for name, value in moto.store_env("cape", "jobs").items()}
+        # Every file goes to the S3 store: the stack's local artifacts folder is never made.
+        service = stack.enter_context(
+            service_stack(tmp, {"synthetic": synthetic_root}, work_dir=str(tmp / "machine"), **store, **settings)
+        )
+        client = stack.enter_context(httpx.Client(base_url=service.base, timeout=60))
+        worker_log = service.worker_log
         yield SimpleNamespace(client=client, moto=moto, worker_log=worker_log)
 
 
