@@ -1,7 +1,7 @@
 """Predictions under load (issue 17): latency with and without a training job on the same machine, and many requests
 at once to one predict worker.
 
-    python -m benchmarks.predict_load [--dataset_root data/synthetic] [--requests 100] [--concurrent 45]
+    python -m benchmarks.predict_load [--dataset_root data/synthetic] [--requests 100] [--concurrent 45] [--photos DIR]
 
 On one machine: uvicorn, redis-server, SQLite, a training worker and one predict worker (CPU, small preset), the
 client too. It trains a single-image job for a checkpoint, warms the model, then, in one run:
@@ -20,10 +20,14 @@ client too. It trains a single-image job for a checkpoint, warms the model, then
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import json
 import os
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 
@@ -88,11 +92,44 @@ def round_line(label: str, results, computed: int) -> str:
     return line + ("".join(f"\n    other: {o}" for o in sorted(others)) if others else "")
 
 
+def photo_request(folder: Path) -> tuple[dict, dict]:
+    """A request on real photos (a COCO keypoints file and its images): the first annotated image is the support,
+    with its labelled keypoints, box and skeleton; another image of the folder is the query, whole."""
+    from pycocotools.coco import COCO
+
+    with contextlib.redirect_stdout(io.StringIO()):  # COCO announces its loading
+        coco = COCO(str(next(folder.glob("*.json"))))
+    annotation = coco.loadAnns(coco.getAnnIds())[0]
+    support = coco.loadImgs(annotation["image_id"])[0]
+    query = next(image for image in coco.loadImgs(coco.getImgIds()) if image["id"] != support["id"])
+    flat = annotation["keypoints"]
+    keypoints = [[flat[i], flat[i + 1], int(flat[i + 2] > 0)] for i in range(0, len(flat), 3)]
+    skeleton = [[a - 1, b - 1] for a, b in coco.loadCats(annotation["category_id"])[0].get("skeleton", [])]
+
+    def upload(image: dict) -> tuple[str, bytes, str]:
+        path = folder / image["file_name"]
+        return path.name, path.read_bytes(), "image/png" if path.suffix == ".png" else "image/jpeg"
+
+    files = {"support_image": upload(support), "query_image": upload(query)}
+    data = {
+        "support_keypoints": json.dumps(keypoints),
+        "support_bbox": json.dumps(annotation["bbox"]),
+        "skeleton": json.dumps(skeleton),
+    }
+    return files, data
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.predict_load", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset_root")
     parser.add_argument("--requests", type=int, default=100, help="requests in a row, alone and beside training")
     parser.add_argument("--concurrent", type=int, default=45, help="requests at once")
+    parser.add_argument(
+        "--photos",
+        type=Path,
+        help="predict on real photos instead: a folder with a COCO keypoints file and its images (e.g. "
+        "../shared/real-photos/300w); the first annotated image is the support, another the query",
+    )
     args = parser.parse_args()
     require_binaries(["sqlite"])
     root = dataset_root(args.dataset_root)
@@ -111,7 +148,7 @@ def main() -> int:
 
         print("training a single-image job (4 epochs) for its checkpoint ...", flush=True)
         single = train(client, single_image(category, epochs=4))
-        files, data, _ = request_for(catalog, category, 0, 1)
+        files, data = photo_request(args.photos) if args.photos else request_for(catalog, category, 0, 1)[:2]
         in_a_row(client, single["id"], files, data, 5)  # the model loaded, service times recorded
 
         def rounds(label: str) -> None:
