@@ -16,7 +16,10 @@ def add_field_flag(parser: argparse.ArgumentParser, name: str, field: FieldInfo,
     kind = field.annotation
     if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
         kind = next(a for a in typing.get_args(kind) if a is not type(None))  # an optional value: None is the default
-    flag: dict = {"default": field.default, "help": field.description or " "}
+    flag: dict = {"default": field.get_default(call_default_factory=True), "help": field.description or " "}
+    if typing.get_origin(kind) is list:  # several values after one flag: --freeze backbone matcher
+        flag["nargs"] = "*"
+        kind = typing.get_args(kind)[0]
     if kind is bool:
         flag["action"] = argparse.BooleanOptionalAction
     elif typing.get_origin(kind) is typing.Literal:

@@ -12,6 +12,8 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from cape.health import Part
+
 Mode = Literal["single_image", "category", "full"]
 MAX_EPOCHS = 1000
 # The most keypoints a model is asked to predict at once. MP-100's largest category has 68 (human faces); a support
@@ -135,6 +137,12 @@ class TrainConfig(BaseModel):
     )
     warmup_epochs: float = Field(default=1.0, ge=0, le=100, description="epochs of linear learning-rate warm-up")
     clip_max_norm: float = Field(default=1.0, ge=0, le=1000, description="0 disables gradient clipping")
+    freeze: list[Part] = Field(
+        default_factory=list,
+        max_length=6,
+        description="parts of the model that are not trained (their weights stay as they start): backbone, "
+        "support_encoder, matcher, query_encoder, decoder, heads",
+    )
     use_amp: bool = Field(default=True, description="bf16 autocast; only takes effect on CUDA")
     augment: bool = Field(
         default=True, description="keypoint-aware augmentation of training episodes (never in single_image)"

@@ -10,6 +10,8 @@ import math
 
 from pydantic import BaseModel, Field
 
+from cape.health import EpochHealth
+
 
 class EpochRecord(BaseModel):
     epoch: int = Field(ge=1, description="counted from 1")
@@ -24,8 +26,17 @@ class EpochRecord(BaseModel):
     mpck: float | None = Field(
         default=None, description="mean PCK over alpha in {0.05, 0.10, 0.15, 0.20, 0.25}; null like pck"
     )
+    baseline_pck: float | None = Field(
+        default=None,
+        description="PCK@0.2 of copying the support's keypoints onto the query, on the same validation episodes; "
+        "null in single_image mode (support = query: copying is trivially right)",
+    )
+    baseline_mpck: float | None = Field(default=None, description="mPCK of that baseline")
     lr: float = Field(description="learning rate at the end of the epoch")
     seconds: float = Field(description="wall time of the epoch, validation included")
+    health: EpochHealth | None = Field(
+        default=None, description="the training-health instruments of the epoch's steps (cape/health.py)"
+    )
 
 
 def finite_or_none(value: float) -> float | None:

@@ -34,6 +34,11 @@ class TrainingDiverged(CapeError):
     """The loss or the gradients stopped being finite: the run cannot go on, and its last good checkpoint is kept."""
 
 
+class OutOfMemory(CapeError):
+    """The device ran out of memory: the run cannot go on at this size. The message names the batch, the AMP setting
+    and what to change; the last checkpoint is kept."""
+
+
 class DiskFull(CapeError):
     """A file of the run could not be written: its disk (or the user's quota) is full, or the file outgrew the
     process's file-size limit. The message says which file, how much room is left there and what to do."""

@@ -1,7 +1,8 @@
 """The files of a run in its output folder, and where each lies. Torch-free: the API reads some of them.
 
-``config.json``, ``metrics.jsonl`` (one EpochRecord a line), ``test_metrics.json`` (full mode), ``log.txt`` (a
-job's log, written by the worker), ``inputs.png`` and ``epochs/<n>/predictions.{png,json}`` (cape/training/pictures.py).
+``config.json``, ``metrics.jsonl`` (one EpochRecord a line), ``diagnosis.json`` (the run's latest Diagnosis),
+``test_metrics.json`` (full mode), ``log.txt`` (a job's log, written by the worker), ``inputs.png`` and
+``epochs/<n>/predictions.{png,json}`` (cape/training/pictures.py).
 Checkpoints are written and read by cape/model/checkpoint.py; their file names are here, with the names users choose
 them by, so that the API can find them without torch.
 """
@@ -15,10 +16,12 @@ from pathlib import Path
 from typing import Literal
 
 from cape.config import TrainConfig
+from cape.diagnosis import Diagnosis
 from cape.epoch_record import EpochRecord
 from cape.errors import writing
 
 METRICS, CONFIG, TEST_METRICS, LOG = "metrics.jsonl", "config.json", "test_metrics.json", "log.txt"
+DIAGNOSIS = "diagnosis.json"
 INPUTS, EPOCHS, PREDICTIONS_PNG, PREDICTIONS_JSON = "inputs.png", "epochs", "predictions.png", "predictions.json"
 CheckpointName = Literal["best", "last"]  # the best validation PCK so far, the latest epoch
 CHECKPOINT_FILES: dict[str, str] = {"best": "checkpoint_best.pt", "last": "checkpoint_last.pt"}
@@ -92,3 +95,7 @@ class RunFiles:
     def write_test(self, result: dict) -> None:
         with writing(self.folder / TEST_METRICS):
             (self.folder / TEST_METRICS).write_text(json.dumps(json_safe(result), indent=2))
+
+    def write_diagnosis(self, diagnosis: Diagnosis) -> None:
+        with writing(self.folder / DIAGNOSIS):
+            (self.folder / DIAGNOSIS).write_text(diagnosis.model_dump_json(indent=2))

@@ -163,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         last = result.history[-1]
         best = "n/a" if result.best_pck is None else f"{100 * result.best_pck:.2f}%"
         print(f"done: {result.epochs_completed} epochs, loss {last.loss:.4f}, best Val PCK@0.2 {best}")
+    if result.diagnosis:
+        print(f"diagnosis: {result.diagnosis.message}")
     return 0
 
 

@@ -13,6 +13,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session
 
+from cape.diagnosis import Diagnosis
 from cape.epoch_record import EpochRecord
 from cape.verdict import is_memorised
 from service import notify
@@ -204,6 +205,12 @@ def record_epoch(session: Session, job_id: uuid.UUID, record: EpochRecord, worke
     # progress are committed together.
     _transition(session, job_id, ACTIVE, held_by=worker, **progress)
     return inserted
+
+
+def record_diagnosis(session: Session, job_id: uuid.UUID, diagnosis: Diagnosis, worker: str) -> bool:
+    """The run's latest diagnosis, while ``worker`` holds the job. Not published: it is written just before the
+    epoch row (whose event makes the page read the job again) or the failure that ends the job."""
+    return _transition(session, job_id, ACTIVE, held_by=worker, diagnosis=diagnosis.model_dump(mode="json"))
 
 
 @notify.publishes

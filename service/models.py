@@ -19,6 +19,7 @@ from sqlalchemy import JSON, BigInteger, Column, DateTime, ForeignKey, Text, Typ
 from sqlmodel import Field, SQLModel
 
 from cape.config import EvaluateConfig, TrainConfig
+from cape.diagnosis import Diagnosis
 from cape.epoch_record import EpochRecord
 from cape.run_files import CheckpointName
 from cape.verdict import Verdict, single_image_verdict
@@ -87,6 +88,8 @@ class Job(SQLModel, table=True):
     never_correct: list[int] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     # full and evaluate jobs: PCK on the split's unseen test categories, with the copy-the-support baseline
     test_result: dict | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    # training jobs: the trainer's latest cape.diagnosis.Diagnosis (after every epoch, and at a failure it explains)
+    diagnosis: dict | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     latest_pck: float | None = None
     latest_loss: float | None = None
     error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
@@ -115,6 +118,8 @@ class EpochMetric(EpochMetricBase, table=True):
     __table_args__ = (UniqueConstraint("job_id", "epoch", name="uq_epoch_metric_job_epoch"),)
 
     id: int | None = Field(default=None, primary_key=True)
+    # The instruments as a JSON document beside the row's columns: read whole, never queried field by field.
+    health: dict | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     # No index of its own: the unique (job_id, epoch) index serves "rows of job X after epoch N" already.
     job_id: uuid.UUID = Field(sa_column=Column(ForeignKey("job.id", ondelete="CASCADE"), nullable=False))
     created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False))
@@ -142,6 +147,7 @@ CLIENT_FIELDS = (
     "weight_decay",
     "warmup_epochs",
     "clip_max_norm",
+    "freeze",
     "use_amp",
     "augment",
     "val_episodes_per_category",
@@ -261,6 +267,10 @@ class JobPublic(SQLModel):
     best_pck: float | None
     latest_loss: float | None
     verdict: Verdict | None = PydanticField(description="single_image: memorised, not yet, or not memorised")
+    diagnosis: Diagnosis | None = PydanticField(
+        description="training jobs: why the run is unhealthy, in words, with the numbers behind it (or that nothing "
+        "is flagged); null before the first epoch"
+    )
     test_result: dict | None = PydanticField(
         description="full and evaluate: PCK@0.2 and mPCK on the unseen test categories, overall and per category, "
         "with the copy-the-support baseline; evaluate adds shots, episodes_per_category, checkpoint and from_job"
@@ -287,6 +297,7 @@ class JobPublic(SQLModel):
         else:
             data["progress"] = job.current_epoch / job.total_epochs if job.total_epochs else 0.0
         data["verdict"] = None
+        data["diagnosis"] = job.diagnosis
         if job.mode == "single_image":
             # Only a run that did all its epochs can be judged not memorised; one stopped early is "not yet".
             ran_all = job.status == JobStatus.succeeded

@@ -39,6 +39,7 @@ from cape.backbone_weights import IMAGENET_WEIGHTS, cache_dir, imagenet_file
 from cape.config import ModelConfig, TrainConfig
 from cape.data.catalog import MP100Catalog
 from cape.epoch_record import EpochRecord
+from cape.health import PART_NAMES, EpochHealth
 from cape.training.trainer import Callback
 from devtools import local_servers
 from devtools.local_servers import (
@@ -319,6 +320,34 @@ def wait_for(client: httpx.Client, job_id: str, statuses: set[str], timeout: flo
 
 
 # --- playing a worker in-process -------------------------------------------------------------------------------------
+
+
+def made_health(parts: dict[str, dict] | None = None, **fields) -> EpochHealth:
+    """A made-up epoch's instruments, those of a healthy single-image epoch (the small preset's, measured) unless
+    ``fields`` say otherwise; ``parts`` overrides fields of the named parts."""
+    part = {"grad_norm": 0.2, "grad_norm_max": 0.3, "update_ratio": 3e-4, "trainable": True}
+    values = {
+        "steps": 20,
+        "chance_loss": 6.951,
+        "grad_norm": 0.26,
+        "grad_norm_max": 0.36,
+        "clip_rate": 0.0,
+        "clip_max_norm": 1.0,
+        "parts": {name: dict(part) for name in PART_NAMES},
+        "data_seconds": 0.002,
+        "compute_seconds": 0.09,
+        "samples_per_second": 11.0,
+        "rss_peak_mib": 800.0,
+        "keypoints_per_query": 8.0,
+        "support_labelled": 0.75,
+        "support_visible": 0.75,
+        "query_labelled": 0.75,
+        "query_visible": 0.75,
+        "outside_crop": 0,
+    }
+    for name, changes in (parts or {}).items():
+        values["parts"][name] |= {"grad_norm_max": changes.get("grad_norm", part["grad_norm_max"])} | changes
+    return EpochHealth.model_validate(values | fields)
 
 
 def epoch_row(epoch: int) -> EpochRecord:

@@ -29,6 +29,7 @@ from typing import Literal, TypeVar
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session
 
+from cape.diagnosis import Diagnosis
 from cape.epoch_record import EpochRecord
 from cape.errors import CapeError, TrainingDiverged
 from cape.run_files import LOG, RunFiles, json_safe, never_correct
@@ -158,6 +159,12 @@ class JobRun:
     # Once found taken from this run (the reaper gave it to another worker), the job stays lost to it, even should it
     # come back to a worker of this name: what this run does no longer counts.
     lost: bool = False
+
+    def on_diagnosis(self, diagnosis: Diagnosis) -> None:
+        _db(
+            f"recording the diagnosis of job {self.job_id}",
+            lambda session: job_state.record_diagnosis(session, self.job_id, diagnosis, self.worker),
+        )
 
     def on_epoch_end(self, record: EpochRecord) -> None:
         self.push()  # the epoch's pictures and metrics line before its row: whoever sees the row finds them

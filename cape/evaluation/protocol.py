@@ -84,6 +84,10 @@ def score_batch(accumulator: PCKAccumulator, coords: torch.Tensor, batch: Episod
     ]
 
 
+class EvaluationStopped(Exception):
+    """A ``should_stop`` callback asked an evaluation to stop before its end (a cancelled job): there is no result."""
+
+
 @torch.no_grad()
 def evaluate(
     predict: Predictor,
@@ -91,38 +95,35 @@ def evaluate(
     device: torch.device | str,
     examples: list | None = None,
     max_examples: int = 0,
+    baseline: PCKAccumulator | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> PCKSummary:
-    """PCK of ``predict`` over ``batches``; the first ``max_examples`` queries are appended to ``examples``."""
+    """PCK of ``predict`` over ``batches``, each batch loaded once. The first ``max_examples`` queries are appended to
+    ``examples`` when it is given; the ``copy_support`` baseline is scored into ``baseline`` when it is given, on the
+    same batches. ``should_stop`` is asked before every batch: True raises EvaluationStopped."""
     accumulator = PCKAccumulator()
     for batch in batches:
+        if should_stop():
+            raise EvaluationStopped
         batch = batch.to(device)
         scored = score_batch(accumulator, predict(batch), batch)
+        if baseline is not None:
+            score_batch(baseline, copy_support(batch), batch)
         if examples is not None and len(examples) < max_examples:
             examples.extend(scored[: max_examples - len(examples)])
     return accumulator.summary()
 
 
-class EvaluationStopped(Exception):
-    """A ``should_stop`` callback asked an evaluation to stop before its end (a cancelled job): there is no result."""
-
-
-@torch.no_grad()
 def evaluate_with_baseline(
     predict: Predictor,
     batches: Iterable[EpisodeBatch],
     device: torch.device | str,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> tuple[PCKSummary, PCKSummary]:
-    """PCK of ``predict`` and of the ``copy_support`` baseline on the same batches, each batch loaded once.
-    ``should_stop`` is asked before every batch: True raises EvaluationStopped."""
-    model, baseline = PCKAccumulator(), PCKAccumulator()
-    for batch in batches:
-        if should_stop():
-            raise EvaluationStopped
-        batch = batch.to(device)
-        score_batch(model, predict(batch), batch)
-        score_batch(baseline, copy_support(batch), batch)
-    return model.summary(), baseline.summary()
+    """PCK of ``predict`` and of the ``copy_support`` baseline on the same batches."""
+    baseline = PCKAccumulator()
+    model = evaluate(predict, batches, device, baseline=baseline, should_stop=should_stop)
+    return model, baseline.summary()
 
 
 def summary_dict(summary: PCKSummary) -> dict:

@@ -46,6 +46,17 @@ class Encoded:
 
 
 class CapeModel(nn.Module):
+    # Its parts as a person names them (cape.health.PART_NAMES): each of the model's modules and learned tokens in
+    # exactly one. The training-health instruments report gradients and updates per part; a run can freeze parts.
+    PARTS: dict[str, tuple[str, ...]] = {
+        "backbone": ("backbone", "input_proj"),
+        "support_encoder": ("support_encoder",),
+        "matcher": ("matcher", "proposal"),
+        "query_encoder": ("encoder",),
+        "decoder": ("decoder", "previous", "start_token", "unknown_token"),
+        "heads": ("heads",),
+    }
+
     def __init__(self, config: ModelConfig, load_backbone_weights: bool = True):
         super().__init__()
         self.config = config
@@ -64,6 +75,13 @@ class CapeModel(nn.Module):
         self.previous = CoordinateEmbedding(d)
         self.decoder = KeypointDecoder(d, config.num_heads, config.decoder_layers, config.dropout)
         self.heads = CoordinateHeads(d, config.num_bins)
+
+    def part_parameters(self) -> dict[str, list[nn.Parameter]]:
+        """The parameters of each part, in PARTS's order."""
+        return {
+            part: [p for name, p in self.named_parameters() if name.split(".")[0] in members]
+            for part, members in self.PARTS.items()
+        }
 
     # --- shared encoding ---------------------------------------------------------------------------------------
 

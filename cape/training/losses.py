@@ -9,6 +9,7 @@ all-masked guard), not NaN.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -52,3 +53,10 @@ def keypoint_losses(
     loss_ce = ((ce + match_weight * match) * mask).sum() / count
     loss_coords = coords_weight * (l1 * mask).sum() / count
     return Losses(loss=loss_ce + loss_coords, loss_ce=loss_ce, loss_coords=loss_coords)
+
+
+def chance_loss(num_bins: int, cells: int, coords_weight: float = COORDS_WEIGHT, match_weight: float = MATCH_WEIGHT):
+    """The loss of a model that knows nothing, the level a healthy run starts near: uniform over the coordinate bins
+    (cross-entropy ln bins per axis) and over the matcher's ``cells``, with a zero refinement, whose coordinate is
+    then off by a quarter of a bin on average (uniform within the true bin, measured from its centre)."""
+    return math.log(num_bins) + match_weight * math.log(cells) + coords_weight * 0.25 / num_bins

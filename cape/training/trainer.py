@@ -32,14 +32,18 @@ from cape.data.batch import EpisodeBatch
 from cape.data.catalog import MP100Catalog
 from cape.data.episodes import Episode
 from cape.data.run_data import RunData
+from cape.diagnosis import Diagnosis, diagnose, failure_finding
 from cape.epoch_record import EpochRecord, finite_or_none
-from cape.errors import CheckpointError, TrainingDiverged
-from cape.evaluation.metrics import PCKSummary
+from cape.errors import CheckpointError, OutOfMemory, TrainingDiverged
+from cape.evaluation.metrics import PCKAccumulator, PCKSummary
 from cape.evaluation.protocol import evaluate, evaluate_with_baseline, model_predictor, protocol_line, protocol_result
+from cape.health import EpochHealth
 from cape.model import CapeModel, checkpoint
 from cape.model.device import autocast_dtype, resolve_device
 from cape.run_files import RunFiles
-from cape.training.losses import keypoint_losses
+from cape.training import faults
+from cape.training.instruments import Instruments
+from cape.training.losses import chance_loss, keypoint_losses
 from cape.training.pictures import MAX_QUERIES, Pictures
 
 # Fields a resumed run may change without changing what it computes: where it runs, and where the dataset lies on
@@ -51,6 +55,10 @@ LOSSES = ("loss", "loss_ce", "loss_coords")
 
 class Callback:
     """What the trainer tells whoever drives it. Every method does nothing here: a callback overrides what it needs."""
+
+    def on_diagnosis(self, diagnosis: Diagnosis) -> None:
+        """The run's diagnosis so far: after every epoch (before on_epoch_end), and when the run fails for a reason a
+        person can fix (out of memory, divergence)."""
 
     def on_epoch_end(self, record: EpochRecord) -> None:
         """After the epoch's validation and report, before its checkpoint."""
@@ -71,6 +79,7 @@ class RunResult:
     best_pck: float | None
     history: list[EpochRecord] = field(default_factory=list)
     test: dict | None = None  # full mode: the test evaluation on unseen categories
+    diagnosis: Diagnosis | None = None  # of the epochs done (None: none was)
 
 
 @dataclass
@@ -112,7 +121,9 @@ class Trainer:
         print_freq: int = 0,
         log: Callable[[str], None] = print,
         catalog: MP100Catalog | None = None,
+        instruments: bool = True,
     ):
+        """``instruments``: measure the training-health figures (off only to measure what they cost)."""
         check_backbone_weights(config.resolved_model)  # offline without the weights: say so before any data loads
         self.config = config
         self.output_dir = Path(output_dir) if output_dir else None
@@ -126,7 +137,15 @@ class Trainer:
         torch.manual_seed(config.seed)
         random.seed(config.seed)
         np.random.seed(config.seed)
+        self.faults = faults.injected()
         self.model = CapeModel(config.resolved_model).to(self.device)
+        for part in config.freeze:
+            for p in self.model.part_parameters()[part]:
+                p.requires_grad_(False)
+        self.instruments = Instruments(self.model, self.device, config.clip_max_norm) if instruments else None
+        self.first_loss: float | None = None  # the run's very first step's, beside the chance level
+        self.chance_loss: float | None = None
+        self.history: list[EpochRecord] = []
         self.steps_per_epoch = math.ceil(config.episodes_per_epoch / config.batch_size)
         self.optimizer = build_optimizer(self.model, config)
         self.scheduler = build_scheduler(self.optimizer, config, self.steps_per_epoch)
@@ -153,6 +172,7 @@ class Trainer:
             "partial": progress.sums,  # running sums of the unfinished epoch
             "best_pck": self.best_pck,
             "best_mpck": self.best_mpck,
+            "first_loss": self.first_loss,
             "val_pck": val_pck,
             "rng": checkpoint.rng_state(),
         }
@@ -177,6 +197,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.best_pck, self.best_mpck = state["best_pck"], state.get("best_mpck")
+        self.first_loss = state.get("first_loss")
         checkpoint.set_rng_state(state["rng"])
         progress = EpochProgress(state["step"], state["partial"]) if state["step"] else EpochProgress()
         return state["epoch"], progress
@@ -193,22 +214,38 @@ class Trainer:
         """
         self.model.train()
         batch = batch.to(self.device)
+        if "out_of_memory" in self.faults:
+            faults.out_of_memory()
+        if self.instruments:
+            self.instruments.batch(batch)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             output = self.model(batch)
         losses = keypoint_losses(
             output, batch.query_keypoints.flatten(0, 1), batch.query_visible.flatten(0, 1), self.model.heads
         )
         values = {name: getattr(losses, name).item() for name in LOSSES}
+        if self.chance_loss is None:
+            self.chance_loss = chance_loss(self.model.heads.num_bins, output.grid[0] * output.grid[1])
         if not math.isfinite(values["loss"]):
             return {**values, "grad_norm": math.nan}
         self.optimizer.zero_grad(set_to_none=True)
         losses.loss.backward()
         # Without clipping the norm is still measured (max_norm = inf leaves the gradients as they are).
         max_norm = self.config.clip_max_norm if self.config.clip_max_norm > 0 else math.inf
-        values["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
+        if self.instruments:
+            norm = self.instruments.gradient_norm()
+            if max_norm < math.inf:
+                torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), max_norm, norm)
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        values["grad_norm"] = norm.item()
         if math.isfinite(values["grad_norm"]):
+            if self.instruments:
+                self.instruments.before_update()
             self.optimizer.step()
             self.scheduler.step()
+            if self.instruments:
+                self.instruments.after_update()
         return values
 
     def _diverged(self, values: dict[str, float], epoch: int, step: int) -> TrainingDiverged:
@@ -236,18 +273,28 @@ class Trainer:
             leave=False,
             dynamic_ncols=True,
         )
+        if self.instruments:
+            self.instruments.start_epoch()
         try:
+            fetched = time.perf_counter()
             for batch in bar:
                 if self._stop_requested():
                     return False
+                step_started = time.perf_counter()
                 values = self.train_step(batch)
+                done = time.perf_counter()
+                if self.instruments:
+                    self.instruments.step_time(step_started - fetched, done - step_started)
                 progress.step += 1
+                if epoch == 1 and progress.step == 1:
+                    self.first_loss = values["loss"]
                 if not all(map(math.isfinite, values.values())):
                     raise self._diverged(values, epoch, progress.step)
                 for name in LOSSES:
                     progress.sums[name] += values[name]
                 if self.print_freq and progress.step % self.print_freq == 0:
                     self._print_running(epoch, progress, bar)
+                fetched = time.perf_counter()
             return True
         finally:
             progress.sums["seconds"] = time.perf_counter() - started
@@ -262,13 +309,22 @@ class Trainer:
                 + " ".join(f"{k} {v:.4f}" for k, v in running.items())
             )
 
-    def validate(self, episodes: Sequence[Episode] | None = None, examples: list | None = None) -> PCKSummary:
+    def validate(
+        self,
+        episodes: Sequence[Episode] | None = None,
+        examples: list | None = None,
+        baseline: PCKAccumulator | None = None,
+    ) -> PCKSummary:
         """PCK of autoregressive decoding: the model sees only its own previous predictions. The first queries'
-        results are appended to ``examples`` when it is given (the pictures)."""
+        results are appended to ``examples`` when it is given (the pictures); the copy-the-support baseline is scored
+        into ``baseline`` when it is given, on the same episodes."""
         self.model.eval()
         episodes = self.data.val_episodes if episodes is None else episodes
         predict = model_predictor(self.model, self.amp_dtype)
-        return evaluate(predict, self.data.eval_batches(episodes), self.device, examples, MAX_QUERIES)
+        batches = self.data.eval_batches(episodes)
+        if "permute_validation_keypoints" in self.faults:
+            batches = map(faults.permuted_targets, batches)
+        return evaluate(predict, batches, self.device, examples, MAX_QUERIES, baseline)
 
     def _draws_pictures(self, epoch: int) -> bool:
         c = self.config
@@ -279,13 +335,43 @@ class Trainer:
     def fit(self, resume: str | Path | None = None) -> RunResult:
         try:
             return self._fit(resume)
+        except torch.cuda.OutOfMemoryError as exc:
+            raise self._failed(self._out_of_memory(exc)) from None
+        except TrainingDiverged as exc:
+            raise self._failed(exc) from None
         finally:
             # The DataLoader workers go with the run: a worker process runs the next job without this one's.
             self.data.close()
+            if self.instruments:
+                self.instruments.close()
+
+    def _out_of_memory(self, exc: torch.cuda.OutOfMemoryError) -> OutOfMemory:
+        c = self.config
+        amp = "bf16 autocast on" if self.amp_dtype is not None else "AMP off"
+        advice = f"lower --batch_size (now {c.batch_size})" + (" or turn on --use_amp" if not c.use_amp else "")
+        crops = c.batch_size * (c.num_shots + c.num_queries_per_episode)
+        return OutOfMemory(
+            f"out of memory on {self.device} at epoch {len(self.history) + 1}: batch_size {c.batch_size} x "
+            f"({c.num_shots} support + {c.num_queries_per_episode} queries) = {crops} crops of "
+            f"{c.resolved_model.input_size} px per step, {amp}, preset {c.preset}; {advice}, or "
+            f"--num_queries_per_episode ({str(exc).splitlines()[0][:200]})"
+        )
+
+    def _failed(self, exc: Exception) -> Exception:
+        """The run's diagnosis with the failure's finding, told to the callbacks; returns ``exc`` to raise."""
+        diagnosis = diagnose(self.config, self.history, failure_finding(exc))
+        self._tell(diagnosis)
+        return exc
+
+    def _tell(self, diagnosis: Diagnosis) -> None:
+        if self.files:
+            self.files.write_diagnosis(diagnosis)
+        for cb in self.callbacks:
+            cb.on_diagnosis(diagnosis)
 
     def _fit(self, resume: str | Path | None) -> RunResult:
         completed, progress = self._restore(Path(resume)) if resume else (0, EpochProgress())
-        history = self.files.start(self.config, completed) if self.files else []
+        self.history = history = self.files.start(self.config, completed) if self.files else []
         for line in self.data.banner():
             self.log(line)
         if resume:
@@ -301,18 +387,23 @@ class Trainer:
                     if self.save(epoch - 1, progress)
                     else f"{where} (no output folder: nothing saved)"
                 )
-                return RunResult("stopped", epoch - 1, self.best_pck, history)
-            record = self._end_epoch(epoch, progress)
-            history.append(record)
+                return RunResult("stopped", epoch - 1, self.best_pck, history, diagnosis=self.diagnosis())
+            self._end_epoch(epoch, progress)
             progress = EpochProgress()
 
         test = self.test() if self.data.test_episodes else None
-        return RunResult("completed", self.config.epochs, self.best_pck, history, test)
+        return RunResult("completed", self.config.epochs, self.best_pck, history, test, self.diagnosis())
+
+    def diagnosis(self) -> Diagnosis | None:
+        return diagnose(self.config, self.history) if self.history else None
 
     def _end_epoch(self, epoch: int, progress: EpochProgress) -> EpochRecord:
         """Validate, report the epoch (log, metrics.jsonl, callbacks), then checkpoint it."""
         examples = [] if self._draws_pictures(epoch) else None
-        summary = self.validate(examples=examples)
+        # Single image: support = query, so copying the support is trivially right and says nothing.
+        baseline = PCKAccumulator() if self.config.mode != "single_image" else None
+        summary = self.validate(examples=examples, baseline=baseline)
+        copied = baseline.summary() if baseline is not None else None
         if examples:
             # Drawn before the epoch is reported: whoever sees its row can fetch its pictures.
             self.pictures.predictions(epoch, self.data.val_episodes, examples)
@@ -321,8 +412,11 @@ class Trainer:
             **{name: progress.sums[name] / self.steps_per_epoch for name in LOSSES},
             pck=finite_or_none(summary.pck),
             mpck=finite_or_none(summary.mpck),
+            baseline_pck=finite_or_none(copied.pck) if copied else None,
+            baseline_mpck=finite_or_none(copied.mpck) if copied else None,
             lr=self.optimizer.param_groups[0]["lr"],
             seconds=progress.sums["seconds"],
+            health=self._health(epoch),
         )
         # A PCK that does not exist (nothing countable) is never a best, and never blocks a later real one.
         # PCK@0.2 saturates (a memorised image is 100 % from an early epoch on): at equal PCK@0.2 the finer mPCK
@@ -339,10 +433,17 @@ class Trainer:
         if self.files:
             self.files.append(record)
         self.log(self._epoch_line(record))
+        self.history.append(record)
+        self._tell(diagnose(self.config, self.history))
         for cb in self.callbacks:
             cb.on_epoch_end(record)
         self.save(epoch, best=improved, val_pck=record.pck)
         return record
+
+    def _health(self, epoch: int) -> EpochHealth | None:
+        if self.instruments is None or self.chance_loss is None:
+            return None
+        return self.instruments.epoch_health(self.chance_loss, self.first_loss if epoch == 1 else None)
 
     def _epoch_line(self, r: EpochRecord) -> str:
         def percent(x: float | None) -> str:

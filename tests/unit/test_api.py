@@ -5,11 +5,14 @@ import uuid
 import pytest
 from sqlmodel import Session
 
+from cape.config import TrainConfig
 from cape.data.catalog import MP100Catalog
+from cape.diagnosis import Diagnosis, diagnose
+from cape.health import EpochHealth
 from service import job_state
 from service.db import get_engine
 from service.models import JobStatus
-from tests.helpers import run_epochs, single
+from tests.helpers import epoch_row, made_health, run_epochs, single
 
 
 @pytest.fixture(scope="module")
@@ -132,8 +135,11 @@ def test_metrics_after_epoch_returns_only_newer_rows(client, catalog):
         "loss_coords",
         "pck",
         "mpck",
+        "baseline_pck",
+        "baseline_mpck",
         "lr",
         "seconds",
+        "health",
         "created_at",
     }
     rest = client.get(f"/jobs/{job_id}/metrics", params={"after_epoch": 3}).json()
@@ -144,6 +150,28 @@ def test_metrics_after_epoch_returns_only_newer_rows(client, catalog):
     assert job["latest_loss"] == pytest.approx(1 / 7)
     assert client.get(f"/jobs/{job_id}/metrics", params={"after_epoch": -1}).status_code == 422
     assert client.get(f"/jobs/{job_id}/metrics", params={"after_epoch": 2**63}).status_code == 422
+
+
+def test_an_epochs_instruments_and_the_runs_diagnosis_read_back_as_the_worker_wrote_them(client, catalog):
+    job_id = uuid.UUID(client.post("/jobs", json=single(catalog, epochs=3)).json()["id"])
+    assert client.get(f"/jobs/{job_id}").json()["diagnosis"] is None  # nothing read yet
+    health = made_health(first_loss=7.8, parts={"decoder": {"grad_norm": 0.0, "trainable": False}})
+    record = epoch_row(1).model_copy(update={"health": health, "baseline_pck": 0.25, "baseline_mpck": 0.125})
+    diagnosis = diagnose(TrainConfig(mode="single_image", category_id=2, freeze=["decoder"]), [record])
+    with Session(get_engine()) as session:
+        assert job_state.claim(session, job_id, "w")
+        assert job_state.record_diagnosis(session, job_id, diagnosis, "w")
+        assert job_state.record_epoch(session, job_id, record, "w")
+    row = client.get(f"/jobs/{job_id}/metrics").json()["items"][0]
+    assert (row["baseline_pck"], row["baseline_mpck"]) == (0.25, 0.125)
+    assert EpochHealth.model_validate(row["health"]) == health
+    job = client.get(f"/jobs/{job_id}").json()
+    assert Diagnosis.model_validate(job["diagnosis"]) == diagnosis
+    assert [f["cause"] for f in job["diagnosis"]["findings"]] == ["no_gradient"]
+    assert job["diagnosis"]["findings"][0]["part"] == "decoder"
+    with Session(get_engine()) as session:  # another worker's diagnosis is not written
+        assert not job_state.record_diagnosis(session, job_id, diagnose(TrainConfig(mode="full"), []), "other")
+    assert Diagnosis.model_validate(client.get(f"/jobs/{job_id}").json()["diagnosis"]) == diagnosis
 
 
 def test_cancel_state_machine(client, catalog):

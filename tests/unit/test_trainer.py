@@ -157,7 +157,7 @@ class PCKSequence:
     def __init__(self, values):
         self.values = list(values)
 
-    def __call__(self, episodes=None, examples=None):
+    def __call__(self, episodes=None, examples=None, baseline=None):
         from cape.evaluation.metrics import PCKSummary
 
         value = self.values.pop(0)
@@ -217,7 +217,7 @@ def test_every_train_config_field_is_a_cli_flag_with_its_default():
     defaults = p.parse_args([])
     for name, field in TrainConfig.model_fields.items():
         if name not in SET_BY_OTHER_FLAGS:
-            assert getattr(defaults, name) == field.default, name
+            assert getattr(defaults, name) == field.get_default(call_default_factory=True), name
     config = config_from_args(
         p.parse_args(
             [
@@ -234,6 +234,9 @@ def test_every_train_config_field_is_a_cli_flag_with_its_default():
                 "base",
                 "--model",
                 '{"d_model": 64}',
+                "--freeze",
+                "backbone",
+                "matcher",
             ]
         )
     )
@@ -245,6 +248,7 @@ def test_every_train_config_field_is_a_cli_flag_with_its_default():
     )
     assert (config.test_episodes_per_category, config.augment, config.preset) == (0, False, "base")
     assert config.resolved_model.d_model == 64 and config.resolved_model.backbone == "resnet50"
+    assert config.freeze == ["backbone", "matcher"]
     assert config_from_args(p.parse_args([])).preset == TrainConfig().preset == "small", "one preset default everywhere"
 
 
