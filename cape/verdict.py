@@ -27,15 +27,26 @@ def is_memorised(loss: float, pck: float | None) -> bool:
 
 
 def single_image_verdict(
-    first_memorised: int | None, epochs_done: int, finished: bool, never_correct: list[int] | None = None
+    first_memorised: int | None,
+    epochs_done: int,
+    finished: bool,
+    never_correct: list[int] | None = None,
+    ended: str | None = None,
 ) -> Verdict:
-    """``first_memorised``: the first epoch where is_memorised held; ``finished``: the run did all its epochs."""
+    """``first_memorised``: the first epoch where is_memorised held; ``finished``: the run did all its epochs;
+    ``ended``: how a run that did not ended (cancelled, failed), when it will not go on."""
     if first_memorised is not None:
         return Verdict(
             state="memorised",
             epoch=first_memorised,
             message=f"memorised at epoch {first_memorised}: loss < {MEMORISED_LOSS} and PCK@0.2 = 100 % held together "
             "for the first time",
+        )
+    if not finished and ended:
+        return Verdict(
+            state="not yet",
+            message=f"not memorised in {epochs_done} epoch(s): the run {ended} before its end, so it cannot tell; a "
+            f"healthy model gets there within about {EXPECTED_EPOCHS} epochs",
         )
     if not finished:
         return Verdict(

@@ -301,7 +301,10 @@ class JobPublic(SQLModel):
         if job.mode == "single_image":
             # Only a run that did all its epochs can be judged not memorised; one stopped early is "not yet".
             ran_all = job.status == JobStatus.succeeded
-            data["verdict"] = single_image_verdict(job.memorised_epoch, job.current_epoch, ran_all, job.never_correct)
+            ended = {JobStatus.cancelled: "was cancelled", JobStatus.failed: "failed"}.get(job.status)
+            data["verdict"] = single_image_verdict(
+                job.memorised_epoch, job.current_epoch, ran_all, job.never_correct, ended
+            )
         return cls.model_validate(data)
 
 

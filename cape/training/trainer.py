@@ -150,7 +150,9 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, config)
         self.scheduler = build_scheduler(self.optimizer, config, self.steps_per_epoch)
         self.best_pck: float | None = None
-        self.best_mpck: float | None = None  # of the best epoch: breaks ties of PCK@0.2 (see _end_epoch)
+        # Of the best epoch: break ties of PCK@0.2, mPCK first, then the training loss (see _end_epoch).
+        self.best_mpck: float | None = None
+        self.best_loss: float | None = None
 
     # --- checkpoints ---------------------------------------------------------------------------------------------
 
@@ -172,6 +174,7 @@ class Trainer:
             "partial": progress.sums,  # running sums of the unfinished epoch
             "best_pck": self.best_pck,
             "best_mpck": self.best_mpck,
+            "best_loss": self.best_loss,
             "first_loss": self.first_loss,
             "val_pck": val_pck,
             "rng": checkpoint.rng_state(),
@@ -196,7 +199,11 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.best_pck, self.best_mpck = state["best_pck"], state.get("best_mpck")
+        self.best_pck, self.best_mpck, self.best_loss = (
+            state["best_pck"],
+            state.get("best_mpck"),
+            state.get("best_loss"),
+        )
         self.first_loss = state.get("first_loss")
         checkpoint.set_rng_state(state["rng"])
         progress = EpochProgress(state["step"], state["partial"]) if state["step"] else EpochProgress()
@@ -420,14 +427,15 @@ class Trainer:
         )
         # A PCK that does not exist (nothing countable) is never a best, and never blocks a later real one.
         # PCK@0.2 saturates (a memorised image is 100 % from an early epoch on): at equal PCK@0.2 the finer mPCK
-        # decides, so that "best" is not simply the first epoch to reach it.
+        # decides, and at equal mPCK (100 % too) the lower training loss, so that "best" is not simply the first
+        # epoch to reach them.
         improved = record.pck is not None and (
             self.best_pck is None
-            or record.pck > self.best_pck
-            or (record.pck == self.best_pck and (record.mpck or 0.0) > (self.best_mpck or 0.0))
+            or (record.pck, record.mpck or 0.0, -record.loss)
+            > (self.best_pck, self.best_mpck or 0.0, -(self.best_loss if self.best_loss is not None else math.inf))
         )
         if improved:
-            self.best_pck, self.best_mpck = record.pck, record.mpck
+            self.best_pck, self.best_mpck, self.best_loss = record.pck, record.mpck, record.loss
         # Report first, checkpoint last: a crash in between makes a resumed run repeat this epoch (and report it
         # again, which consumers ignore), never skip its report.
         if self.files:

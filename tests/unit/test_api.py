@@ -174,6 +174,18 @@ def test_an_epochs_instruments_and_the_runs_diagnosis_read_back_as_the_worker_wr
     assert Diagnosis.model_validate(client.get(f"/jobs/{job_id}").json()["diagnosis"]) == diagnosis
 
 
+def test_a_single_image_run_that_ended_early_says_so_in_its_verdict(client, catalog):
+    job_id = client.post("/jobs", json=single(catalog, epochs=7)).json()["id"]
+    run_epochs(uuid.UUID(job_id), 2)  # not memorised: the made-up rows' PCK is 10 % and 20 %
+    assert client.get(f"/jobs/{job_id}").json()["verdict"]["message"].startswith("not memorised (yet) after 2")
+    assert client.post(f"/jobs/{job_id}/cancel").json()["status"] == "cancelling"
+    with Session(get_engine()) as session:
+        assert job_state.finish(session, uuid.UUID(job_id), JobStatus.cancelled, worker="test-worker")
+    verdict = client.get(f"/jobs/{job_id}").json()["verdict"]
+    assert verdict["state"] == "not yet"
+    assert verdict["message"].startswith("not memorised in 2 epoch(s): the run was cancelled before its end")
+
+
 def test_cancel_state_machine(client, catalog):
     queued = client.post("/jobs", json=single(catalog)).json()["id"]
     response = client.post(f"/jobs/{queued}/cancel")

@@ -202,6 +202,19 @@ def test_at_equal_pck_the_finer_mpck_picks_the_best(synthetic_root, tmp_path):
     assert (state["epoch"], state["best_pck"], state["best_mpck"], state["val_pck"]) == (2, 1.0, 0.9, 1.0)
 
 
+def test_at_equal_pck_and_mpck_the_lower_training_loss_picks_the_best(synthetic_root, tmp_path):
+    """A memorised image scores 100 % on both from its first epochs on: best is not simply the first of them."""
+    trainer = Trainer(tiny_config(synthetic_root, mode="single_image", epochs=4, lr=3e-3), tmp_path)
+    trainer.validate = PCKSequence([1.0] * 4)
+    bests = recording_saves(trainer)
+    result = trainer.fit()
+    losses = [r.loss for r in result.history]
+    expected = [loss < min(losses[:i], default=float("inf")) for i, loss in enumerate(losses)]
+    assert bests == expected and sum(expected) >= 2, losses
+    state = torch.load(tmp_path / "checkpoint_best.pt", weights_only=False)
+    assert state["best_loss"] == min(losses) and state["epoch"] == 1 + losses.index(min(losses))
+
+
 def test_a_stopped_run_without_an_output_folder_does_not_claim_a_checkpoint(synthetic_root):
     lines = []
     result = Trainer(tiny_config(synthetic_root, epochs=2), callbacks=[StopAfter(1)], log=lines.append).fit()
