@@ -195,10 +195,18 @@ def record_epoch(session: Session, job_id: uuid.UUID, record: EpochRecord, worke
         .returning(EpochMetric.epoch)  # rowcount is -1 for this statement on psycopg: a returned row says inserted
     )
     inserted = session.execute(statement).first() is not None
-    pck = values["pck"]
-    progress = dict(current_epoch=values["epoch"], latest_loss=values["loss"], latest_pck=pck, heartbeat_at=utcnow())
+    pck, mpck = values["pck"], values["mpck"]
+    progress = dict(
+        current_epoch=values["epoch"],
+        latest_loss=values["loss"],
+        latest_pck=pck,
+        latest_mpck=mpck,
+        heartbeat_at=utcnow(),
+    )
     if pck is not None:
         progress["best_pck"] = case((Job.best_pck.is_(None) | (Job.best_pck < pck), pck), else_=Job.best_pck)
+    if mpck is not None:
+        progress["best_mpck"] = case((Job.best_mpck.is_(None) | (Job.best_mpck < mpck), mpck), else_=Job.best_mpck)
     if is_memorised(record.loss, pck):
         progress["memorised_epoch"] = func.coalesce(Job.memorised_epoch, values["epoch"])
     # A finished job's progress stays as it ended, even if a late duplicate of an epoch arrives. The row and the

@@ -82,6 +82,7 @@ class Job(SQLModel, table=True):
     current_epoch: int = 0
     total_epochs: int
     best_pck: float | None = None
+    best_mpck: float | None = None  # the highest mPCK of any epoch (not necessarily best_pck's epoch)
     # single_image: the first epoch at which it was memorised (cape.verdict), and when it finished without, the
     # keypoints that were never correct
     memorised_epoch: int | None = None
@@ -91,6 +92,7 @@ class Job(SQLModel, table=True):
     # training jobs: the trainer's latest cape.diagnosis.Diagnosis (after every epoch, and at a failure it explains)
     diagnosis: dict | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     latest_pck: float | None = None
+    latest_mpck: float | None = None
     latest_loss: float | None = None
     error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     attempts: int = 0  # tries that ended without a result (a lost worker); a graceful hand-off gives its try back
@@ -265,6 +267,8 @@ class JobPublic(SQLModel):
     progress: float
     latest_pck: float | None
     best_pck: float | None
+    latest_mpck: float | None
+    best_mpck: float | None
     latest_loss: float | None
     verdict: Verdict | None = PydanticField(description="single_image: memorised, not yet, or not memorised")
     diagnosis: Diagnosis | None = PydanticField(

@@ -1,4 +1,4 @@
-"""training health: epoch instruments, copy-the-support baseline per epoch, the job's diagnosis
+"""training health: epoch instruments, copy-the-support baseline per epoch, the job's diagnosis and mPCK
 
 Revision ID: 0004
 Revises: 0003
@@ -26,11 +26,15 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column('health', sa.JSON(), nullable=True))
     with op.batch_alter_table('job', schema=None) as batch_op:
         batch_op.add_column(sa.Column('diagnosis', sa.JSON(), nullable=True))
+        batch_op.add_column(sa.Column('best_mpck', sa.Float(), nullable=True))
+        batch_op.add_column(sa.Column('latest_mpck', sa.Float(), nullable=True))
 
 
 def downgrade() -> None:
     """Downgrade schema."""
     with op.batch_alter_table('job', schema=None) as batch_op:
+        batch_op.drop_column('latest_mpck')
+        batch_op.drop_column('best_mpck')
         batch_op.drop_column('diagnosis')
     with op.batch_alter_table('epoch_metric', schema=None) as batch_op:
         batch_op.drop_column('health')

@@ -9,10 +9,17 @@ const Plotly = window.Plotly;
 export const COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
                        "#7f7f7f", "#bcbd22"];
 
-const EMPTY = {xref: "paper", yref: "paper", x: 0.5, y: 0.5, text: "no epochs yet", showarrow: false,
-               font: {size: 13, color: "#999"}};
+// The note on a chart with nothing to draw: "no epochs yet", or what a chart of absent values says instead.
+const emptyNote = (text) => ({xref: "paper", yref: "paper", x: 0.5, y: 0.5, text, showarrow: false,
+                              font: {size: 13, color: "#999"}});
 
-const CONFIG = {responsive: true, displaylogo: false, modeBarButtonsToRemove: ["select2d", "lasso2d"]};
+// No "Share chart" (sendChartToCloud: an upload to Plotly's cloud): the page talks to this service's API only.
+const CONFIG = {responsive: true, displaylogo: false,
+                modeBarButtonsToRemove: ["select2d", "lasso2d", "sendChartToCloud"]};
+// A small chart (a narrow grid cell): the zoom and its reset only, so that the bar leaves the title readable.
+const COMPACT_CONFIG = {...CONFIG, modeBarButtonsToRemove: [...CONFIG.modeBarButtonsToRemove, "toImage", "pan2d",
+                        "zoomIn2d", "zoomOut2d", "autoScale2d", "toggleSpikelines", "hoverClosestCartesian",
+                        "hoverCompareCartesian"]};
 
 export function available() {
   return Boolean(Plotly);
@@ -21,43 +28,51 @@ export function available() {
 export class LineChart {
   /**
    * el: the container; title; yTitle; traces: [{name, color?, dash?, width?, rank?}]; percent: y is a fraction in %;
-   * log: logarithmic y; guide: {y, text}: a dotted horizontal line (a target).
+   * log: logarithmic y; range: [min, max] of a linear y; guide: {y, text}: a dotted horizontal line (a target);
+   * decades: a log axis ticked at powers of ten only (a loss spans several), else wherever they fit (a narrow range);
+   * height in pixels; empty: what the chart says while it has no value to draw; compact: a small chart in a grid (a
+   * shorter tool bar). x is the epoch, untitled: a title there would collide with a legend of two rows.
    */
-  constructor(el, {title, yTitle, traces = [], percent = false, log = false, guide = null}) {
+  constructor(el, {title, yTitle, traces = [], percent = false, log = false, decades = true, range = null, guide = null,
+                   height = 300, empty = "no epochs yet", compact = false}) {
     this.el = el;
+    this.config = compact ? COMPACT_CONFIG : CONFIG;
+    this.empty = emptyNote(empty);
     this.traces = traces.map((t, i) => this.trace(t, i));
     this.layout = {
       title: {text: title, font: {size: 14}, x: 0.02, xanchor: "left"},
       uirevision: "keep",  // a react() keeps what the user did to the axes and legend
       margin: {l: 56, r: 16, t: 36, b: 40},
-      height: 300,
-      xaxis: {title: {text: "epoch"}, rangemode: "tozero", zeroline: false, automargin: true},
-      yaxis: {title: {text: yTitle}, type: log ? "log" : "linear", automargin: true, ...(log ? {dtick: 1} : {}),
-              ...(percent ? {tickformat: ".0%", range: [0, 1.05]} : {})},
+      height,
+      xaxis: {rangemode: "tozero", zeroline: false, automargin: true},
+      yaxis: {title: {text: yTitle}, type: log ? "log" : "linear", automargin: true,
+              ...(log ? (decades ? {dtick: 1} : {exponentformat: "power", nticks: 4}) : {}),
+              ...(percent ? {tickformat: ".0%", range: [0, 1.05]} : {}), ...(range ? {range} : {})},
       showlegend: true,
-      legend: {orientation: "h", y: -0.25, x: 0},
+      legend: {orientation: "h", y: -0.12, yanchor: "top", x: 0}, // more rows go down, not up
       hovermode: "x unified",
       shapes: guide ? [{type: "line", xref: "paper", x0: 0, x1: 1, y0: guide.y, y1: guide.y,
                         line: {dash: "dot", width: 1, color: "#888"}}] : [],
       annotations: [
         ...(guide ? [{xref: "paper", x: 1, y: log ? Math.log10(guide.y) : guide.y, text: guide.text,
                       showarrow: false, xanchor: "right", yanchor: "bottom", font: {size: 10, color: "#666"}}] : []),
-        EMPTY,
+        this.empty,
       ],
       paper_bgcolor: "rgba(0,0,0,0)",
       plot_bgcolor: "#fff",
     };
     this.fit();
-    this.ready = Plotly.newPlot(el, this.traces, this.layout, CONFIG);
+    this.ready = Plotly.newPlot(el, this.traces, this.layout, this.config);
   }
 
-  /** Layout that depends on the data: "no epochs yet" on an empty chart; a tick per epoch while there are few. */
+  /** Layout that depends on the data: the empty note while no value is drawn; a tick per epoch while there are few. */
   fit() {
-    const points = (this.el.data || this.traces).flatMap((t) => Array.from(t.x || []));
+    const traces = this.el.data || this.traces;
+    const points = traces.flatMap((t) => Array.from(t.x || []));
     const last = points.length ? Math.max(...points) : 0;
     const changed = [];
-    const empty = points.length === 0;
-    const annotations = this.layout.annotations.filter((a) => a !== EMPTY).concat(empty ? [EMPTY] : []);
+    const empty = !traces.some((t) => Array.from(t.y || []).some((y) => y != null));
+    const annotations = this.layout.annotations.filter((a) => a !== this.empty).concat(empty ? [this.empty] : []);
     if (annotations.length !== this.layout.annotations.length) {
       this.layout.annotations = annotations;
       changed.push("annotations");
@@ -98,7 +113,7 @@ export class LineChart {
     await this.ready;
     this.traces = traces.map((t, i) => this.trace(t, i));
     this.fit();
-    await Plotly.react(this.el, this.traces, this.layout, CONFIG);
+    await Plotly.react(this.el, this.traces, this.layout, this.config);
   }
 
   /** How many points each trace has: what the page shows right now. */

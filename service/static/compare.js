@@ -1,14 +1,18 @@
 // GET /compare?ids=<id>,<id> or /compare?tag=<tag>: several runs' curves overlaid (a learning-rate sweep, say), the
-// loss and the PCK side by side, with what differs between the runs. Runs still training keep growing: this page
-// polls GET /jobs/{id}/metrics for them (one stream per job would use up the browser's connections to the server).
+// loss and the PCK side by side, with what differs between the runs; below them any one instrument of the runs
+// (&metric=<key>, a key of health.js's INSTRUMENTS: gradient norm, clip rate, update ratio of a part, step time...).
+// Runs still training keep growing: this page polls GET /jobs/{id}/metrics for them (one stream per job would use up
+// the browser's connections to the server).
 
 import {ApiError, allMetrics, getJSON, isTerminal} from "/static/api.js";
-import {COLORS, available, columns, lossChart, pckChart} from "/static/charts.js";
+import {COLORS, LineChart, available, columns, lossChart, pckChart} from "/static/charts.js";
+import {INSTRUMENT, INSTRUMENTS, chartOptions, series} from "/static/health.js";
 import {$, categoryLabel, h, header, jobTitle, num, pct, shortId, statusBadge, verdictBadge, whenVisible} from "/static/ui.js";
 
 const params = new URLSearchParams(location.search);
 const ids = (params.get("ids") || "").split(",").map((s) => s.trim()).filter(Boolean);
 const tag = (params.get("tag") || "").trim();
+const DEFAULT_METRIC = "grad_norm";
 
 // The runs compared and what the page has of them: all of it here.
 const state = {
@@ -16,7 +20,9 @@ const state = {
   diffs: [], // per job: the settings that differ from the others', "name=value, ..."
   labels: [], // per job: its legend entry
   follow: [], // per job: {next: the epoch after which to ask for rows, status: the metrics' last status}
-  charts: null, // {loss, pck}
+  rows: [], // per job: its epoch rows so far
+  metric: DEFAULT_METRIC, // the instrument overlaid below the two charts (a key of INSTRUMENT)
+  charts: null, // {loss, pck, metric}
 };
 
 header("compare");
@@ -30,6 +36,7 @@ $("#choose").addEventListener("submit", (event) => {
   const chosenIds = $("#ids").value.split(/[\s,]+/).filter(Boolean);
   if (chosenTag) query.set("tag", chosenTag);
   else if (chosenIds.length) query.set("ids", chosenIds.join(","));
+  if (state.metric !== DEFAULT_METRIC) query.set("metric", state.metric);
   location.href = `/compare?${query}`;
 });
 
@@ -79,9 +86,15 @@ async function renderTable() {
     h("td", {class: "num"}, `${job.current_epoch}/${job.total_epochs}`),
     h("td", {class: "num"}, num(job.latest_loss)),
     h("td", {class: "num"}, pct(job.best_pck)),
+    h("td", {class: "num best-mpck"}, pct(best(state.rows[i], "mpck"))),
     h("td", {}, verdictBadge(job)),
   )));
   $("#runs tbody").replaceChildren(...rows);
+}
+
+function best(rows = [], field) {
+  const values = rows.map((r) => r[field]).filter((v) => v != null);
+  return values.length ? Math.max(...values) : null;
 }
 
 /** The charts, with every run's epochs so far: one trace per run, in the table's colours. */
@@ -89,13 +102,56 @@ async function drawCharts() {
   const {jobs} = state;
   const history = await Promise.all(jobs.map((job) => allMetrics(job.id)));
   state.follow = history.map((page) => ({next: page.next, status: page.status}));
+  state.rows = history.map((page) => page.rows);
   const traces = (field) => jobs.map((job, i) => ({name: state.labels[i], color: COLORS[i % COLORS.length],
                                                   ...columns(history[i].rows, [field])[0]}));
   state.charts = {
     loss: lossChart($("#loss-chart"), {traces: traces("loss"), singleImage: jobs.every((job) => job.mode === "single_image")}),
     pck: pckChart($("#pck-chart"), {title: "Validation PCK@0.2", traces: traces("pck")}),
   };
-  await Promise.all([state.charts.loss.ready, state.charts.pck.ready]);
+  await Promise.all([state.charts.loss.ready, state.charts.pck.ready, drawMetric()]);
+}
+
+// --- any instrument, overlaid ------------------------------------------------------------------------------------
+
+function metricPicker() {
+  const groups = new Map();
+  for (const instrument of INSTRUMENTS) {
+    if (!groups.has(instrument.group)) groups.set(instrument.group, []);
+    groups.get(instrument.group).push(h("option", {value: instrument.key}, instrument.label));
+  }
+  const select = $("#metric");
+  select.replaceChildren(...[...groups].map(([label, options]) => h("optgroup", {label}, options)));
+  const asked = params.get("metric");
+  if (asked && !INSTRUMENT[asked]) {
+    message(`Unknown instrument “${asked}”: choose one of ${INSTRUMENTS.map((i) => i.key).join(", ")}.`);
+  } else if (asked) {
+    state.metric = asked;
+  }
+  select.value = state.metric;
+  select.addEventListener("change", () => {
+    state.metric = select.value;
+    const query = new URLSearchParams(location.search);
+    query.set("metric", state.metric);
+    history.replaceState(null, "", `/compare?${query}`); // the chosen instrument is part of the link to share
+    drawMetric();
+  });
+}
+
+/** The chosen instrument, one trace per run: a new chart (its axis may be another kind), the runs' rows so far. */
+async function drawMetric() {
+  if (!state.charts) return; // no runs to draw
+  const instrument = INSTRUMENT[state.metric];
+  const title = instrument.label.charAt(0).toUpperCase() + instrument.label.slice(1);
+  const chart = new LineChart($("#metric-chart"), {
+    title, ...chartOptions(instrument), height: 340,
+    empty: `no values: ${instrument.absent || "these runs did not report it"}`,
+    traces: state.jobs.map((job, i) => ({name: state.labels[i], color: COLORS[i % COLORS.length],
+                                         ...series(instrument, state.rows[i] || [])})),
+  });
+  state.charts.metric = chart;
+  $("#metric-chart").dataset.metric = state.metric;
+  await chart.ready;
 }
 
 /** Runs still training gain points without a reload (extendTraces: the zoom stays), and the table follows. */
@@ -103,14 +159,20 @@ async function followOpenRuns() {
   const {jobs, follow, charts} = state;
   const open = jobs.map((job, i) => i).filter((i) => !isTerminal(follow[i].status ?? jobs[i].status));
   if (!open.length || !charts) return;
-  const lossColumns = jobs.map(() => null), pckColumns = jobs.map(() => null);
+  const lossColumns = jobs.map(() => null), pckColumns = jobs.map(() => null), metricColumns = jobs.map(() => null);
+  const instrument = INSTRUMENT[state.metric], metricChart = charts.metric;
   await Promise.all(open.map(async (i) => {
     const page = await allMetrics(jobs[i].id, follow[i].next);
     follow[i] = {next: page.next, status: page.status};
+    state.rows[i].push(...page.rows);
     [lossColumns[i], pckColumns[i]] = columns(page.rows, ["loss", "pck"]);
+    metricColumns[i] = series(instrument, page.rows);
     jobs[i] = await getJSON(`/jobs/${jobs[i].id}`);
   }));
-  await Promise.all([charts.loss.extend(lossColumns), charts.pck.extend(pckColumns)]);
+  // Another instrument picked meanwhile: its chart, drawn from rows that may lack these, is drawn again.
+  const picked = metricChart !== state.charts.metric;
+  await Promise.all([charts.loss.extend(lossColumns), charts.pck.extend(pckColumns),
+                     picked ? drawMetric() : metricChart.extend(metricColumns)]);
   await renderTable();
 }
 
@@ -121,6 +183,7 @@ if (!state.jobs.length && !tag && !ids.length) {
 state.diffs = differences(state.jobs);
 state.labels = legendLabels(state.jobs, state.diffs);
 state.follow = state.jobs.map(() => ({next: 0, status: null}));
+metricPicker();
 if (state.jobs.length && available()) await drawCharts();
 await renderTable();
 document.body.dataset.ready = "true";

@@ -51,6 +51,11 @@ function updateCompare() {
   byTag.href = `/compare?tag=${encodeURIComponent(filters.tag)}`;
 }
 
+/** mPCK under a PCK, where the API gives it. */
+function mpck(value) {
+  return value == null ? null : h("div", {class: "muted small mpck"}, `mPCK ${pct(value)}`);
+}
+
 function row(job) {
   const {selected} = state;
   const box = h("input", {type: "checkbox", class: "select", value: job.id, checked: selected.has(job.id),
@@ -73,8 +78,8 @@ function row(job) {
     // an evaluation has no epochs: its one number is the PCK on the unseen categories
     job.mode === "evaluate"
       ? h("td", {class: "num latest-pck", title: "PCK@0.2 on the unseen test categories"}, h("span", {class: "muted small"}, "test "), pct(job.test_result?.pck))
-      : h("td", {class: "num latest-pck"}, pct(job.latest_pck)),
-    h("td", {class: "num best-pck"}, pct(job.best_pck)),
+      : h("td", {class: "num latest-pck"}, pct(job.latest_pck), mpck(job.latest_mpck)),
+    h("td", {class: "num best-pck"}, pct(job.best_pck), mpck(job.best_mpck)),
     h("td", {class: "verdict"}, verdictBadge(job)),
     h("td", {class: "tags"}, tags),
     h("td", {class: "nowrap"}, when(job.created_at)),

@@ -1,11 +1,13 @@
 // GET /runs/<job id>: one run, live. Curves grow as epochs arrive (GET /jobs/{id}/events, a fetch()-read stream),
-// with the status, the verdict, the pictures and the log tail; Cancel and Clone. A training job with a checkpoint
-// also gets the checkpoints card (download, evaluate) and the "Try it" panel; an evaluate job shows what it
-// evaluated and its test table instead of curves and pictures.
+// with the status, the verdict, the Health card (the diagnosis in words and the training-health instruments), the
+// pictures and the log tail; Cancel and Clone. A training job with a checkpoint also gets the checkpoints card
+// (download, evaluate) and the "Try it" panel; an evaluate job shows what it evaluated and its test table instead of
+// curves and pictures.
 
 import {ApiError, blobURL, followJob, getJSON, isTerminal, postJSON} from "/static/api.js";
 import {available, columns, lossChart, pckChart} from "/static/charts.js";
 import {CheckpointsCard} from "/static/checkpoints.js";
+import {HealthCard} from "/static/health.js";
 import {TryIt} from "/static/tryit.js";
 import {$, categoryLabel, h, header, jobTitle, num, pct, progressBar, showError, statusBadge, verdictStyle, when}
   from "/static/ui.js";
@@ -20,7 +22,10 @@ const state = {
   job: null, // the job as last heard of (GET /jobs/{id}, the stream's status events)
   sourceJob: null, // an evaluate job's: the job it evaluates, fetched once, for its name
   cancelArmed: null, // the first click on Cancel: its timer (a second click within 5 s cancels)
-  curves: {loss: null, pck: null, pending: [], flushTimer: null}, // the charts, and epochs waiting to be drawn
+  curves: {loss: null, pck: null, pending: [], flushTimer: null, rows: []}, // the charts, epochs waiting to be drawn,
+                                                                          // and those drawn
+  health: null, // the Health card (training jobs)
+  diagnosis: {busy: null, again: false}, // a refetch of the job for its diagnosis in flight; another one wanted
   checkpoints: {items: [], card: null, tryIt: null, busy: null},
   pictures: {epochs: [], seq: 0, inputsShown: false, busy: null},
   log: {offset: 0, text: ""},
@@ -57,7 +62,10 @@ async function renderJob(next) {
   const training = [
     ...term("Epoch", `${job.current_epoch} of ${job.total_epochs}`),
     ...term("Latest PCK@0.2", pct(job.latest_pck)),
+    ...term("Latest mPCK", h("span", {id: "latest-mpck"})),
     ...term("Best PCK@0.2", pct(job.best_pck)),
+    ...term("Best mPCK", h("span", {id: "best-mpck"})),
+    ...(job.mode === "single_image" ? [] : term("Copy-the-support", h("span", {id: "latest-baseline"}))),
     ...term("Latest loss", num(job.latest_loss)),
   ];
   $("#summary").replaceChildren(
@@ -75,6 +83,44 @@ async function renderJob(next) {
     ...term("Finished", when(job.finished_at)),
     ...term("Settings", h("details", {}, h("summary", {}, "all"), h("pre", {class: "config"}, JSON.stringify(job.config, null, 2)))),
   );
+  renderValidation();
+  state.health?.showDiagnosis(job.diagnosis);
+}
+
+/** The summary's mPCK and baseline: from the epoch rows the page has (the job carries PCK@0.2 only). */
+function renderValidation() {
+  const rows = state.curves.rows;
+  const latest = (field) => rows.findLast((r) => r[field] != null)?.[field];
+  const mpcks = rows.map((r) => r.mpck).filter((v) => v != null);
+  const set = (id, value) => {
+    const el = document.getElementById(id);
+    if (el) el.textContent = value;
+  };
+  set("latest-mpck", pct(latest("mpck")));
+  set("best-mpck", pct(mpcks.length ? Math.max(...mpcks) : null));
+  const baseline = rows.findLast((r) => r.baseline_pck != null);
+  set("latest-baseline", baseline ? `PCK@0.2 ${pct(baseline.baseline_pck)} · mPCK ${pct(baseline.baseline_mpck)}` : "–");
+}
+
+/** The job again, for its diagnosis: the worker writes it just before each epoch's row, without an event of its own.
+ * An epoch that arrives during a refetch asks for one more after it (the one in flight may predate its diagnosis). */
+async function refreshDiagnosis() {
+  const refetch = state.diagnosis;
+  if (refetch.busy) {
+    refetch.again = true;
+    return refetch.busy;
+  }
+  refetch.busy = (async () => {
+    do {
+      refetch.again = false;
+      try {
+        state.health?.showDiagnosis((await getJSON(`/jobs/${jobId}`, {signal: controller.signal})).diagnosis);
+      } catch {
+        return; // the next epoch, status event or the end asks again
+      }
+    } while (refetch.again);
+  })().finally(() => { refetch.busy = null; });
+  return refetch.busy;
 }
 
 function renderVerdict() {
@@ -172,6 +218,11 @@ const LOSS_TRACES = [{name: "loss_ce", color: "#d62728", dash: "dot", width: 1.5
                      {name: "loss_coords", color: "#2ca02c", dash: "dash", width: 1.5, rank: 3},
                      {name: "loss", color: "#1f77b4", width: 2.5, rank: 1}];
 const PCK_TRACES = [{name: "PCK@0.2", color: "#2ca02c"}, {name: "mPCK", color: "#9467bd", dash: "dash"}];
+// Copying the support's keypoints onto the query (category and full modes): a model at or under these lines has
+// learnt nothing the support did not already say. Single-image runs have none (support = query).
+const BASELINE_TRACES = [{name: "copy-the-support PCK@0.2", color: "#2ca02c", dash: "dot", width: 1.5},
+                         {name: "copy-the-support mPCK", color: "#9467bd", dash: "dot", width: 1.5}];
+const PCK_FIELDS = ["pck", "mpck", "baseline_pck", "baseline_mpck"];
 
 function drawCharts() {
   if (!available()) {
@@ -179,7 +230,8 @@ function drawCharts() {
     return;
   }
   state.curves.loss = lossChart($("#loss-chart"), {traces: LOSS_TRACES, singleImage: state.job.mode === "single_image"});
-  state.curves.pck = pckChart($("#pck-chart"), {traces: PCK_TRACES});
+  const baseline = state.job.mode !== "single_image";
+  state.curves.pck = pckChart($("#pck-chart"), {traces: baseline ? [...PCK_TRACES, ...BASELINE_TRACES] : PCK_TRACES});
 }
 
 function onEpoch(row) {
@@ -195,9 +247,13 @@ async function flush() {
   curves.pending = [];
   if (!rows.length) return;
   document.body.dataset.epochs = String(rows[rows.length - 1].epoch);
+  curves.rows.push(...rows);
+  renderValidation();
+  refreshDiagnosis();
+  const pckFields = state.job.mode === "single_image" ? PCK_FIELDS.slice(0, 2) : PCK_FIELDS;
   if (curves.loss) {
     await Promise.all([curves.loss.extend(columns(rows, ["loss_ce", "loss_coords", "loss"])),
-                       curves.pck.extend(columns(rows, ["pck", "mpck"]))]);
+                       curves.pck.extend(columns(rows, pckFields)), state.health?.addRows(rows)]);
   }
   refreshPictures();
   refreshCheckpoints(); // a better epoch saved a new best
@@ -352,6 +408,11 @@ if (evaluation) {
   for (const id of ["clone", "verdict"]) $(`#${id}`).hidden = true;
   for (const selector of [".charts", ".pictures"]) $(selector).hidden = true;
 } else {
+  if (available()) {
+    $("#health").hidden = false;
+    state.health = new HealthCard($("#health"));
+    state.health.showDiagnosis(state.job.diagnosis);
+  }
   drawCharts();
   refreshPictures();
   refreshCheckpoints();

@@ -2,9 +2,11 @@
 Celery worker, SQLite), through the page's own forms and buttons.
 
 One stack for the module: submit a single-image job through the form and watch it live (curves, verdict, pictures,
-log), clone it into a second run with another learning rate and cancel a third, compare the two runs, try the first
-run's checkpoint on dataset images ("Try it": place keypoints, predict, download the checkpoint), a tiny full-mode run
-and its test table, an evaluation of it started from its page, then the page with API keys on.
+log), clone it into a second run with another learning rate and cancel a third, compare the two runs, a faulty run
+(lr 1e-7) whose Health card names the cause and draws the training-health instruments, any instrument overlaid in a
+comparison, try the first run's checkpoint on dataset images ("Try it": place keypoints, predict, download the
+checkpoint), a tiny full-mode run and its test table, an evaluation of it started from its page, then the page with API
+keys on.
 
 Each test gets the jobs it needs from the `made` fixture: the one an earlier test made through the page when there is
 one and it is what this test needs, else one made through the API. So a test never skips for want of another test's
@@ -54,6 +56,8 @@ KEY = "page-test-key-7f3a"
 FIRST = {"epochs": "3", "batch_size": "1", "num_queries_per_episode": "1", "episodes_per_epoch": "10"}
 FULL = {"epochs": "1", "episodes_per_epoch": "2", "batch_size": "1", "num_queries_per_episode": "1"}
 FULL_MORE = {"val_episodes_per_category": "1", "val_queries_per_episode": "1", "test_episodes_per_category": "1"}
+# A learning rate far too low to move the weights: the diagnosis needs 20 steps before it reads a trend.
+FAULTY = {"lr": 1e-7, "epochs": 2, "episodes_per_epoch": 10, "batch_size": 1, "num_queries_per_episode": 1}
 # How a verdict looks, on the run page (its box) and in the list and the comparison (its badge): the same everywhere.
 VERDICT_STYLE = {"memorised": "good", "not yet": "pending", "not memorised": "bad"}
 
@@ -72,13 +76,15 @@ def _bodies(category: int) -> dict[str, dict]:
         "first": first,
         "second": {**first, "lr": 0.002, "epochs": 2, "name": "lr 2e-3", "tags": ["page-sweep"]},
         "cancelled": {**first, "epochs": 200, "name": "to cancel", "tags": []},
+        "faulty": {**first, **FAULTY, "name": "lr 1e-7", "tags": []},
         "full": {"mode": "full", **{n: int(v) for n, v in {**FULL, **FULL_MORE}.items()}, "name": "full, tiny"},
     }
 
 
 class Jobs:
     """The jobs the browser tests work on, by role: "first" (a succeeded single-image run, lr 5e-4), "second" (its
-    clone with lr 2e-3, not failed: it may still be training), "cancelled", "full" (a succeeded tiny full run).
+    clone with lr 2e-3, not failed: it may still be training), "cancelled", "faulty" (a succeeded single-image run
+    with lr 1e-7), "full" (a succeeded tiny full run).
 
     A test that makes one through the page records it (`record`); a test that needs one asks for it (`need`) and gets
     the recorded one when it is what the test needs, else a new one made through the API, as the page would have made
@@ -211,10 +217,16 @@ def error_next_to(driver, field: str) -> str:
     return driver.find_element(By.CSS_SELECTOR, f'[data-field="{field}"] [data-error-for="{field}"]').text
 
 
+def grow_to_page(driver) -> None:
+    """The window as tall as the page (up to 4000 pixels), its own frame counted: a screenshot shows what the window
+    shows."""
+    height = js(driver, "return document.documentElement.scrollHeight + window.outerHeight - window.innerHeight")
+    driver.set_window_size(1400, min(max(height, 1000), 4000))
+
+
 def screenshot(driver, folder: Path, name: str) -> Path:
     """The whole page (the window grown to its height), in the test's folder and in /tmp/page_shots/."""
-    height = js(driver, "return document.documentElement.scrollHeight")
-    driver.set_window_size(1400, min(max(height, 1000), 4000))
+    grow_to_page(driver)
     try:
         path = folder / f"{name}.png"
         driver.save_screenshot(str(path))
@@ -226,11 +238,17 @@ def screenshot(driver, folder: Path, name: str) -> Path:
 
 
 def element_screenshot(element, folder: Path, name: str) -> None:
-    """One element, in the test's folder and in /tmp/page_shots/."""
-    path = folder / f"{name}.png"
-    element.screenshot(str(path))
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    shutil.copy(path, SHOTS / path.name)
+    """One element, in the test's folder and in /tmp/page_shots/: whole, the window grown to the page's height (a
+    screenshot of an element stops at the window's edge)."""
+    driver = element.parent
+    grow_to_page(driver)
+    try:
+        path = folder / f"{name}.png"
+        element.screenshot(str(path))
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, SHOTS / path.name)
+    finally:
+        driver.set_window_size(1400, 1000)
 
 
 def severe_console_errors(driver) -> list[str]:
@@ -360,6 +378,7 @@ def test_the_pages_and_their_files_are_served_without_a_key_and_stay_out_of_the_
         "checkpoints.js",
         "schema.js",
         "keypoints.js",
+        "health.js",
     ):
         assert client.get(f"/static/{name}").status_code == 200, name
     assert client.get("/static/../main.py").status_code == 404
@@ -564,6 +583,140 @@ def test_the_list_and_a_comparison_of_two_runs(browser, stack, made, tmp_path):
 
     open_page(d, f"{stack.base}/compare?tag=page-sweep", "ready")
     assert js(d, "return document.getElementById('pck-chart').data.map(t => t.name)") == sweep  # oldest first
+    assert severe_console_errors(d) == []
+
+
+def percent(value: float | None) -> str:
+    """A fraction as the page writes it (ui.js pct)."""
+    return "–" if value is None else f"{100 * value:.1f} %"
+
+
+def chart_traces(driver, chart: str) -> dict[str, dict]:
+    """A chart's traces by name, in their order: x, y, and how many lines Plotly drew in its SVG."""
+    traces = js(
+        driver,
+        "const el = document.getElementById(arguments[0]);"
+        "const drawn = el.querySelectorAll('.scatterlayer .trace').length;"
+        "return (el.data || []).map(t => [t.name, {x: Array.from(t.x), y: Array.from(t.y), drawn}])",
+        chart,
+    )
+    return dict(traces)
+
+
+@browser_test
+def test_a_faulty_runs_health_card_names_the_cause_and_draws_the_instruments(browser, stack, made, tmp_path):
+    """lr 1e-7 on a single image, submitted through the API: the run page's Health card says why it does not memorise
+    in the API's words (each finding's title, evidence and advice), once the diagnosis names the learning rate, and
+    draws the instruments of every epoch: gradient norm and update ratio per part, clip rate, time per step, memory;
+    the GPU's only where the run measured them. The summary shows mPCK beside PCK@0.2."""
+    d = browser
+    with httpx.Client(base_url=stack.base, timeout=30) as api:
+        response = api.post("/jobs", json=made.bodies["faulty"])
+        assert response.status_code == 201, response.text
+        job_id = response.json()["id"]
+    made.record("faulty", job_id)
+    open_page(d, f"{stack.base}/runs/{job_id}", "status")
+    js(d, "window.__sameDocument = true")  # gone if anything reloads the page
+    box = d.find_element(By.ID, "diagnosis")
+    wait(
+        d,
+        lambda d: "learning_rate_too_low" in (box.get_attribute("data-causes") or "").split(),
+        timeout=300,
+        message=f"the diagnosis never named the learning rate: {box.text}",
+    )
+    wait(d, lambda d: body_data(d, "live") == "ended", timeout=120)
+    assert body_data(d, "status") == "succeeded", d.find_element(By.ID, "error").text
+    assert js(d, "return window.__sameDocument === true"), "the page reloaded"
+    with httpx.Client(base_url=stack.base, timeout=30) as api:
+        diagnosis = api.get(f"/jobs/{job_id}").json()["diagnosis"]
+        rows = api.get(f"/jobs/{job_id}/metrics").json()["items"]
+    epochs = [r["epoch"] for r in rows]
+    assert epochs == list(range(1, FAULTY["epochs"] + 1)) and all(r["health"] for r in rows), rows
+
+    # The diagnosis in words: the latest one, each finding as the API words it (the style sheet alone capitalises a
+    # title's first letter), never a JSON dump.
+    wait(d, lambda d: box.get_attribute("data-epochs") == str(diagnosis["epochs"]))
+    assert box.get_attribute("data-healthy") == "false" and not diagnosis["healthy"]
+    shown = js(
+        d,
+        "return [...document.querySelectorAll('#diagnosis .finding')].map(f => ({cause: f.dataset.cause,"
+        " title: f.querySelector('.finding-title').textContent, text: f.textContent}))",
+    )
+    assert [f["cause"] for f in shown] == [f["cause"] for f in diagnosis["findings"]]
+    for on_page, finding in zip(shown, diagnosis["findings"]):
+        assert on_page["title"] == finding["title"]
+        assert finding["evidence"] in on_page["text"] and finding["advice"] in on_page["text"], on_page
+    assert "{" not in box.text and "learning rate is too low" in box.text.lower(), box.text
+
+    # The instruments: one point per epoch, the values the metrics give, every trace drawn in the SVG.
+    parts = rows[-1]["health"]["parts"]
+    trained = [name for name, part in parts.items() if part["trainable"]]
+    update = chart_traces(d, "health-update-chart")
+    assert set(update) == {part.replace("_", " ") for part in trained}, update.keys()
+    for part in trained:
+        trace = update[part.replace("_", " ")]
+        assert trace["x"] == epochs
+        assert trace["y"] == pytest.approx([r["health"]["parts"][part]["update_ratio"] for r in rows])
+    expected = {
+        ("grad", "whole model"): "grad_norm",
+        ("clip", "clip rate"): "clip_rate",
+        ("time", "data"): "data_seconds",
+        ("time", "compute"): "compute_seconds",
+        ("memory", "RSS"): "rss_peak_mib",
+    }
+    for (chart, name), field in expected.items():
+        assert chart_traces(d, f"health-{chart}-chart")[name]["y"] == pytest.approx(
+            [r["health"][field] for r in rows]
+        ), (chart, name)
+    for chart in ("grad", "clip", "update", "time", "memory"):
+        traces = chart_traces(d, f"health-{chart}-chart")
+        assert traces and all(t["drawn"] == len(traces) for t in traces.values()), (chart, traces)
+    # Absent, not zero: what the run could not measure (CUDA on the CPU) is neither a trace nor a chart.
+    cpu = all(r["health"]["cuda_allocated_peak_mib"] is None for r in rows)
+    assert ("CUDA allocated" in chart_traces(d, "health-memory-chart")) is not cpu
+    gpu_measured = any(r["health"]["gpu_utilisation"] is not None for r in rows)
+    assert d.find_element(By.ID, "health-gpu-chart").is_displayed() is gpu_measured
+    if cpu:
+        assert "CPU run: no GPU figures" in d.find_element(By.ID, "health-absent").text
+
+    # mPCK beside PCK@0.2, from the same rows.
+    assert text(d, "#latest-mpck") == percent(rows[-1]["mpck"])
+    assert text(d, "#best-mpck") == percent(max((r["mpck"] for r in rows if r["mpck"] is not None), default=None))
+    element_screenshot(d.find_element(By.ID, "health"), tmp_path, "health_card_faulty")
+    screenshot(d, tmp_path, "run_faulty")
+    assert severe_console_errors(d) == []
+
+
+@browser_test
+def test_the_comparison_overlays_any_instrument(browser, stack, made, tmp_path):
+    """The first run and the faulty one (lr 1e-7) compared: the instrument picked is overlaid, one trace per run with
+    its values, and the choice goes into the URL; an instrument no run has draws nothing and says why; the table
+    shows each run's best mPCK."""
+    d = browser
+    jobs = [made.need("first"), made.need("faulty")]
+    with httpx.Client(base_url=stack.base, timeout=30) as api:
+        rows = [api.get(f"/jobs/{job_id}/metrics").json()["items"] for job_id in jobs]
+    open_page(d, f"{stack.base}/compare?ids={','.join(jobs)}", "ready")
+    Select(d.find_element(By.ID, "metric")).select_by_value("update_ratio.decoder")
+    wait(d, lambda d: d.find_element(By.ID, "metric-chart").get_attribute("data-metric") == "update_ratio.decoder")
+    assert "metric=update_ratio.decoder" in d.current_url
+    overlaid = chart_traces(d, "metric-chart")
+    assert list(overlaid) == ["lr 5e-4", "lr 1e-7"]
+    for trace, run in zip(overlaid.values(), rows):
+        assert trace["x"] == [r["epoch"] for r in run] and trace["drawn"] == 2
+        assert trace["y"] == pytest.approx([r["health"]["parts"]["decoder"]["update_ratio"] for r in run])
+    best = [max((r["mpck"] for r in run if r["mpck"] is not None), default=None) for run in rows]
+    assert [text(d, f"#runs tr[data-job-id='{job_id}'] .best-mpck") for job_id in jobs] == list(map(percent, best))
+    screenshot(d, tmp_path, "compare_instrument")
+
+    # From the link, the same instrument; one that single-image runs never have (the copy-the-support baseline).
+    open_page(d, d.current_url.replace("update_ratio.decoder", "baseline_pck"), "ready")
+    assert Select(d.find_element(By.ID, "metric")).first_selected_option.get_attribute("value") == "baseline_pck"
+    assert all(r["baseline_pck"] is None for run in rows for r in run)
+    empty = chart_traces(d, "metric-chart")
+    assert list(empty) == ["lr 5e-4", "lr 1e-7"] and all(set(t["y"]) == {None} for t in empty.values()), empty
+    notes = js(d, "return document.getElementById('metric-chart').layout.annotations.map(a => a.text)")
+    assert "no values: none in single_image mode" in notes, notes
     assert severe_console_errors(d) == []
 
 
@@ -799,6 +952,24 @@ def test_a_full_mode_run_shows_its_test_table(browser, stack, made, tmp_path):
     rows = d.find_elements(By.CSS_SELECTOR, "#test-table tbody tr")
     assert rows and "baseline" in d.find_element(By.ID, "test-result").text
     assert "null" not in d.find_element(By.ID, "test-result").text
+    # The validation curves with the copy-the-support baseline as lines (PCK and mPCK), as the metrics give them.
+    metrics = httpx.get(f"{stack.base}/jobs/{made.ids['full']}/metrics", timeout=30).json()["items"]
+    curves = js(d, "return document.getElementById('pck-chart').data.map(t => [t.name, Array.from(t.y)])")
+    assert dict(curves) == {
+        "PCK@0.2": [r["pck"] for r in metrics],
+        "mPCK": [r["mpck"] for r in metrics],
+        "copy-the-support PCK@0.2": [r["baseline_pck"] for r in metrics],
+        "copy-the-support mPCK": [r["baseline_mpck"] for r in metrics],
+    }
+    assert all(r["baseline_pck"] is not None for r in metrics), metrics
+    # The Health card's diagnosis, as the API words it, healthy or not.
+    diagnosis = httpx.get(f"{stack.base}/jobs/{made.ids['full']}", timeout=30).json()["diagnosis"]
+    box = d.find_element(By.ID, "diagnosis")
+    wait(d, lambda d: box.get_attribute("data-epochs") == str(diagnosis["epochs"]))
+    if diagnosis["healthy"]:
+        assert box.text == f"Healthy: {diagnosis['message']}", box.text
+    else:
+        assert all(f["evidence"] in box.text for f in diagnosis["findings"]), box.text
     screenshot(d, tmp_path, "run_full")
     assert severe_console_errors(d) == []
 

@@ -147,6 +147,7 @@ def test_metrics_after_epoch_returns_only_newer_rows(client, catalog):
     assert client.get(f"/jobs/{job_id}/metrics", params={"after_epoch": 7}).json()["items"] == []
     job = client.get(f"/jobs/{job_id}").json()
     assert (job["current_epoch"], job["progress"], job["best_pck"], job["latest_pck"]) == (7, 1.0, 0.7, 0.7)
+    assert (job["best_mpck"], job["latest_mpck"]) == (0.35, 0.35)
     assert job["latest_loss"] == pytest.approx(1 / 7)
     assert client.get(f"/jobs/{job_id}/metrics", params={"after_epoch": -1}).status_code == 422
     assert client.get(f"/jobs/{job_id}/metrics", params={"after_epoch": 2**63}).status_code == 422
