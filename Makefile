@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DATA_ROOT ?= data/synthetic
 SPLIT ?= 1
 
-.PHONY: run catalog test test-fast lint format data bench bench-generalisation bench-service bench-streams bench-predict bench-predict-load bench-faults bench-input clean
+.PHONY: run catalog test test-fast lint format data bench bench-generalisation bench-service bench-streams bench-predict bench-predict-load bench-faults bench-input bench-instruments bench-diagnosis gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 is required"'
@@ -66,6 +66,15 @@ bench-faults: data  # the fault-injection tests, one line per fault (redis-serve
 
 bench-input: data  # the input pipeline alone on MP-100-sized photos (writes data/synthetic-mp100 once, ~300 MB)
 	$(PY) -m benchmarks.input_pipeline
+
+bench-instruments: data  # the training-health instruments' cost per step (single-image recipe, target <= 5 %)
+	$(PY) -m benchmarks.instruments --dataset_root $(DATA_ROOT)
+
+bench-diagnosis: data  # healthy runs and one per fault, with the figures the diagnosis's thresholds sit between
+	$(PY) -m benchmarks.diagnosis --dataset_root $(DATA_ROOT)
+
+gpu-check: data  # on a CUDA machine: step time, memory, input pipeline, memorisation, instruments (~3-6 minutes)
+	$(PY) -m benchmarks.gpu_check --dataset_root $(DATA_ROOT)
 
 clean:
 	rm -rf $(VENV) data *.egg-info

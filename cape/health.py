@@ -25,7 +25,8 @@ class PartHealth(BaseModel):
     grad_norm: float = Field(description="mean over the epoch's steps of the part's gradient norm, before clipping")
     grad_norm_max: float = Field(description="largest of them")
     update_ratio: float = Field(
-        description="mean over the steps of ||delta theta|| / ||theta||: how far one step moves the part's weights"
+        description="mean of ||delta theta|| / ||theta|| over the epoch's measured steps (every tenth): how far one "
+        "step moves the part's weights"
     )
     trainable: bool = Field(description="false when every parameter of the part is frozen (requires_grad off)")
 

@@ -8,7 +8,10 @@ torch's multi-tensor (``_foreach``) kernels: one launch for all of the model's t
 - Gradients: the norm of each part's gradient before clipping (per-parameter norms summed per part), and the
   model's total norm from them, which the trainer then clips with (``clip_grads_with_norm_``): the norm is computed
   once, not once for the instruments and again for clipping.
-- Updates: ``||delta theta|| / ||theta||`` per part, from a copy of the weights taken before the optimiser's step.
+- Updates: ``||delta theta|| / ||theta||`` per part, from a copy of the weights taken before the optimiser's step,
+  on every UPDATE_EVERY-th step of an epoch (its first included): a copy, a difference and two norms over every
+  weight cost 4 % of a small-preset step on the CPU, every tenth step 0.7 % (benchmarks/instruments.py), and a ratio
+  that moves by decades between a healthy and a stalled run needs no more samples than that.
 - Data: labelled and visible keypoints of the supports and queries, and the labelled ones outside their crop.
 - Time: waiting for the batch vs computing, from the host's clock (the step already ends in a read of the loss).
 - Memory: CUDA's peak allocated and reserved (reset each epoch), the process's peak RSS; GPU utilisation from NVML
@@ -29,6 +32,7 @@ from cape.model import CapeModel
 from cape.training.gpu_monitor import GpuMonitor
 
 MIB = 2**20
+UPDATE_EVERY = 10
 MAX_LISTED_KEYPOINTS = 20
 # The data counters, in this order, in one tensor: support real, labelled, visible; query real, labelled, visible.
 _KEYPOINT_COUNTS = 6
@@ -70,6 +74,7 @@ class Instruments:
             return torch.zeros(shape, device=self.device)
 
         self.steps, self.data_seconds, self.compute_seconds, self.samples = 0, 0.0, 0.0, 0
+        self.updates_seen, self.updates_measured, self._measuring_update = 0, 0, False
         self.grad_sum, self.grad_max, self.clipped = zeros(1), zeros(1), zeros(1)
         self.part_grad_sum, self.part_grad_max, self.part_update_sum = zeros(parts), zeros(parts), zeros(parts)
         self.keypoints = zeros(_KEYPOINT_COUNTS)
@@ -114,7 +119,7 @@ class Instruments:
                 part: PartHealth(
                     grad_norm=part_grad_sum[i] / steps,
                     grad_norm_max=part_grad_max[i],
-                    update_ratio=part_update_sum[i] / steps,
+                    update_ratio=part_update_sum[i] / max(self.updates_measured, 1),
                     trainable=self.trainable[part],
                 )
                 for i, part in enumerate(self.part_names)
@@ -177,7 +182,10 @@ class Instruments:
         return total
 
     def before_update(self) -> None:
-        if not self.params:
+        """Before the optimiser's step: keep the weights, on the steps whose update is measured."""
+        self._measuring_update = bool(self.params) and self.updates_seen % UPDATE_EVERY == 0
+        self.updates_seen += 1
+        if not self._measuring_update:
             return
         if self._before is None:
             self._before = [p.detach().clone() for p in self.params]
@@ -185,7 +193,7 @@ class Instruments:
             torch._foreach_copy_(self._before, [p.detach() for p in self.params])
 
     def after_update(self) -> None:
-        if not self.params:
+        if not self._measuring_update:
             return
         weights = [p.detach() for p in self.params]
         torch._foreach_sub_(self._before, weights)  # now -delta theta: only its norm is read
@@ -195,6 +203,7 @@ class Instruments:
         delta_sq = torch.zeros(parts, device=self.device).index_add_(0, self.part_of, delta)
         norm_sq = torch.zeros(parts, device=self.device).index_add_(0, self.part_of, norms)
         self.part_update_sum += delta_sq.sqrt() / norm_sq.sqrt().clamp(min=1e-12)
+        self.updates_measured += 1
 
     def step_time(self, data_seconds: float, compute_seconds: float) -> None:
         self.steps += 1

@@ -120,10 +120,15 @@ def test_a_model_at_the_copy_the_support_baseline_has_not_learnt_to_look_at_the_
         records = epochs([6.8, 6.1, 5.8, 5.6][: len(mpcks)], pcks=mpcks, first_loss=7.2)
         return [r.model_copy(update={"baseline_pck": baseline, "baseline_mpck": baseline}) for r in records]
 
-    d = diagnose(CATEGORY, run([0.14, 0.18, 0.16], 0.287))
+    ended = CATEGORY.model_copy(update={"epochs": 3})
+    d = diagnose(ended, run([0.14, 0.18, 0.16], 0.287))
     assert causes(d) == ["no_better_than_copying"] and "28.7 %" in d.findings[0].evidence
-    assert diagnose(CATEGORY, run([0.14, 0.18], 0.287)).healthy  # two epochs are too few to judge
-    assert diagnose(CATEGORY, run([0.2, 0.3, 0.45], 0.287)).healthy
+    assert diagnose(ended, run([0.14, 0.18], 0.287)).healthy  # two epochs are too few to judge
+    assert diagnose(ended, run([0.2, 0.3, 0.45], 0.287)).healthy
+    # Still running (20 epochs asked): below the baseline but still climbing is a young run, not a broken one ...
+    assert diagnose(CATEGORY, run([0.14, 0.16, 0.18], 0.287)).healthy
+    # ... until its best is 3 epochs old.
+    assert causes(diagnose(CATEGORY, run([0.18, 0.16, 0.17, 0.15], 0.287))) == ["no_better_than_copying"]
 
 
 def test_failures_a_person_can_fix_are_findings_and_others_are_not():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cape.health import PART_NAMES
-from cape.training.instruments import Instruments
+from cape.training.instruments import UPDATE_EVERY, Instruments
 from cape.training.losses import chance_loss, keypoint_losses
 from cape.training.trainer import Trainer
 from tests.helpers import tiny_config
@@ -54,7 +54,14 @@ def test_the_update_ratio_is_the_size_of_the_step_against_the_weights(synthetic_
             p.mul_(1.01)  # a step of 1 % of the heads' weights, nothing elsewhere
     instruments.after_update()
     instruments.step_time(0.0, 0.0)
+    instruments.before_update()  # the next step is not measured (every UPDATE_EVERY-th is): a larger one is unseen
+    with torch.no_grad():
+        for p in heads:
+            p.mul_(2.0)
+    instruments.after_update()
+    instruments.step_time(0.0, 0.0)
     health = instruments.epoch_health(chance_loss=1.0)
+    assert instruments.updates_measured == 1 and UPDATE_EVERY > 1
     assert health.parts["heads"].update_ratio == pytest.approx(0.01 / 1.01, rel=1e-4)
     assert all(health.parts[p].update_ratio == 0 for p in PART_NAMES if p != "heads")
 
