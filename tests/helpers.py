@@ -470,15 +470,24 @@ def png_claiming(width: int, height: int) -> bytes:
 # --- the real MP-100 annotation files --------------------------------------------------------------------------------
 
 
+def shared_folder(relative: str) -> Path | None:
+    """``shared/<relative>`` beside the checkout (or above it); None without it."""
+    for parent in Path(__file__).resolve().parents:
+        if (parent / "shared" / relative).is_dir():
+            return parent / "shared" / relative
+    return None
+
+
 def _real_annotations_dir() -> Path | None:
-    """CAPE_MP100_ANNOTATIONS, else shared/mp100/annotations beside the checkout (or above it)."""
+    """CAPE_MP100_ANNOTATIONS, else shared/mp100/annotations beside the checkout."""
     if env := os.environ.get("CAPE_MP100_ANNOTATIONS"):
         return Path(env)
-    for parent in Path(__file__).resolve().parents:
-        candidate = parent / "shared" / "mp100" / "annotations"
-        if candidate.is_dir():
-            return candidate
-    return None
+    return shared_folder("mp100/annotations")
+
+
+# The real photos' COCO files (shared/real-photos: fifteen public datasets, read-only).
+REAL_PHOTOS = shared_folder("real-photos")
+REAL_PHOTO_FILES = sorted(REAL_PHOTOS.glob("*/*.json")) if REAL_PHOTOS else []
 
 
 _REAL_DIR = _real_annotations_dir()

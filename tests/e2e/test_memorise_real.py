@@ -16,20 +16,9 @@ from cape.data.coco_import import import_coco
 from cape.run_files import never_correct
 from cape.training.trainer import RunResult, Trainer
 from cape.verdict import EXPECTED_EPOCHS
-from tests.helpers import catalog_of
+from tests.helpers import REAL_PHOTO_FILES, catalog_of
 
-
-def _real_photos_dir() -> Path | None:
-    """shared/real-photos beside the checkout (or above it)."""
-    for parent in Path(__file__).resolve().parents:
-        if (parent / "shared" / "real-photos").is_dir():
-            return parent / "shared" / "real-photos"
-    return None
-
-
-REAL_PHOTOS = _real_photos_dir()
-REAL_FILES = sorted(REAL_PHOTOS.glob("*/*.json")) if REAL_PHOTOS else []
-SOURCES = [f.parent.name for f in REAL_FILES]
+SOURCES = [f.parent.name for f in REAL_PHOTO_FILES]
 SYNTHETIC_CATEGORIES = 10
 
 
@@ -38,7 +27,7 @@ def real_photos(tmp_path_factory) -> tuple[Path, dict[str, Photo]]:
     """The real photos imported once; per source, its first photo with that photo's best-labelled instance."""
     root = tmp_path_factory.mktemp("real-photos") / "dataset"
     first: dict[str, Photo] = {}
-    for photo in photos(import_coco(REAL_FILES, root)):
+    for photo in photos(import_coco(REAL_PHOTO_FILES, root)):
         first.setdefault(photo.category.source, photo)
     return root, first
 
@@ -59,7 +48,7 @@ def _check_healthy(what: str, watch: FirstMemorised, result: RunResult, run: Pat
     assert result.diagnosis.healthy, result.diagnosis.message + f"\n{report}"
 
 
-@pytest.mark.skipif(not REAL_FILES, reason="shared/real-photos not found beside the checkout")
+@pytest.mark.skipif(not REAL_PHOTO_FILES, reason="shared/real-photos not found beside the checkout")
 @pytest.mark.parametrize("source", SOURCES or ["none"])
 def test_a_real_photo_of_each_source_is_memorised_and_nothing_is_flagged(real_photos, source, tmp_path):
     root, first = real_photos

@@ -14,19 +14,9 @@ from pycocotools.coco import COCO
 from cape.data.catalog import MP100Catalog
 from cape.data.coco_import import import_coco, main
 from cape.errors import DatasetError
+from tests.helpers import REAL_PHOTO_FILES
 
-
-def _real_photos_dir() -> Path | None:
-    """shared/real-photos beside the checkout (or above it)."""
-    for parent in Path(__file__).resolve().parents:
-        if (parent / "shared" / "real-photos").is_dir():
-            return parent / "shared" / "real-photos"
-    return None
-
-
-REAL_PHOTOS = _real_photos_dir()
-REAL_FILES = sorted(REAL_PHOTOS.glob("*/*.json")) if REAL_PHOTOS else []
-requires_real_photos = pytest.mark.skipif(not REAL_FILES, reason="shared/real-photos not found beside the checkout")
+requires_real_photos = pytest.mark.skipif(not REAL_PHOTO_FILES, reason="shared/real-photos not beside the checkout")
 
 
 def _coco(path: Path) -> COCO:
@@ -40,14 +30,14 @@ def _coco(path: Path) -> COCO:
 @pytest.fixture(scope="module")
 def real(tmp_path_factory):
     out = tmp_path_factory.mktemp("real-photos-imported")
-    summary = import_coco(REAL_FILES, out)
+    summary = import_coco(REAL_PHOTO_FILES, out)
     return summary, MP100Catalog(out)
 
 
 @requires_real_photos
 def test_every_real_file_becomes_categories_named_by_their_source(real):
     summary, catalog = real
-    assert len(REAL_FILES) == 15
+    assert len(REAL_PHOTO_FILES) == 15
     assert catalog.category_ids("train") == [c.id for c in summary.categories] == list(range(1, 17))
     assert catalog.category_ids("val") == catalog.category_ids("test") == []
     names = [catalog.category(cid).name for cid in catalog.category_ids()]
@@ -90,7 +80,7 @@ def test_every_real_annotation_is_imported_or_reported(real):
     summary, _ = real
     imported = {(c.source_file, i.source_annotation_id) for c in summary.categories for i in c.instances}
     reported = {(s.source, s.kind, i): s.reason for s in summary.skipped for i in s.ids}
-    for path in REAL_FILES:
+    for path in REAL_PHOTO_FILES:
         source = json.loads(path.read_text())
         for ann in source["annotations"]:
             unlabelled = not any(v > 0 for v in ann["keypoints"][2::3])
