@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DATA_ROOT ?= data/synthetic
 SPLIT ?= 1
 
-.PHONY: run catalog test test-fast lint format data bench bench-generalisation bench-service bench-streams bench-predict bench-predict-load bench-faults bench-input bench-instruments bench-diagnosis gpu-check clean
+.PHONY: run catalog test test-fast lint format data bench bench-generalisation bench-service bench-streams bench-predict bench-predict-load bench-faults bench-input bench-instruments bench-diagnosis bench-memorise-real gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 is required"'
@@ -72,6 +72,9 @@ bench-instruments: data  # the training-health instruments' cost per step (singl
 
 bench-diagnosis: data  # healthy runs and one per fault, with the figures the diagnosis's thresholds sit between
 	$(PY) -m benchmarks.diagnosis --dataset_root $(DATA_ROOT)
+
+bench-memorise-real: data  # every real photo of shared/real-photos memorised with the guide's recipe (about 40 minutes)
+	$(PY) -m benchmarks.memorise_real
 
 gpu-check: data  # on a CUDA machine: step time, memory, input pipeline, memorisation, instruments (~3-6 minutes)
 	$(PY) -m benchmarks.gpu_check --dataset_root $(DATA_ROOT)
