@@ -22,6 +22,7 @@ from cape.errors import writing
 
 METRICS, CONFIG, TEST_METRICS, LOG = "metrics.jsonl", "config.json", "test_metrics.json", "log.txt"
 DIAGNOSIS = "diagnosis.json"
+LR_RANGE = "lr_range_test.json"  # a learning-rate range test's curve and suggestion (cape.lr_range.LRRangeResult)
 INPUTS, EPOCHS, PREDICTIONS_PNG, PREDICTIONS_JSON = "inputs.png", "epochs", "predictions.png", "predictions.json"
 CheckpointName = Literal["best", "last"]  # the best validation PCK so far, the latest epoch
 CHECKPOINT_FILES: dict[str, str] = {"best": "checkpoint_best.pt", "last": "checkpoint_last.pt"}

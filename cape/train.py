@@ -3,7 +3,9 @@
     python -m cape.train --debug_single_image 40 --debug_single_image_index 0 --epochs 20 \\
         --batch_size 1 --num_queries_per_episode 1 --episodes_per_epoch 20 --output_dir runs/single
 
-No debug flag trains the full episodic benchmark on the split. Every TrainConfig field is a flag of the same name
+No debug flag trains the full episodic benchmark on the split. ``--lr_range_test`` runs a learning-rate range test of
+the run the flags describe instead of the run (cape/lr_range.py): it prints the suggested ``--lr`` and writes the
+curve, never a checkpoint. Every TrainConfig field is a flag of the same name
 with TrainConfig's default (the mode, category and image come from the debug flags; the architecture from
 ``--preset``, ``--backbone_weights`` and ``--model``). ``--resume CHECKPOINT`` continues the run the checkpoint is
 from: its config (the run folder's config.json beside it, else the checkpoint's own) with the flags given over it,
@@ -31,7 +33,9 @@ from cape.config import PRESETS, ModelConfig, NamedWeights, TrainConfig
 from cape.data.catalog import MP100Catalog
 from cape.data.run_choices import check_run_choices
 from cape.errors import CapeError
+from cape.lr_range import LRRangeConfig
 from cape.run_files import CONFIG
+from cape.run_files import LR_RANGE as RANGE_FILE
 
 # TrainConfig fields the debug flags and the architecture flags set; every other field is a flag of its own name.
 SET_BY_OTHER_FLAGS = {"mode", "category_id", "image_index", "model", "backbone_weights"}
@@ -66,6 +70,14 @@ def parser() -> argparse.ArgumentParser:
         "--model", metavar="JSON", help="architecture fields that override the preset's, e.g. '{\"d_model\": 64}'"
     )
     p.add_argument("--output_dir", help="config.json, metrics.jsonl and checkpoints go here")
+    p.add_argument(
+        "--lr_range_test",
+        action="store_true",
+        help="instead of training, run a learning-rate range test on this run's model and data: print the suggested "
+        f"--lr and write the curve to OUTPUT_DIR/{RANGE_FILE} (no checkpoint)",
+    )
+    for name, field in LRRangeConfig.model_fields.items():
+        add_field_flag(p, f"lr_range_{name}", field)
     p.add_argument("--print_freq", type=int, default=10, help="steps between running-loss updates")
     p.add_argument(
         "--resume",
@@ -145,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         catalog = MP100Catalog(config.dataset_root, config.split, config.category_split_file)
         check_run_choices(config, catalog)
         check_backbone_weights(config.resolved_model)  # offline without the weights: say so before torch loads
+        if args.lr_range_test:
+            return _range_test(args, argv, config, catalog)
         from cape.training.trainer import Trainer  # torch loads here, after the arguments are known to be valid
 
         trainer = Trainer(
@@ -165,6 +179,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"done: {result.epochs_completed} epochs, loss {last.loss:.4f}, best Val PCK@0.2 {best}")
     if result.diagnosis:
         print(f"diagnosis: {result.diagnosis.message}")
+    return 0
+
+
+def _range_test(args: argparse.Namespace, argv: list[str] | None, config: TrainConfig, catalog: MP100Catalog) -> int:
+    """``--lr_range_test``: the test instead of the run; the suggestion printed, the curve written."""
+    given = given_flags(argv)
+    if "lr" in given or args.resume:
+        raise CapeError("--lr_range_test finds the learning rate of a fresh run: leave out --lr and --resume")
+    try:
+        settings = LRRangeConfig(**{name: getattr(args, f"lr_range_{name}") for name in LRRangeConfig.model_fields})
+    except ValidationError as exc:  # each error at its flag: --lr_range_steps, not --steps
+        raise CapeError(validation_message(exc).replace("--", "--lr_range_")) from None
+    from cape.training.range_test import range_test  # torch loads here
+
+    result = range_test(config, settings, args.output_dir, log=tqdm.write, progress=True, catalog=catalog)
+    if args.output_dir:
+        print(f"curve: {Path(args.output_dir) / RANGE_FILE}")
+    if result.suggestion is None:
+        print(f"no suggestion: {result.message}")
+        return 1
+    print(f"suggested lr: {result.suggestion:.3g} (train with --lr {result.suggestion:.3g})")
     return 0
 
 

@@ -343,7 +343,7 @@ class Trainer:
         try:
             return self._fit(resume)
         except torch.cuda.OutOfMemoryError as exc:
-            raise self._failed(self._out_of_memory(exc)) from None
+            raise self._failed(self.out_of_memory(exc)) from None
         except TrainingDiverged as exc:
             raise self._failed(exc) from None
         finally:
@@ -352,7 +352,7 @@ class Trainer:
             if self.instruments:
                 self.instruments.close()
 
-    def _out_of_memory(self, exc: torch.cuda.OutOfMemoryError) -> OutOfMemory:
+    def out_of_memory(self, exc: torch.cuda.OutOfMemoryError) -> OutOfMemory:
         c = self.config
         amp = "bf16 autocast on" if self.amp_dtype is not None else "AMP off"
         advice = f"lower --batch_size (now {c.batch_size})" + (" or turn on --use_amp" if not c.use_amp else "")
