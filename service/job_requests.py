@@ -21,28 +21,57 @@ from service.artifacts import get_store
 from service.callers_job import find_callers_job
 from service.catalogs import get_catalog
 from service.errors import unprocessable
-from service.models import CLIENT_FIELDS, JOB_FIELDS, EvaluateCreate, EvaluateJobConfig, Job, JobCreate, JobStatus
+from service.models import (
+    CLIENT_FIELDS,
+    JOB_FIELDS,
+    LR_RANGE_TEST,
+    EvaluateCreate,
+    EvaluateJobConfig,
+    Job,
+    JobCreate,
+    JobStatus,
+    LRRangeCreate,
+)
 from service.settings import get_settings
 
 
-def requested_job(body: JobCreate | EvaluateCreate, session: Session, owner: str) -> Job:
-    """The job ``body`` asks for, valid and not yet stored: a training job (JobCreate) or an evaluate job
-    (EvaluateCreate) of one of ``owner``'s training jobs."""
+def requested_job(body: JobCreate | EvaluateCreate | LRRangeCreate, session: Session, owner: str) -> Job:
+    """The job ``body`` asks for, valid and not yet stored: a training job (JobCreate), an evaluate job
+    (EvaluateCreate) of one of ``owner``'s training jobs, or a learning-rate range test (LRRangeCreate)."""
     if isinstance(body, EvaluateCreate):
         return _evaluate_job(body, session, owner)
+    if isinstance(body, LRRangeCreate):
+        return _range_test_job(body)
     return _training_job(body)
 
 
-def _training_job(body: JobCreate) -> Job:
+def _range_test_job(body: LRRangeCreate) -> Job:
+    """The training job the test prepares, checked as such (its lr the default: the test finds it), with the test's
+    settings beside its config and no epochs. Its config is a training job's: cloned with the suggested lr, it is the
+    run the suggestion is for."""
+    if "lr" in body.model_fields_set:
+        raise unprocessable(
+            ("body", "lr"),
+            "a learning-rate range test finds lr: it tries lr_range.start_lr to lr_range.end_lr; leave lr out",
+        )
+    fields = body.model_dump(exclude={"mode", "run_mode", "lr_range", "lr"}, exclude_unset=True)
+    training = JobCreate.model_validate({**fields, "mode": body.run_mode})
+    job = _training_job(training, loc_names={"mode": "run_mode"})
+    job.mode, job.total_epochs = LR_RANGE_TEST, 0
+    job.config = {**job.config, "lr_range": body.lr_range.model_dump(mode="json")}
+    return job
+
+
+def _training_job(body: JobCreate, loc_names: dict[str, str] | None = None) -> Job:
     """Its TrainConfig, its backbone's weights, then its choices (category, image, episode sizes) against its dataset,
     whose catalog is loaded once and asked once; a single_image job keeps the instance it resolved to."""
     dataset = body.dataset or get_settings().default_dataset
     catalog = get_catalog(dataset, body.split, loc=("body", "dataset"))
-    config = _train_config(body, str(catalog.root))
+    config = _train_config(body, str(catalog.root), loc_names or {})
     try:
         instance = check_run_choices(config, catalog)
     except DatasetError as exc:
-        raise _refused(exc) from None
+        raise _refused(exc, names=loc_names or {}) from None
     image = {}
     if instance is not None:
         image = dict(image_index=config.image_index, image_file=instance.file_name, image_annotation_id=instance.id)
@@ -59,12 +88,16 @@ def _training_job(body: JobCreate) -> Job:
     )
 
 
-def _train_config(body: JobCreate, root: str) -> TrainConfig:
+def _train_config(body: JobCreate, root: str, loc_names: dict[str, str]) -> TrainConfig:
     try:
         config = TrainConfig(**body.model_dump(exclude=set(JOB_FIELDS)), dataset_root=root)
     except ValidationError as exc:
         detail = [
-            {"loc": ["body", *err["loc"]], "msg": err["msg"].removeprefix("Value error, "), "type": err["type"]}
+            {
+                "loc": ["body", *(loc_names.get(part, part) for part in err["loc"])],
+                "msg": err["msg"].removeprefix("Value error, "),
+                "type": err["type"],
+            }
             for err in exc.errors()
         ]
         raise HTTPException(status_code=422, detail=detail) from None
@@ -93,6 +126,12 @@ def _evaluate_job(body: EvaluateCreate, session: Session, owner: str) -> Job:
             f"job {source.id} is an evaluate job: from_job must be a training job (this one evaluated job "
             f"{source.config['from_job']})",
         )
+    if source.mode == LR_RANGE_TEST:
+        raise unprocessable(
+            ("body", "from_job"),
+            f"job {source.id} is a learning-rate range test: it trains no model to evaluate (its lr_range suggests a "
+            "learning rate for one)",
+        )
     if source.status != JobStatus.succeeded:
         detail = f"job {source.id} is {source.status}: only a succeeded training job can be evaluated"
         raise HTTPException(status_code=409, detail=detail)
@@ -120,6 +159,8 @@ def _evaluate_job(body: EvaluateCreate, session: Session, owner: str) -> Job:
     )
 
 
-def _refused(exc: DatasetError, *fallback_loc: str) -> HTTPException:
-    """A choice the dataset cannot serve: a 422 at the field the error names, else at ``fallback_loc`` in the body."""
-    return unprocessable(("body", exc.field) if exc.field else ("body", *fallback_loc), str(exc))
+def _refused(exc: DatasetError, *fallback_loc: str, names: dict[str, str] | None = None) -> HTTPException:
+    """A choice the dataset cannot serve: a 422 at the field the error names (as ``names`` renames it for the body
+    it came in), else at ``fallback_loc`` in the body."""
+    field = (names or {}).get(exc.field, exc.field)
+    return unprocessable(("body", field) if field else ("body", *fallback_loc), str(exc))

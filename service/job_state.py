@@ -223,8 +223,16 @@ def record_diagnosis(session: Session, job_id: uuid.UUID, diagnosis: Diagnosis, 
 
 @notify.publishes
 def record_outcome(
-    session: Session, job_id: uuid.UUID, worker: str, test_result: dict | None, never_correct: list[int] | None
+    session: Session,
+    job_id: uuid.UUID,
+    worker: str,
+    test_result: dict | None,
+    never_correct: list[int] | None,
+    lr_range: dict | None = None,
 ) -> bool:
-    """What a finished run leaves beside its rows: the test result (full mode), and for a single-image run that was
-    not memorised, the keypoints that were never correct. Only while ``worker`` holds the job."""
-    return _transition(session, job_id, ACTIVE, held_by=worker, test_result=test_result, never_correct=never_correct)
+    """What a finished run leaves beside its rows: the test result (full mode), for a single-image run that was not
+    memorised the keypoints that were never correct, for a range test its curve. Only while ``worker`` holds the
+    job."""
+    return _transition(
+        session, job_id, ACTIVE, held_by=worker, test_result=test_result, never_correct=never_correct, lr_range=lr_range
+    )

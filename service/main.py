@@ -15,7 +15,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from service.artifacts import StoreUnavailable
 from service.body_size_limit import BodySizeLimit
 from service.db import dispose_loop_engines
-from service.routes import artifacts, categories, checkpoints, events, health, jobs, pages, predictions
+from service.routes import artifacts, categories, checkpoints, events, health, jobs, pages, predictions, sweeps
 from service.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ def create_app() -> FastAPI:
         version="0.1.0",
     )
     app.include_router(jobs.router)
+    app.include_router(sweeps.router)
     app.include_router(events.router)
     app.include_router(artifacts.router)
     app.include_router(predictions.router)

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, create_model
+from pydantic import BaseModel, ConfigDict, Discriminator, StrictFloat, StrictInt, create_model
 from pydantic import Field as PydanticField
 from pydantic import Tag as UnionTag
 from pydantic.fields import FieldInfo
@@ -21,6 +21,7 @@ from sqlmodel import Field, SQLModel
 from cape.config import EvaluateConfig, TrainConfig
 from cape.diagnosis import Diagnosis
 from cape.epoch_record import EpochRecord
+from cape.lr_range import LRRangeConfig, LRRangeResult
 from cape.run_files import CheckpointName
 from cape.verdict import Verdict, single_image_verdict
 
@@ -77,7 +78,11 @@ class Job(SQLModel, table=True):
     image_annotation_id: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
     config: dict = Field(sa_column=Column(JSON, nullable=False))
     name: str | None = Field(default=None, max_length=NAME_MAX)
-    # A sweep is the jobs that share a tag (GET /jobs?tag=...).
+    # A sweep's member: the sweep, and the values of its grid this job runs with ({"lr": 0.001})
+    sweep_id: uuid.UUID | None = Field(
+        default=None, sa_column=Column(ForeignKey("sweep.id", ondelete="SET NULL"), nullable=True, index=True)
+    )
+    sweep_values: dict | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     tags: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False, server_default="[]"))
     current_epoch: int = 0
     total_epochs: int
@@ -91,6 +96,8 @@ class Job(SQLModel, table=True):
     test_result: dict | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     # training jobs: the trainer's latest cape.diagnosis.Diagnosis (after every epoch, and at a failure it explains)
     diagnosis: dict | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    # lr_range_test jobs: the curve and the suggestion (cape.lr_range.LRRangeResult)
+    lr_range: dict | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     latest_pck: float | None = None
     latest_mpck: float | None = None
     latest_loss: float | None = None
@@ -108,6 +115,28 @@ class Job(SQLModel, table=True):
     started_at: datetime | None = _optional_timestamp()
     finished_at: datetime | None = _optional_timestamp()
     heartbeat_at: datetime | None = _optional_timestamp()
+
+
+class Sweep(SQLModel, table=True):
+    """Jobs that differ only in the values of a grid, ranked by one metric. Its members are ordinary jobs
+    (Job.sweep_id); what is shared is kept here: the body they were made from, the grid, the metric."""
+
+    __table_args__ = (UniqueConstraint("owner", "idempotency_key", name="uq_sweep_owner_idempotency_key"),)
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    name: str | None = Field(default=None, max_length=NAME_MAX)
+    tags: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False, server_default="[]"))
+    mode: str = Field(max_length=16)
+    dataset: str = Field(max_length=128)
+    split: int
+    category_id: int | None = None
+    metric: str = Field(max_length=32)
+    grid: dict = Field(sa_column=Column(JSON, nullable=False))  # {field: [values]}, in the order they vary
+    config: dict = Field(sa_column=Column(JSON, nullable=False))  # the members' shared config, without the grid's
+    owner: str = Field(default="", max_length=64)
+    idempotency_key: str | None = Field(default=None, max_length=255)
+    request_hash: str | None = Field(default=None, max_length=64)
+    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False, index=True))
 
 
 class EpochMetricBase(SQLModel, EpochRecord):
@@ -179,14 +208,18 @@ JOB_FIELDS = {
 }
 
 
-def job_create_model(config: type[TrainConfig] = TrainConfig) -> type[BaseModel]:
+def _client_fields(config: type[TrainConfig], leave_out: frozenset[str] = frozenset()) -> dict[str, Any]:
     fields = config.model_fields
+    return {name: (fields[name].annotation, fields[name]) for name in CLIENT_FIELDS if name not in leave_out}
+
+
+def job_create_model(config: type[TrainConfig] = TrainConfig) -> type[BaseModel]:
     return create_model(
         "JobCreate",
         __config__=ConfigDict(extra="forbid"),
         __doc__="A training job: its mode, category and image, and the TrainConfig fields a client may set.",
         **JOB_FIELDS,
-        **{name: (fields[name].annotation, fields[name]) for name in CLIENT_FIELDS},
+        **_client_fields(config),
     )
 
 
@@ -231,19 +264,42 @@ EvaluateCreate = create_model(
 )
 
 
+LR_RANGE_TEST = "lr_range_test"
+# A range test is the training job it prepares, but for the learning rate, which it finds. Its mode says what it is;
+# run_mode says which data it trains on.
+LRRangeCreate = create_model(
+    "LRRangeCreate",
+    __config__=ConfigDict(extra="forbid"),
+    __doc__="A learning-rate range test: a bounded number of training steps of the run these fields describe, the "
+    "learning rate growing exponentially, the loss recorded; the job's lr_range holds the curve and the suggested "
+    "lr. It writes no checkpoint.",
+    mode=(Literal["lr_range_test"], PydanticField(description="a learning-rate range test")),
+    run_mode=(
+        TrainConfig.model_fields["mode"].annotation,
+        PydanticField(default="full", description="the training mode whose data and model it tests"),
+    ),
+    lr_range=(LRRangeConfig, PydanticField(default_factory=LRRangeConfig, description="what the test sweeps")),
+    lr=(float | None, PydanticField(default=None, description="leave unset: the test finds the learning rate")),
+    **JOB_FIELDS,
+    **_client_fields(TrainConfig, frozenset({"mode", "lr"})),
+)
+
+
 def _request_kind(body: Any) -> str:
     """Which model validates a POST /jobs body: its mode says. No mode is a training job (mode's default, "full")."""
     mode = body.get("mode") if isinstance(body, dict) else getattr(body, "mode", None)
-    return "evaluate" if mode == "evaluate" else "training"
+    return mode if mode in ("evaluate", LR_RANGE_TEST) else "training"
 
 
-# POST /jobs's body: a training job or an evaluate job. Each keeps its own schema (JobCreate stays the training
-# form the page reads from /openapi.json), and errors name the fields of the one that applies.
+# POST /jobs's body: a training job, an evaluate job or a range test. Each keeps its own schema (JobCreate stays the
+# training form the page reads from /openapi.json), and errors name the fields of the one that applies.
 JobRequest = Annotated[
-    Annotated[JobCreate, UnionTag("training")] | Annotated[EvaluateCreate, UnionTag("evaluate")],
+    Annotated[JobCreate, UnionTag("training")]
+    | Annotated[EvaluateCreate, UnionTag("evaluate")]
+    | Annotated[LRRangeCreate, UnionTag(LR_RANGE_TEST)],
     Discriminator(_request_kind),
 ]
-JOB_REQUEST_TAGS = ("training", "evaluate")
+JOB_REQUEST_TAGS = ("training", "evaluate", LR_RANGE_TEST)
 
 
 class ImagePublic(SQLModel):
@@ -258,6 +314,8 @@ class JobPublic(SQLModel):
     name: str | None
     tags: list[str]
     mode: str
+    sweep_id: uuid.UUID | None = PydanticField(description="the sweep this job is a member of")
+    sweep_values: dict[str, float | int] | None = PydanticField(description="a sweep member's values of its grid")
     dataset: str
     split: int
     category_id: int | None
@@ -274,6 +332,9 @@ class JobPublic(SQLModel):
     diagnosis: Diagnosis | None = PydanticField(
         description="training jobs: why the run is unhealthy, in words, with the numbers behind it (or that nothing "
         "is flagged); null before the first epoch"
+    )
+    lr_range: LRRangeResult | None = PydanticField(
+        description="lr_range_test: the loss at each learning rate and the suggested lr; null until it has ended"
     )
     test_result: dict | None = PydanticField(
         description="full and evaluate: PCK@0.2 and mPCK on the unseen test categories, overall and per category, "
@@ -296,7 +357,7 @@ class JobPublic(SQLModel):
             image = ImagePublic(index=job.image_index, file_name=job.image_file, annotation_id=job.image_annotation_id)
         data = job.model_dump()
         data["image"] = image
-        if job.mode == "evaluate":  # no epochs: done or not
+        if job.total_epochs == 0:  # evaluate, lr_range_test: no epochs, done or not
             data["progress"] = 1.0 if job.status == JobStatus.succeeded else 0.0
         else:
             data["progress"] = job.current_epoch / job.total_epochs if job.total_epochs else 0.0
@@ -348,3 +409,91 @@ class CategoryList(SQLModel):
     dataset: str
     split: int
     items: list[CategoryPublic]
+
+
+# --- sweeps -------------------------------------------------------------------------------------------------------
+
+# The fields a sweep's grid may vary: the numeric hyperparameters of a run. Not the mode, category or image (what is
+# trained), nor the epochs (members are compared epoch by epoch).
+SWEEP_FIELDS = (
+    "lr",
+    "clip_max_norm",
+    "weight_decay",
+    "batch_size",
+    "seed",
+    "warmup_epochs",
+    "num_queries_per_episode",
+)
+SweepField = Literal[SWEEP_FIELDS]
+MAX_SWEEP_MEMBERS, MAX_SWEEP_VALUES = 64, 16
+# What ranks a sweep's members, and which way: memorised_epoch (single_image only: the first epoch at which loss < 0.1
+# and PCK@0.2 = 100 %), the best validation PCK@0.2 or mPCK of any epoch, or the latest training loss.
+SWEEP_METRICS: dict[str, Literal["lower", "higher"]] = {
+    "memorised_epoch": "lower",
+    "best_pck": "higher",
+    "best_mpck": "higher",
+    "latest_loss": "lower",
+}
+SweepMetric = Literal[tuple(SWEEP_METRICS)]
+GridValues = Annotated[list[StrictInt | StrictFloat], PydanticField(min_length=1, max_length=MAX_SWEEP_VALUES)]
+
+SweepCreate = create_model(
+    "SweepCreate",
+    __config__=ConfigDict(extra="forbid"),
+    __doc__="A sweep: a training job's body, and a grid of values for some of its numeric fields. One job is made "
+    f"per combination (at most {MAX_SWEEP_MEMBERS}), all or none.",
+    grid=(
+        dict[SweepField, GridValues],
+        PydanticField(
+            min_length=1,
+            description=f"for each field swept, its values ({MAX_SWEEP_VALUES} at most, each checked as the job's "
+            f"field is); one job per combination, {MAX_SWEEP_MEMBERS} at most. A swept field is left out of the body",
+        ),
+    ),
+    metric=(
+        SweepMetric | None,
+        PydanticField(
+            default=None,
+            description="what ranks the members: memorised_epoch (single_image; earlier is better), best_pck, "
+            "best_mpck (higher is better) or latest_loss (lower is better); unset: memorised_epoch for single_image, "
+            "else best_pck",
+        ),
+    ),
+    **JOB_FIELDS,
+    **_client_fields(TrainConfig),
+)
+
+
+class SweepMember(SQLModel):
+    rank: int = PydanticField(description="1 is the best; members without a value of the metric come last")
+    values: dict[str, float | int]
+    metric: float | int | None = PydanticField(description="the member's value of the sweep's metric, null: none yet")
+    job: JobPublic
+
+
+class SweepPublic(SQLModel):
+    id: uuid.UUID
+    name: str | None
+    tags: list[str]
+    mode: str
+    dataset: str
+    split: int
+    category_id: int | None
+    metric: str
+    better: Literal["lower", "higher"]
+    grid: dict[str, list[float | int]]
+    config: dict = PydanticField(description="what the members share: a job's config without the swept fields")
+    status: Literal["queued", "running", "finished"] = PydanticField(
+        description="finished once every member is finished (succeeded, failed or cancelled)"
+    )
+    counts: dict[str, int] = PydanticField(description="members by status")
+    best: uuid.UUID | None = PydanticField(description="the first-ranked member, once it has a value of the metric")
+    members: list[SweepMember]
+    created_at: datetime
+
+
+class SweepList(SQLModel):
+    items: list[SweepPublic]
+    total: int
+    limit: int
+    offset: int

@@ -37,7 +37,7 @@ from service import job_state
 from service.artifacts import RunFolder, StoreUnavailable, checkpoint_copy, get_store
 from service.db import get_engine
 from service.dispatch import RUN_JOB_TASK, dispatch
-from service.models import EvaluateJobConfig, Job, JobStatus
+from service.models import LR_RANGE_TEST, EvaluateJobConfig, Job, JobStatus
 from service.retry import DatabaseUnavailable, Unavailable, database_down, persist
 from service.settings import get_settings
 from worker.celery_app import app
@@ -208,6 +208,7 @@ class Outcome:
     stopped: bool  # a callback (cancel, hand-off, lost job) stopped it before its end
     test: dict | None  # the test result to store: a full job's, an evaluate job's
     where: str  # for the log: where it stopped or ended ("after 3 epochs", "during the evaluation")
+    lr_range: dict | None = None  # a range test's curve and suggestion
 
 
 def failure_reason(exc: Exception) -> str:
@@ -255,6 +256,8 @@ def _run(run: JobRun) -> str:
         try:
             if run.mode == "evaluate":
                 outcome = _evaluate(run, EvaluateJobConfig.model_validate(run.config))
+            elif run.mode == LR_RANGE_TEST:
+                outcome = _range_test(run)
             else:
                 outcome = _train(run)
             return _conclude(run, outcome)
@@ -311,6 +314,30 @@ def _train(run: JobRun) -> Outcome:
     trainer = Trainer(config, output, callbacks=[run], log=log.info)
     result = trainer.fit(resume)
     return Outcome(result.status == "stopped", result.test, f"after {result.epochs_completed} epochs")
+
+
+def _range_test(run: JobRun) -> Outcome:
+    """A learning-rate range test of the run the job's config describes. Nothing to resume: a stopped test starts
+    again from the beginning (it is a hundred steps), and it writes no checkpoint."""
+    from cape.config import TrainConfig
+    from cape.lr_range import LRRangeConfig
+    from cape.training.range_test import range_test
+
+    fields = {k: v for k, v in run.config.items() if k != "lr_range"}
+    config = TrainConfig(**fields, dataset_root=_dataset_root(run.dataset), device=get_settings().device)
+    settings = LRRangeConfig.model_validate(run.config["lr_range"])
+    log.info(
+        "job %s: attempt %d, learning-rate range test of a %s run on %s",
+        run.job_id,
+        run.attempt,
+        config.mode,
+        run.dataset,
+    )
+    result = range_test(config, settings, run.folder.path, should_stop=run.should_stop, log=log.info)
+    stopped = result.stopped == "cancelled"
+    return Outcome(
+        stopped, None, f"after {len(result.points)} steps", None if stopped else result.model_dump(mode="json")
+    )
 
 
 def _evaluate(run: JobRun, request: EvaluateJobConfig) -> Outcome:
@@ -424,7 +451,7 @@ def _succeed(run: JobRun, outcome: Outcome) -> str:
     never = never_correct(run.folder.path)
     _db(
         f"recording the outcome of job {run.job_id}",
-        lambda session: job_state.record_outcome(session, run.job_id, run.worker, test, never),
+        lambda session: job_state.record_outcome(session, run.job_id, run.worker, test, never, outcome.lr_range),
     )
     return "succeeded" if _finish(run, JobStatus.succeeded) else _leave_lost(run)
 

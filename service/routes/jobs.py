@@ -53,7 +53,7 @@ def _untagged(error: dict) -> dict:
         error = {**error, "loc": ("body", *loc[2:])}
         if error["loc"] == ("body", "mode") and error["type"] == "literal_error":
             # An unknown mode went to the training model, whose choices leave out the other one.
-            expected = "'single_image', 'category', 'full' or 'evaluate'"
+            expected = "'single_image', 'category', 'full', 'evaluate' or 'lr_range_test'"
             error["msg"], error["ctx"] = f"Input should be {expected}", {**error.get("ctx", {}), "expected": expected}
     return error
 
@@ -133,6 +133,7 @@ def list_jobs(
     owner: OwnerDep,
     status: JobStatus | None = None,
     tag: Annotated[str | None, Query(max_length=TAG_MAX, description="only jobs with this tag")] = None,
+    sweep_id: Annotated[uuid.UUID | None, Query(description="only the members of this sweep")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> JobList:
@@ -142,6 +143,8 @@ def list_jobs(
         conditions.append(Job.status == status)
     if tag is not None:
         conditions.append(has_tag(session, tag))
+    if sweep_id is not None:
+        conditions.append(Job.sweep_id == sweep_id)
     query = select(Job).where(*conditions)
     count = select(func.count()).select_from(Job).where(*conditions)
     rows = session.exec(query.order_by(Job.created_at.desc(), Job.id.desc()).offset(offset).limit(limit)).all()
