@@ -10,7 +10,9 @@ and fast.ai's ``steep``: where the loss falls fastest, the learning rate is larg
 well below where it starts to diverge, which is what a run's peak rate wants to be. The other common rule, a tenth of
 the rate at the minimum of the loss, reads the noisiest part of the curve (just before the blow-up). Only the part of
 the curve before the smoothed minimum is searched: after it the loss rises, and a steep fall there is the noise of a
-diverging run. The loss is smoothed with a bias-corrected exponential moving average (beta 0.98, as both).
+diverging run. The loss is smoothed with a bias-corrected exponential moving average: beta 0.98 over the default 100
+steps, as both use; over another number of steps, the beta that spans the same share of the learning-rate range
+(0.98 ** (100 / steps)), so that a 30-step test is not read 50 steps late.
 """
 
 from __future__ import annotations
@@ -20,15 +22,16 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-SMOOTHING = 0.98  # of the loss's moving average, fast.ai's and Lightning's
+SMOOTHING = 0.98  # of the loss's moving average over SMOOTHING_STEPS steps, fast.ai's and Lightning's
+SMOOTHING_STEPS = 100
 # The loss has blown up once the smoothed loss is this many times its minimum so far (Lightning's
 # early_stop_threshold, fast.ai's stop_div): the curve beyond says nothing more, and the steps would cost time.
 BLOW_UP = 4.0
 # The first steps' slope is the moving average filling in, not the model learning: Lightning skips 10 too.
 SKIP_BEGIN = 10
 RULE = (
-    "steepest descent of the smoothed loss (bias-corrected moving average, beta 0.98) against log(lr), before its "
-    "minimum"
+    "steepest descent of the smoothed loss (bias-corrected moving average, beta 0.98 per 100 steps) against log(lr), "
+    "before its minimum"
 )
 Stopped = Literal["completed", "blew_up", "diverged", "cancelled"]
 
@@ -53,6 +56,11 @@ class LRRangeConfig(BaseModel):
         if self.end_lr <= self.start_lr:
             raise ValueError(f"end_lr ({self.end_lr:g}) must be above start_lr ({self.start_lr:g})")
         return self
+
+    @property
+    def beta(self) -> float:
+        """The smoothing of this many steps: SMOOTHING's share of the learning-rate range, per step."""
+        return SMOOTHING ** (SMOOTHING_STEPS / self.steps)
 
     def lr(self, step: int) -> float:
         """The learning rate of ``step`` (0-based)."""
@@ -107,11 +115,11 @@ def suggest(lrs: list[float], smooth: list[float]) -> int | None:
     return best
 
 
-def result(lrs: list[float], losses: list[float], stopped: Stopped) -> LRRangeResult:
-    """The curve of the steps done (``losses[i]`` at ``lrs[i]``; a non-finite last loss is the step that diverged)
-    and its suggestion."""
+def result(lrs: list[float], losses: list[float], stopped: Stopped, beta: float = SMOOTHING) -> LRRangeResult:
+    """The curve of the steps done (``losses[i]`` at ``lrs[i]``; a non-finite last loss is the step that diverged),
+    smoothed with ``beta``, and its suggestion."""
     finite = [x for x in losses if math.isfinite(x)]
-    smooth = smoothed(finite)
+    smooth = smoothed(finite, beta)
     points = [
         LRRangePoint(
             step=i + 1,

@@ -95,7 +95,7 @@ def _train_config(body: JobCreate, root: str, loc_names: dict[str, str]) -> Trai
         detail = [
             {
                 "loc": ["body", *(loc_names.get(part, part) for part in err["loc"])],
-                "msg": err["msg"].removeprefix("Value error, "),
+                "msg": _renamed(err["msg"].removeprefix("Value error, "), loc_names),
                 "type": err["type"],
             }
             for err in exc.errors()
@@ -111,6 +111,13 @@ def _train_config(body: JobCreate, root: str, loc_names: dict[str, str]) -> Trai
         raise unprocessable(("body", "backbone_weights"), str(exc)) from None
     # The job records what its backbone starts from by name, the preset's default included.
     return config.model_copy(update={"backbone_weights": config.resolved_model.backbone_weights})
+
+
+def _renamed(message: str, loc_names: dict[str, str]) -> str:
+    """A TrainConfig message that names a field (``mode 'single_image' needs ...``) with the body's name for it."""
+    for field, name in loc_names.items():
+        message = message.replace(f"{field} '", f"{name} '")
+    return message
 
 
 def _evaluate_job(body: EvaluateCreate, session: Session, owner: str) -> Job:

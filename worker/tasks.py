@@ -334,10 +334,9 @@ def _range_test(run: JobRun) -> Outcome:
         run.dataset,
     )
     result = range_test(config, settings, run.folder.path, should_stop=run.should_stop, log=log.info)
-    stopped = result.stopped == "cancelled"
-    return Outcome(
-        stopped, None, f"after {len(result.points)} steps", None if stopped else result.model_dump(mode="json")
-    )
+    # A stopped test keeps the curve it drew: a cancelled job shows it (_cancel); a handed-back one starts again.
+    curve = result.model_dump(mode="json")
+    return Outcome(result.stopped == "cancelled", None, f"after {len(result.points)} steps", curve)
 
 
 def _evaluate(run: JobRun, request: EvaluateJobConfig) -> Outcome:
@@ -425,6 +424,11 @@ def _fail(run: JobRun, exc: Exception, ending: Literal["failed", "diverged"]) ->
 def _cancel(run: JobRun, outcome: Outcome) -> str:
     log.info("job %s cancelled (stopped %s)", run.job_id, outcome.where)
     run.push()
+    if outcome.lr_range is not None:  # the part of a range test's curve it drew before the cancel
+        _db(
+            f"recording the curve of job {run.job_id}",
+            lambda session: job_state.record_outcome(session, run.job_id, run.worker, None, None, outcome.lr_range),
+        )
     return "cancelled" if _finish(run, JobStatus.cancelled) else _leave_lost(run)
 
 

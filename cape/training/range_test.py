@@ -68,7 +68,7 @@ def range_test(
                     break
                 losses.append(values["loss"])
                 bar.set_postfix(lr=f"{lrs[-1]:.1e}", loss=f"{values['loss']:.3f}")
-                if blew_up(smoothed(losses)):
+                if blew_up(smoothed(losses, settings.beta)):
                     stopped = "blew_up"
                     break
     except torch.cuda.OutOfMemoryError as exc:
@@ -76,7 +76,7 @@ def range_test(
     finally:
         bar.close()
         trainer.data.close()
-    outcome = result(lrs, losses, stopped)
+    outcome = result(lrs, losses, stopped, settings.beta)
     log(outcome.message)
     if output_dir is not None:
         path = Path(output_dir) / LR_RANGE

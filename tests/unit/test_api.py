@@ -42,7 +42,10 @@ def test_create_single_image_job(client, catalog, dispatched):
 @pytest.mark.parametrize(
     "overrides, expected",
     [
-        ({"mode": "sideways"}, "body.mode: Input should be 'single_image', 'category', 'full', 'evaluate' or 'lr_range_test'"),
+        (
+            {"mode": "sideways"},
+            "body.mode: Input should be 'single_image', 'category', 'full', 'evaluate' or 'lr_range_test'",
+        ),
         ({"category_id": None}, "mode 'single_image' needs a category_id"),
         ({"mode": "category", "category_id": None}, "mode 'category' needs a category_id"),
         ({"category_id": 4242}, "body.category_id: category 4242 does not exist in split 1: valid ids are 1, 2"),
