@@ -54,7 +54,7 @@ def create_app() -> FastAPI:
     app.include_router(checkpoints.router)
     app.include_router(categories.router)
     app.include_router(health.router)
-    app.include_router(pages.router)  # the page: /, /new, /runs/{id}, /compare, /static (not in the OpenAPI schema)
+    app.include_router(pages.router)  # the page: /, /new, /runs/{id}, /compare, /sweep, /static (not in the schema)
     settings = get_settings()
     app.add_middleware(
         BodySizeLimit, max_bytes=settings.max_body_bytes, larger={predictions.PREDICT_PATH: settings.max_upload_bytes}

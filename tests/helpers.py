@@ -10,6 +10,7 @@ Sections, in this order:
 - Training in-process: a tiny model and training config, a callback that stops a run.
 - Pretrained backbone weights offline: a stand-in ImageNet file, the error when it is missing.
 - Images for uploads.
+- A browser for the page's tests (headless Chromium through Selenium) and what they do with it.
 - The real MP-100 annotation files.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import struct
 import time
 import uuid
@@ -498,3 +500,101 @@ requires_real = pytest.mark.skipif(
     reason="real MP-100 annotations not found: set CAPE_MP100_ANNOTATIONS "
     "or place shared/mp100/annotations beside the checkout",
 )
+
+
+# --- a browser, for the page's tests ---------------------------------------------------------------------------------
+# Moved from tests/e2e/test_page.py, unchanged but for chrome() (was _chrome) and selenium's imports, which are made
+# where they are used: a machine without selenium still imports this module (the page tests skip, saying why).
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+browser_test = pytest.mark.skipif(
+    not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()),
+    reason="chromium and chromedriver not installed (apt-get install chromium chromium-driver)",
+)
+SHOTS = Path("/tmp/page_shots")  # where the lead looks at them
+
+
+def chrome(performance_log: bool = False):
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed (pip install -e '.[test]')")
+    from selenium.common.exceptions import WebDriverException
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000"):
+        options.add_argument(argument)
+    options.set_capability(
+        "goog:loggingPrefs", {"browser": "ALL", **({"performance": "ALL"} if performance_log else {})}
+    )
+    try:
+        return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    except WebDriverException as exc:
+        pytest.skip(f"chromium does not start here: {exc.msg}")
+
+
+def wait(driver, condition, timeout: float = 30, message: str = ""):
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    # The pages redraw what changed (the list every few seconds): an element can go stale between two looks.
+    return WebDriverWait(
+        driver, timeout, poll_frequency=0.2, ignored_exceptions=[StaleElementReferenceException]
+    ).until(condition, message)
+
+
+def js(driver, script: str, *args):
+    return driver.execute_script(script, *args)
+
+
+def body_data(driver, name: str):
+    return js(driver, f"return document.body.dataset.{name} ?? null")
+
+
+def open_page(driver, url: str, ready: str) -> None:
+    driver.get(url)
+    wait(driver, lambda d: body_data(d, ready), message=f"{url} never got ready")
+
+
+def trace_points(driver, chart: str) -> list[int]:
+    return js(driver, f"return (document.getElementById('{chart}').data || []).map(t => t.x.length)")
+
+
+def fill(driver, field: str, value: str) -> None:
+    element = driver.find_element("id", field)
+    element.clear()
+    element.send_keys(value)
+
+
+def error_next_to(driver, field: str) -> str:
+    return driver.find_element("css selector", f'[data-field="{field}"] [data-error-for="{field}"]').text
+
+
+def grow_to_page(driver) -> None:
+    """The window as tall as the page (up to 4000 pixels), its own frame counted: a screenshot shows what the window
+    shows."""
+    height = js(driver, "return document.documentElement.scrollHeight + window.outerHeight - window.innerHeight")
+    driver.set_window_size(1400, min(max(height, 1000), 4000))
+
+
+def screenshot(driver, folder: Path, name: str) -> Path:
+    """The whole page (the window grown to its height), in the test's folder and in /tmp/page_shots/."""
+    grow_to_page(driver)
+    try:
+        path = folder / f"{name}.png"
+        driver.save_screenshot(str(path))
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, SHOTS / path.name)
+        return path
+    finally:
+        driver.set_window_size(1400, 1000)
+
+
+def severe_console_errors(driver) -> list[str]:
+    """Console errors other than the answers the page expects (a 422 it shows, a 401 before the key)."""
+    return [
+        entry["message"]
+        for entry in driver.get_log("browser")
+        if entry["level"] == "SEVERE"
+        and not any(f"status of {code}" in entry["message"] for code in (401, 404, 409, 422))
+    ]

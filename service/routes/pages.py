@@ -1,6 +1,8 @@
 """The page: plain HTML, JavaScript modules and one CSS file from service/static/, no build step, no CDN.
 
-``/`` the jobs, ``/new`` the new-job form, ``/runs/{job_id}`` one run, ``/compare`` several runs' curves overlaid.
+``/`` the jobs, ``/new`` the new-job form, ``/runs/{job_id}`` one run (a learning-rate range test's curve too),
+``/compare`` several runs' curves overlaid, ``/sweep`` the sweeps, ``/sweep/{sweep_id}`` one sweep (its members
+ranked, their curves overlaid): as a run's page is not the API's /jobs/{id}, a sweep's is not the API's /sweeps/{id}.
 The pages are static and need no API key; the data they show comes from the public API, called from the browser
 with the key the user gives (see static/api.js). Plotly comes from the installed ``plotly`` wheel (it ships
 ``package_data/plotly.min.js``), served at ``/static/vendor/plotly.min.js``: never copied into the repository.
@@ -71,6 +73,16 @@ def run_page(job_id: str) -> HTMLResponse:
 @router.get("/compare")
 def compare_page() -> HTMLResponse:
     return _page("compare")
+
+
+@router.get("/sweep")
+def sweeps_page() -> HTMLResponse:
+    return _page("sweeps")
+
+
+@router.get("/sweep/{sweep_id}")
+def sweep_page(sweep_id: str) -> HTMLResponse:
+    return _page("sweep")
 
 
 @lru_cache

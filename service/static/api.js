@@ -17,12 +17,14 @@ export class ApiError extends Error {
   }
 
   // FastAPI's 422: [{loc: ["body", "lr"], msg}] -> {"lr": "Input should be ...", "": "message about the whole body"};
-  // a path or query parameter's by its name too (["path", "index"] -> "index").
+  // a path or query parameter's by its name too (["path", "index"] -> "index"), and a sweep's grid value by the field
+  // it varies (["body", "grid", "lr", 2] -> "lr"; ["body", "grid"] -> "grid").
   fieldErrors() {
     const out = {};
     if (!Array.isArray(this.detail)) return {"": this.message};
     for (const err of this.detail) {
-      const loc = (err.loc || []).filter((part) => !["body", "query", "path"].includes(part));
+      let loc = (err.loc || []).filter((part) => !["body", "query", "path"].includes(part));
+      if (loc[0] === "grid" && loc.length > 1) loc = loc.slice(1);
       const field = loc.length ? String(loc[0]) : "";
       out[field] = out[field] ? `${out[field]}; ${err.msg}` : err.msg;
     }

@@ -1,8 +1,11 @@
-// A small wrapper around Plotly (loaded by the page from /static/vendor/plotly.min.js, the installed wheel's copy).
+// A small wrapper around Plotly (loaded by the page from /static/vendor/plotly.min.js, the installed wheel's copy), and
+// several runs' curves overlaid (the comparison's and a sweep's).
 //
 // A chart is a set of named line traces over epochs. New epochs are appended with Plotly.extendTraces; a redraw
 // uses Plotly.react with a constant uirevision. Either way the user's zoom, pan and hidden traces survive live
 // updates.
+
+import {allMetrics, isTerminal} from "/static/api.js";
 
 const Plotly = window.Plotly;
 
@@ -14,7 +17,7 @@ const emptyNote = (text) => ({xref: "paper", yref: "paper", x: 0.5, y: 0.5, text
                               font: {size: 13, color: "#999"}});
 
 // No "Share chart" (sendChartToCloud: an upload to Plotly's cloud): the page talks to this service's API only.
-const CONFIG = {responsive: true, displaylogo: false,
+export const CONFIG = {responsive: true, displaylogo: false,
                 modeBarButtonsToRemove: ["select2d", "lasso2d", "sendChartToCloud"]};
 // A small chart (a narrow grid cell): the zoom and its reset only, so that the bar leaves the title readable.
 const COMPACT_CONFIG = {...CONFIG, modeBarButtonsToRemove: [...CONFIG.modeBarButtonsToRemove, "toImage", "pan2d",
@@ -146,6 +149,63 @@ export function columns(rows, fields) {
   return fields.map((field) => ({x: rows.map((r) => r.epoch), y: rows.map((r) => finite(r[field]))}));
 }
 
-function finite(value) {
+/** A number to draw, or null (a gap) for a missing or non-finite one. */
+export function finite(value) {
   return typeof value === "number" && Number.isFinite(value) ? value : null;
+}
+
+// --- several runs overlaid ----------------------------------------------------------------------------------------
+
+/**
+ * Several runs' loss and PCK overlaid, one trace per run in COLORS order: the comparison's and a sweep's. draw() reads
+ * every run's epochs so far; grow() appends the epochs that came since to the runs still training (polling GET
+ * /jobs/{id}/metrics: one event stream per run would use up the browser's connections to the server).
+ * runs: [{id, label}]; singleImage: every run is a single-image one (the loss chart's memorisation line).
+ */
+export class RunsOverlay {
+  constructor({loss, pck}, runs, {singleImage = false} = {}) {
+    this.elements = {loss, pck};
+    this.runs = runs;
+    this.singleImage = singleImage;
+    this.rows = runs.map(() => []); // per run: its epoch rows so far
+    this.follow = runs.map(() => ({next: 0, status: null})); // per run: the epoch to read after, the metrics' status
+    this.charts = null; // {loss, pck} once drawn
+  }
+
+  async draw() {
+    const pages = await Promise.all(this.runs.map((run) => allMetrics(run.id)));
+    pages.forEach((page, i) => {
+      this.rows[i].push(...page.rows);
+      this.follow[i] = {next: page.next, status: page.status};
+    });
+    const traces = (field) => this.runs.map((run, i) => ({name: run.label, color: COLORS[i % COLORS.length],
+                                                          ...columns(this.rows[i], [field])[0]}));
+    this.charts = {
+      loss: lossChart(this.elements.loss, {traces: traces("loss"), singleImage: this.singleImage}),
+      pck: pckChart(this.elements.pck, {title: "Validation PCK@0.2", traces: traces("pck")}),
+    };
+    await Promise.all([this.charts.loss.ready, this.charts.pck.ready]);
+  }
+
+  /** The runs whose curves may still grow: those whose metrics said, when last read, that they are not done. */
+  open() {
+    return this.runs.map((run, i) => i).filter((i) => !isTerminal(this.follow[i].status));
+  }
+
+  /** Appends the open runs' new epochs to the charts; resolves to each run's new rows (null for the others). The
+   * metrics answer their job's status with the rows: once it is terminal, every row is in. */
+  async grow() {
+    const fresh = this.runs.map(() => null);
+    await Promise.all(this.open().map(async (i) => {
+      const page = await allMetrics(this.runs[i].id, this.follow[i].next);
+      this.follow[i] = {next: page.next, status: page.status};
+      this.rows[i].push(...page.rows);
+      fresh[i] = page.rows;
+    }));
+    if (this.charts) {
+      const column = (field) => fresh.map((rows) => rows && columns(rows, [field])[0]);
+      await Promise.all([this.charts.loss.extend(column("loss")), this.charts.pck.extend(column("pck"))]);
+    }
+    return fresh;
+  }
 }

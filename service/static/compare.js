@@ -1,11 +1,10 @@
 // GET /compare?ids=<id>,<id> or /compare?tag=<tag>: several runs' curves overlaid (a learning-rate sweep, say), the
 // loss and the PCK side by side, with what differs between the runs; below them any one instrument of the runs
 // (&metric=<key>, a key of health.js's INSTRUMENTS: gradient norm, clip rate, update ratio of a part, step time...).
-// Runs still training keep growing: this page polls GET /jobs/{id}/metrics for them (one stream per job would use up
-// the browser's connections to the server).
+// Runs still training keep growing (charts.js RunsOverlay).
 
-import {ApiError, allMetrics, getJSON, isTerminal} from "/static/api.js";
-import {COLORS, LineChart, available, columns, lossChart, pckChart} from "/static/charts.js";
+import {ApiError, getJSON} from "/static/api.js";
+import {COLORS, LineChart, RunsOverlay, available} from "/static/charts.js";
 import {INSTRUMENT, INSTRUMENTS, chartOptions, series} from "/static/health.js";
 import {$, categoryLabel, h, header, jobTitle, num, pct, shortId, statusBadge, verdictBadge, whenVisible} from "/static/ui.js";
 
@@ -19,10 +18,9 @@ const state = {
   jobs: [], // as last fetched, in the order shown (a tag's: oldest first)
   diffs: [], // per job: the settings that differ from the others', "name=value, ..."
   labels: [], // per job: its legend entry
-  follow: [], // per job: {next: the epoch after which to ask for rows, status: the metrics' last status}
-  rows: [], // per job: its epoch rows so far
+  overlay: null, // the loss and PCK charts, with every job's epoch rows so far (overlay.rows)
   metric: DEFAULT_METRIC, // the instrument overlaid below the two charts (a key of INSTRUMENT)
-  charts: null, // {loss, pck, metric}
+  metricChart: null, // its chart
 };
 
 header("compare");
@@ -86,7 +84,7 @@ async function renderTable() {
     h("td", {class: "num"}, `${job.current_epoch}/${job.total_epochs}`),
     h("td", {class: "num"}, num(job.latest_loss)),
     h("td", {class: "num"}, pct(job.best_pck)),
-    h("td", {class: "num best-mpck"}, pct(best(state.rows[i], "mpck"))),
+    h("td", {class: "num best-mpck"}, pct(best(state.overlay?.rows[i], "mpck"))),
     h("td", {}, verdictBadge(job)),
   )));
   $("#runs tbody").replaceChildren(...rows);
@@ -100,16 +98,11 @@ function best(rows = [], field) {
 /** The charts, with every run's epochs so far: one trace per run, in the table's colours. */
 async function drawCharts() {
   const {jobs} = state;
-  const history = await Promise.all(jobs.map((job) => allMetrics(job.id)));
-  state.follow = history.map((page) => ({next: page.next, status: page.status}));
-  state.rows = history.map((page) => page.rows);
-  const traces = (field) => jobs.map((job, i) => ({name: state.labels[i], color: COLORS[i % COLORS.length],
-                                                  ...columns(history[i].rows, [field])[0]}));
-  state.charts = {
-    loss: lossChart($("#loss-chart"), {traces: traces("loss"), singleImage: jobs.every((job) => job.mode === "single_image")}),
-    pck: pckChart($("#pck-chart"), {title: "Validation PCK@0.2", traces: traces("pck")}),
-  };
-  await Promise.all([state.charts.loss.ready, state.charts.pck.ready, drawMetric()]);
+  state.overlay = new RunsOverlay({loss: $("#loss-chart"), pck: $("#pck-chart")},
+                                  jobs.map((job, i) => ({id: job.id, label: state.labels[i]})),
+                                  {singleImage: jobs.every((job) => job.mode === "single_image")});
+  await state.overlay.draw();
+  await drawMetric();
 }
 
 // --- any instrument, overlaid ------------------------------------------------------------------------------------
@@ -140,39 +133,33 @@ function metricPicker() {
 
 /** The chosen instrument, one trace per run: a new chart (its axis may be another kind), the runs' rows so far. */
 async function drawMetric() {
-  if (!state.charts) return; // no runs to draw
+  if (!state.overlay) return; // no runs to draw
   const instrument = INSTRUMENT[state.metric];
   const title = instrument.label.charAt(0).toUpperCase() + instrument.label.slice(1);
   const chart = new LineChart($("#metric-chart"), {
     title, ...chartOptions(instrument), height: 340,
     empty: `no values: ${instrument.absent || "these runs did not report it"}`,
     traces: state.jobs.map((job, i) => ({name: state.labels[i], color: COLORS[i % COLORS.length],
-                                         ...series(instrument, state.rows[i] || [])})),
+                                         ...series(instrument, state.overlay.rows[i])})),
   });
-  state.charts.metric = chart;
+  state.metricChart = chart;
   $("#metric-chart").dataset.metric = state.metric;
   await chart.ready;
 }
 
 /** Runs still training gain points without a reload (extendTraces: the zoom stays), and the table follows. */
 async function followOpenRuns() {
-  const {jobs, follow, charts} = state;
-  const open = jobs.map((job, i) => i).filter((i) => !isTerminal(follow[i].status ?? jobs[i].status));
-  if (!open.length || !charts) return;
-  const lossColumns = jobs.map(() => null), pckColumns = jobs.map(() => null), metricColumns = jobs.map(() => null);
-  const instrument = INSTRUMENT[state.metric], metricChart = charts.metric;
-  await Promise.all(open.map(async (i) => {
-    const page = await allMetrics(jobs[i].id, follow[i].next);
-    follow[i] = {next: page.next, status: page.status};
-    state.rows[i].push(...page.rows);
-    [lossColumns[i], pckColumns[i]] = columns(page.rows, ["loss", "pck"]);
-    metricColumns[i] = series(instrument, page.rows);
-    jobs[i] = await getJSON(`/jobs/${jobs[i].id}`);
-  }));
+  const {jobs, overlay} = state;
+  if (!overlay) return;
+  const open = overlay.open();
+  if (!open.length) return;
+  const instrument = INSTRUMENT[state.metric], metricChart = state.metricChart;
+  const fresh = await overlay.grow();
+  // after the rows: a job whose metrics said it ended is shown ended
+  await Promise.all(open.map(async (i) => { jobs[i] = await getJSON(`/jobs/${jobs[i].id}`); }));
   // Another instrument picked meanwhile: its chart, drawn from rows that may lack these, is drawn again.
-  const picked = metricChart !== state.charts.metric;
-  await Promise.all([charts.loss.extend(lossColumns), charts.pck.extend(pckColumns),
-                     picked ? drawMetric() : metricChart.extend(metricColumns)]);
+  const picked = metricChart !== state.metricChart;
+  await (picked ? drawMetric() : metricChart.extend(fresh.map((rows) => rows && series(instrument, rows))));
   await renderTable();
 }
 
@@ -182,7 +169,6 @@ if (!state.jobs.length && !tag && !ids.length) {
 }
 state.diffs = differences(state.jobs);
 state.labels = legendLabels(state.jobs, state.diffs);
-state.follow = state.jobs.map(() => ({next: 0, status: null}));
 metricPicker();
 if (state.jobs.length && available()) await drawCharts();
 await renderTable();

@@ -1,10 +1,15 @@
-// GET /new (and /new?clone=<job id>): the new-job form. Every choice is checked by the API: a 422 answer's message
-// appears next to the field it names.
+// GET /new: the new-job form; /new?clone=<job id> fills it with a job's settings (&lr=<value> then sets the learning
+// rate: a range test's suggestion), /new?sweep=<sweep id> with a sweep's. Every choice is checked by the API: a 422
+// answer's message appears next to the field it names.
+//
+// The fields a sweep's grid may vary (the learning rate, the seed, ...) take several values separated by commas: the
+// form then submits a sweep (POST /sweeps), one job per combination. "Find a learning rate" starts a learning-rate
+// range test (POST /jobs, mode lr_range_test) on the form's settings.
 
 import {ApiError, blobURL, getJSON, postJSON} from "/static/api.js";
 import {drawKeypoints} from "/static/keypoints.js";
-import {jobBody} from "/static/schema.js";
-import {$, h, header, jobTitle} from "/static/ui.js";
+import {jobBody, sweepBody} from "/static/schema.js";
+import {$, h, header, jobTitle, sweepTitle} from "/static/ui.js";
 
 // [field, label]; bounds, defaults and help text come from the API's own schema (the POST /jobs body in /openapi.json).
 const HYPER = [
@@ -28,15 +33,24 @@ const form = $("#job-form");
 const state = {
   props: {}, // the training job body's fields, by name, as the API's schema describes them
   fields: new Map(), // name -> {input, kind}: the training settings' inputs
+  sweep: {grid: new Set(), metric: null}, // POST /sweeps: the fields a grid may vary, the ranking metric's property
+  rangeTest: null, // the range-test job's body properties (POST /jobs, mode lr_range_test); null: the API has none
   categories: [], // the split's train categories with train images (GET /categories)
   preview: {timer: null, seq: 0}, // the image index's preview: a short wait after typing, and the latest request
 };
 
 header("new");
-try {
-  state.props = await jobBody("single_image");
-} catch (error) {
-  setError("", `${error.message}: the form has no bounds or defaults, the API still checks every choice.`);
+{
+  const [training, sweeps, rangeTest] = await Promise.allSettled(
+    [jobBody("single_image"), sweepBody(), jobBody("lr_range_test")]);
+  if (training.status === "fulfilled") state.props = training.value;
+  else setError("", `${training.reason.message}: the form has no bounds or defaults, the API still checks every `
+                    + "choice.");
+  // An API without sweeps or range tests: the form offers neither (and says why in the console).
+  if (sweeps.status === "fulfilled") state.sweep = {grid: new Set(sweeps.value.grid), metric: sweeps.value.metric};
+  else console.warn(`no sweeps: ${sweeps.reason.message}`);
+  if (rangeTest.status === "fulfilled") state.rangeTest = rangeTest.value;
+  else console.warn(`no learning-rate range test: ${rangeTest.reason.message}`);
 }
 
 /** The fixed inputs' bounds from the schema too: the split's choices, the first image index, a name's length. */
@@ -62,6 +76,11 @@ function makeField([name, label], where) {
     if (prop.default != null) input.value = prop.default;
   } else if (kind === "bool") {
     input = h("input", {id: name, name, type: "checkbox", checked: prop.default ?? true});
+  } else if (state.sweep.grid.has(name)) {
+    // several values, comma-separated, make a sweep: a text input (a number input takes one number)
+    input = h("input", {id: name, name, type: "text", inputmode: "decimal", autocomplete: "off", class: "sweepable",
+                        oninput: sweepChanged});
+    if (prop.default != null) input.value = prop.default;
   } else {
     input = h("input", {id: name, name, type: "number", step: kind === "int" ? "1" : "any", inputmode: "decimal"});
     if (prop.default != null) input.value = prop.default;
@@ -78,6 +97,26 @@ function makeField([name, label], where) {
 }
 HYPER.forEach((f) => makeField(f, $("#hyper")));
 MORE.forEach((f) => makeField(f, $("#hyper-more")));
+
+{
+  const sweepable = HYPER.filter(([name]) => state.sweep.grid.has(name))
+    .map(([, label]) => label.replace(/ \(.*\)$/, "").toLowerCase()); // "batch size", not "... (episodes per step)"
+  $("#sweep-hint").hidden = !sweepable.length;
+  $("#sweep-hint").textContent = `${sweepable.join(", ")}: several values separated by commas (e.g. 1e-4, 5e-4, 1e-3) `
+    + "make a sweep, one job per combination.";
+  const metric = state.sweep.metric;
+  $("#metric").replaceChildren(h("option", {value: ""}, "the mode's default"),
+    ...(metric?.choices || []).map((choice) => h("option", {value: choice}, choice.replaceAll("_", " "))));
+  if (metric?.default != null) $("#metric").value = metric.default;
+  $("#metric-help").textContent = metric?.description || "";
+  if (state.rangeTest) {
+    const unused = [...state.fields.keys()].filter((name) => name !== "lr" && !(name in state.rangeTest));
+    $("#find-lr").hidden = $("#find-lr-help").hidden = false;
+    $("#find-lr-help").textContent = "Find a learning rate: a range test on these settings raises the learning rate "
+      + "step by step and suggests one, to train with."
+      + (unused.length ? ` It does not use ${unused.join(", ")}.` : "");
+  }
+}
 
 $("#guide-values").addEventListener("click", () => {
   $("#mode").value = "single_image";
@@ -225,14 +264,40 @@ function draw(canvas, image, instance) {
 
 // --- clone, submit ------------------------------------------------------------------------------------------------
 
+function parsed(text) {
+  const number = Number(text);
+  return Number.isFinite(number) ? number : text; // the API words the error for a non-number
+}
+
+/** A field's values as typed: "1e-4, 5e-4" -> [0.0001, 0.0005]; one, or none, outside the grid fields. */
+function values(name) {
+  const {input} = state.fields.get(name);
+  const texts = state.sweep.grid.has(name) ? input.value.split(",") : [input.value];
+  return texts.map((text) => text.trim()).filter(Boolean).map(parsed);
+}
+
+/** A field's value in a job's body; undefined for none (the server's default) and for several (the sweep's grid). */
 function value(name) {
   const {input, kind} = state.fields.get(name);
   if (kind === "bool") return input.checked;
   if (kind === "enum") return input.value;
-  const text = input.value.trim();
-  if (text === "") return undefined; // the server's default
-  const number = Number(text);
-  return Number.isFinite(number) ? number : text; // the API words the error for a non-number
+  const typed = values(name);
+  return typed.length === 1 ? typed[0] : undefined;
+}
+
+/** The fields given several values, with their values: a sweep's grid ({} for one job). */
+function grid() {
+  return Object.fromEntries([...state.sweep.grid].filter((name) => state.fields.has(name))
+    .map((name) => [name, values(name)]).filter(([, typed]) => typed.length > 1));
+}
+
+/** The button says what a click submits: one job, or a sweep of how many. */
+function sweepChanged() {
+  const swept = Object.entries(grid());
+  const size = swept.reduce((product, [, typed]) => product * typed.length, 1);
+  $("#submit").textContent = swept.length ? `Submit sweep (${size} jobs)` : "Submit job";
+  $("#sweep-section").hidden = !swept.length;
+  $("#sweep-size").textContent = swept.map(([name, typed]) => `${typed.length} × ${name}`).join(" · ");
 }
 
 function body() {
@@ -255,57 +320,127 @@ function body() {
   return out;
 }
 
-form.addEventListener("submit", async (event) => {
-  event.preventDefault();
+function clearErrors() {
   form.querySelectorAll("[data-error-for]").forEach((slot) => { slot.textContent = ""; });
   form.querySelectorAll(".invalid").forEach((el) => el.classList.remove("invalid"));
+}
+
+/** An answer that refused the form: a 422's messages next to the fields they name, anything else under the form. */
+function showRefusal(error) {
+  if (!(error instanceof ApiError && error.status === 422)) {
+    setError("", error.message);
+    return;
+  }
+  let first = null;
+  for (const [field, message] of Object.entries(error.fieldErrors())) {
+    const slot = setError(field, message);
+    first = first || slot;
+  }
+  first?.scrollIntoView({block: "center"});
+}
+
+form.addEventListener("submit", async (event) => {
+  event.preventDefault();
+  clearErrors();
   const submit = $("#submit");
-  submit.disabled = true; // one click, one job
+  submit.disabled = true; // one click, one job (or one sweep)
+  const swept = grid();
   try {
-    const job = await postJSON("/jobs", body());
-    location.href = `/runs/${job.id}`;
+    if (Object.keys(swept).length) {
+      const metric = $("#metric").value; // none: the mode's default
+      const sweep = await postJSON("/sweeps", {...body(), grid: swept, ...(metric ? {metric} : {})});
+      location.href = `/sweep/${sweep.id}`;
+    } else {
+      const job = await postJSON("/jobs", body());
+      location.href = `/runs/${job.id}`;
+    }
   } catch (error) {
     submit.disabled = false;
-    if (error instanceof ApiError && error.status === 422) {
-      let first = null;
-      for (const [field, message] of Object.entries(error.fieldErrors())) {
-        const slot = setError(field, message);
-        first = first || slot;
-      }
-      first?.scrollIntoView({block: "center"});
-    } else {
-      setError("", error.message);
-    }
+    showRefusal(error);
   }
 });
 
+// A learning-rate range test on the form's settings: the training job's body as the range test takes it (its mode is
+// the run's, the learning rate is what it finds, and a field its body does not have is left out).
+$("#find-lr").addEventListener("click", async () => {
+  clearErrors();
+  const several = Object.keys(grid()).filter((name) => name !== "lr");
+  for (const name of several) {
+    setError(name, "a range test runs one setting: give one value here (several make a sweep)");
+  }
+  if (several.length) return;
+  const {mode, ...settings} = body();
+  const test = {mode: "lr_range_test", run_mode: mode};
+  for (const [name, v] of Object.entries(settings)) {
+    if (name !== "lr" && name in state.rangeTest) test[name] = v;
+  }
+  const button = $("#find-lr");
+  button.disabled = true;
+  try {
+    const job = await postJSON("/jobs", test);
+    location.href = `/runs/${job.id}`;
+  } catch (error) {
+    button.disabled = false;
+    showRefusal(error);
+  }
+});
+
+/** The form filled with a job's or a sweep's settings: mode, dataset, split, the training fields (config), the image,
+ * name and tags. */
+function fill({mode, dataset, split, config, imageIndex, name, tags}) {
+  $("#mode").value = mode;
+  $("#dataset").value = dataset;
+  $("#split").value = String(split);
+  for (const [field, {input, kind}] of state.fields) {
+    if (!(field in config)) continue;
+    if (kind === "bool") input.checked = Boolean(config[field]);
+    else input.value = config[field];
+  }
+  $("#image_index").value = imageIndex ?? 0;
+  if (name) $("#name").value = name;
+  $("#tags").value = tags.join(", ");
+}
+
+function cloneNote(...what) {
+  const note = $("#clone-note");
+  note.replaceChildren("Settings of ", ...what, ": change what you want to try, then submit.");
+  note.hidden = false;
+}
+
 async function fillFromClone(id) {
   const job = await getJSON(`/jobs/${encodeURIComponent(id)}`);
-  const note = $("#clone-note");
-  note.replaceChildren("Settings of ", h("a", {href: `/runs/${job.id}`}, jobTitle(job)), ": change what you want to try, then submit.");
-  note.hidden = false;
-  $("#mode").value = job.mode;
-  $("#dataset").value = job.dataset;
-  $("#split").value = String(job.split);
-  for (const [name, {input, kind}] of state.fields) {
-    if (!(name in job.config)) continue;
-    if (kind === "bool") input.checked = Boolean(job.config[name]);
-    else input.value = job.config[name];
-  }
-  $("#image_index").value = job.image?.index ?? job.config.image_index ?? 0;
-  if (job.name) $("#name").value = job.name;
-  $("#tags").value = job.tags.join(", ");
+  cloneNote(h("a", {href: `/runs/${job.id}`}, jobTitle(job)));
+  // A range test's config is the training job it prepares: its mode is the run's (config.mode), not lr_range_test.
+  fill({mode: job.config.mode ?? job.mode, dataset: job.dataset, split: job.split, config: job.config,
+        imageIndex: job.image?.index ?? job.config.image_index, name: job.name, tags: job.tags});
   document.title = `Clone of ${jobTitle(job)} · CAPE training`;
   return job.category_id;
 }
 
-const cloneId = new URLSearchParams(location.search).get("clone");
+async function fillFromSweep(id) {
+  const sweep = await getJSON(`/sweeps/${encodeURIComponent(id)}`);
+  cloneNote("sweep ", h("a", {href: `/sweep/${sweep.id}`}, sweepTitle(sweep)));
+  fill({mode: sweep.mode, dataset: sweep.dataset, split: sweep.split, config: sweep.config,
+        imageIndex: sweep.config.image_index, name: sweep.name, tags: sweep.tags});
+  for (const [name, swept] of Object.entries(sweep.grid)) {
+    if (state.fields.has(name)) state.fields.get(name).input.value = swept.join(", ");
+  }
+  $("#metric").value = sweep.metric;
+  document.title = `Clone of ${sweepTitle(sweep)} · CAPE training`;
+  return sweep.category_id;
+}
+
+const params = new URLSearchParams(location.search);
 $("#mode").value = "single_image";
+const [source, fillFrom] = params.has("sweep") ? ["sweep", fillFromSweep] : ["job", fillFromClone];
+const sourceId = params.get(source === "sweep" ? "sweep" : "clone");
 // a clone's category is chosen once the split's categories are listed
-const cloneCategory = !cloneId ? null : await fillFromClone(cloneId).catch((error) => {
-  setError("", `Could not load job ${cloneId} to clone: ${error.message}`);
+const cloneCategory = !sourceId ? null : await fillFrom(sourceId).catch((error) => {
+  setError("", `Could not load ${source} ${sourceId} to clone: ${error.message}`);
   return null;
 });
+if (params.has("lr") && state.fields.has("lr")) state.fields.get("lr").input.value = params.get("lr");
+sweepChanged();
 modeChanged();
 await loadCategories(cloneCategory);
 document.body.dataset.ready = "true";

@@ -2,15 +2,16 @@
 // with the status, the verdict, the Health card (the diagnosis in words and the training-health instruments), the
 // pictures and the log tail; Cancel and Clone. A training job with a checkpoint also gets the checkpoints card
 // (download, evaluate) and the "Try it" panel; an evaluate job shows what it evaluated and its test table instead of
-// curves and pictures.
+// curves and pictures; a learning-rate range test its loss against the learning rate and its suggestion (lr_range.js).
 
 import {ApiError, blobURL, followJob, getJSON, isTerminal, postJSON} from "/static/api.js";
 import {available, columns, lossChart, pckChart} from "/static/charts.js";
 import {CheckpointsCard} from "/static/checkpoints.js";
 import {HealthCard} from "/static/health.js";
+import {LrRangeCard, rangeSummary} from "/static/lr_range.js";
 import {TryIt} from "/static/tryit.js";
-import {$, categoryLabel, h, header, jobTitle, num, pct, progressBar, showError, statusBadge, verdictStyle, when}
-  from "/static/ui.js";
+import {$, armedButton, categoryLabel, h, header, jobTitle, num, pct, progressBar, showError, statusBadge, tagLinks,
+        term, valuesLabel, verdictStyle, when} from "/static/ui.js";
 
 const jobId = decodeURIComponent(location.pathname.split("/").filter(Boolean).pop());
 const controller = new AbortController(); // aborted when the page goes: its requests and the stream stop
@@ -21,10 +22,10 @@ const LIVE = {stream: "● live", reconnecting: "reconnecting…", ended: "finis
 const state = {
   job: null, // the job as last heard of (GET /jobs/{id}, the stream's status events)
   sourceJob: null, // an evaluate job's: the job it evaluates, fetched once, for its name
-  cancelArmed: null, // the first click on Cancel: its timer (a second click within 5 s cancels)
   curves: {loss: null, pck: null, pending: [], flushTimer: null, rows: []}, // the charts, epochs waiting to be drawn,
                                                                           // and those drawn
   health: null, // the Health card (training jobs)
+  lrRange: null, // the range test's card (lr_range_test jobs)
   diagnosis: {busy: null, again: false}, // a refetch of the job for its diagnosis in flight; another one wanted
   checkpoints: {items: [], card: null, tryIt: null, busy: null},
   pictures: {epochs: [], seq: 0, inputsShown: false, busy: null},
@@ -35,10 +36,6 @@ header(null);
 addEventListener("pagehide", () => controller.abort());
 
 // --- the job ------------------------------------------------------------------------------------------------------
-
-function term(label, value) {
-  return [h("dt", {}, label), h("dd", {}, value)];
-}
 
 async function renderJob(next) {
   const job = state.job = next;
@@ -59,7 +56,7 @@ async function renderJob(next) {
   if (evaluation) renderEvaluationOf();
   const image = job.image ? `#${job.image.index}: ${job.image.file_name} (annotation ${job.image.annotation_id})` : null;
   const category = await categoryLabel(job);
-  const training = [
+  const training = job.mode === "lr_range_test" ? rangeSummary(job).flatMap(([label, value]) => term(label, value)) : [
     ...term("Epoch", `${job.current_epoch} of ${job.total_epochs}`),
     ...term("Latest PCK@0.2", pct(job.latest_pck)),
     ...term("Latest mPCK", h("span", {id: "latest-mpck"})),
@@ -74,10 +71,12 @@ async function renderJob(next) {
     ...term("Dataset", `${job.dataset}, split ${job.split}`),
     ...term("Category", category),
     ...(image ? term("Image", image) : []),
+    ...(job.sweep_id ? term("Sweep", [h("a", {href: `/sweep/${job.sweep_id}`, id: "sweep-link"}, "its sweep"),
+                                      ` · ${valuesLabel(job.sweep_values)}`]) : []),
     ...(evaluation ? term("Evaluates", h("a", {href: `/runs/${job.config.from_job}`, class: "mono"}, job.config.from_job)) : training),
     ...term("Attempts", h("span", {id: "attempts"}, String(job.attempts))),
     ...term("Worker", job.worker || "–"),
-    ...term("Tags", job.tags.length ? job.tags.map((t) => h("a", {class: "tag", href: `/?tag=${encodeURIComponent(t)}`}, t)) : "–"),
+    ...term("Tags", tagLinks(job.tags)),
     ...term("Created", when(job.created_at)),
     ...term("Started", when(job.started_at)),
     ...term("Finished", when(job.finished_at)),
@@ -85,6 +84,7 @@ async function renderJob(next) {
   );
   renderValidation();
   state.health?.showDiagnosis(job.diagnosis);
+  state.lrRange?.update(job);
 }
 
 /** The summary's mPCK and baseline: from the epoch rows the page has (the job carries PCK@0.2 only). */
@@ -185,29 +185,11 @@ function renderTest() {
   ].filter(Boolean));
 }
 
-$("#cancel").addEventListener("click", async () => {
-  const button = $("#cancel");
-  if (!state.cancelArmed) { // two clicks: a stray one does not stop a long run
-    button.textContent = "Really cancel?";
-    button.classList.add("armed");
-    state.cancelArmed = setTimeout(() => {
-      state.cancelArmed = null;
-      button.textContent = "Cancel";
-      button.classList.remove("armed");
-    }, 5000);
-    return;
-  }
-  clearTimeout(state.cancelArmed);
-  state.cancelArmed = null;
-  button.disabled = true;
+armedButton($("#cancel"), async () => {
   try {
     await renderJob(await postJSON(`/jobs/${jobId}/cancel`, undefined));
   } catch (error) {
     showError($("#message"), error);
-  } finally {
-    button.disabled = false;
-    button.textContent = "Cancel";
-    button.classList.remove("armed");
   }
 });
 
@@ -263,7 +245,7 @@ async function flush() {
 
 async function refreshCheckpoints() {
   const checkpoints = state.checkpoints;
-  if (state.job.mode === "evaluate") return;
+  if (state.job.mode === "evaluate" || state.job.mode === "lr_range_test") return; // neither writes a checkpoint
   if (checkpoints.busy) return checkpoints.busy;
   checkpoints.busy = (async () => {
     try {
@@ -403,10 +385,17 @@ try {
 }
 
 const evaluation = state.job.mode === "evaluate";
+const rangeTest = state.job.mode === "lr_range_test";
 if (evaluation) {
   // no epochs, no pictures, nothing to clone: what it evaluated, its test table and its log
   for (const id of ["clone", "verdict"]) $(`#${id}`).hidden = true;
   for (const selector of [".charts", ".pictures"]) $(selector).hidden = true;
+} else if (rangeTest) {
+  // no epochs, pictures or checkpoints: the loss against the learning rate, once the test ended; Clone opens the form
+  // with the training run it prepares
+  for (const selector of [".charts", ".pictures"]) $(selector).hidden = true;
+  state.lrRange = new LrRangeCard($("#lr-range"));
+  state.lrRange.update(state.job);
 } else {
   if (available()) {
     $("#health").hidden = false;
@@ -431,7 +420,7 @@ followJob(jobId, {
   },
   onEnd: async () => {
     await flush();
-    if (!evaluation) await Promise.all([refreshPictures(), refreshCheckpoints()]);
+    if (!evaluation && !rangeTest) await Promise.all([refreshPictures(), refreshCheckpoints()]);
     renderJob(await getJSON(`/jobs/${jobId}`)); // the last word: verdict, test result, finished_at
   },
 }).catch((error) => showError($("#message"), error));

@@ -70,6 +70,22 @@ export async function jobBody(mode) {
 }
 
 /**
+ * The request body of POST /sweeps, as a form needs it: `grid`, the names of the fields a grid may vary (its
+ * propertyNames' enum, or its properties' names where the grid is an object of named lists), and `metric`, the
+ * ranking metric's property (see `field`). Rejects when the API describes no sweeps.
+ */
+export async function sweepBody() {
+  const doc = await openapi();
+  const body = doc.paths?.["/sweeps"]?.post?.requestBody?.content?.["application/json"]?.schema;
+  if (!body) throw new Error("the API's schema describes no POST /sweeps");
+  const properties = resolved(doc, body).properties || {};
+  const grid = alternatives(doc, properties.grid).find((p) => p.type !== "null") || {};
+  const names = resolved(doc, grid.propertyNames || {}).enum ?? Object.keys(grid.properties || {});
+  if (!names.length) throw new Error("the API's schema names no field a sweep's grid may vary");
+  return {grid: names, metric: properties.metric ? field(doc, properties.metric) : null};
+}
+
+/**
  * What a form needs of one property: kind ("int", "float", "enum", "bool" or "text"), choices (an enum's values),
  * min and max (inclusive bounds), maxLength, default and description. An optional property (anyOf with null) is
  * described by its other alternative.

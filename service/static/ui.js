@@ -23,7 +23,8 @@ export function h(tag, attrs = {}, ...children) {
 export const $ = (selector, root = document) => root.querySelector(selector);
 
 export function header(active) {
-  const links = [["/", "Jobs", "jobs"], ["/new", "New job", "new"], ["/compare", "Compare", "compare"]];
+  const links = [["/", "Jobs", "jobs"], ["/sweep", "Sweeps", "sweeps"], ["/new", "New job", "new"],
+                 ["/compare", "Compare", "compare"]];
   const key = h("span", {class: "key", id: "key-status"});
   const renderKey = () => {
     key.replaceChildren();
@@ -77,10 +78,10 @@ export function statusBadge(status) {
 
 export function progressBar(job) {
   const fraction = Math.max(0, Math.min(1, job.progress ?? 0));
-  // An evaluation has no epochs (total_epochs 0): its progress is a fraction.
-  const evaluation = job.mode === "evaluate";
-  const label = evaluation ? `${Math.round(100 * fraction)} %` : `${job.current_epoch}/${job.total_epochs}`;
-  return h("div", {class: "progress", title: evaluation ? "evaluation" : `epoch ${job.current_epoch} of ${job.total_epochs}`},
+  // A job without epochs (total_epochs 0: an evaluation, a learning-rate range test) has a fraction for progress.
+  const epochs = job.total_epochs > 0;
+  const label = epochs ? `${job.current_epoch}/${job.total_epochs}` : `${Math.round(100 * fraction)} %`;
+  return h("div", {class: "progress", title: epochs ? `epoch ${job.current_epoch} of ${job.total_epochs}` : job.mode},
     h("div", {class: `bar status-${job.status}`, style: `width: ${(100 * fraction).toFixed(1)}%`}),
     h("span", {}, label),
   );
@@ -123,17 +124,30 @@ export async function categoryLabel(job) {
   return category ? `${job.category_id} · ${category.name}` : String(job.category_id);
 }
 
+const UNNAMED = {evaluate: "evaluation", lr_range_test: "lr range test"}; // an unnamed job's title, by its mode
+
+/** A term of a summary (<dl>): its label and its value. */
+export function term(label, value) {
+  return [h("dt", {}, label), h("dd", {}, value)];
+}
+
+/** Tags as links to the jobs that have them; "–" for none. */
+export function tagLinks(tags) {
+  return tags.length ? tags.map((tag) => h("a", {class: "tag", href: `/?tag=${encodeURIComponent(tag)}`}, tag)) : "–";
+}
+
 export function jobTitle(job) {
-  return job.name || `${job.mode === "evaluate" ? "evaluation" : "job"} ${shortId(job.id)}`;
+  return job.name || `${UNNAMED[job.mode] || "job"} ${shortId(job.id)}`;
 }
 
 export function showError(where, error) {
   where.replaceChildren(h("p", {class: "error"}, error.message || String(error)));
 }
 
+/** Periodic work that pauses while the tab is hidden; returns a function that stops it for good. */
 export function whenVisible(callback, ms) {
-  // Periodic work that pauses while the tab is hidden.
   let timer = null;
+  let stopped = false;
   const tick = async () => {
     if (!document.hidden) {
       try {
@@ -142,13 +156,80 @@ export function whenVisible(callback, ms) {
         console.warn(error);
       }
     }
-    timer = setTimeout(tick, ms);
+    if (!stopped) timer = setTimeout(tick, ms);
   };
   timer = setTimeout(tick, ms);
-  document.addEventListener("visibilitychange", () => {
-    if (!document.hidden) {
+  const visible = () => {
+    if (!document.hidden && !stopped) {
       clearTimeout(timer);
       tick();
     }
+  };
+  document.addEventListener("visibilitychange", visible);
+  return () => {
+    stopped = true;
+    clearTimeout(timer);
+    document.removeEventListener("visibilitychange", visible);
+  };
+}
+
+/**
+ * A button that acts on the second click within 5 s (Cancel: a stray click does not stop a long run). The first click
+ * arms it ("Really cancel?", class "armed"); action() runs on the second, the button disabled meanwhile.
+ */
+export function armedButton(button, action, {armedText = "Really cancel?"} = {}) {
+  const label = button.textContent;
+  let timer = null;
+  const disarm = () => {
+    clearTimeout(timer);
+    timer = null;
+    button.textContent = label;
+    button.classList.remove("armed");
+  };
+  button.addEventListener("click", async () => {
+    if (!timer) {
+      button.textContent = armedText;
+      button.classList.add("armed");
+      timer = setTimeout(disarm, 5000);
+      return;
+    }
+    disarm();
+    button.disabled = true;
+    try {
+      await action();
+    } finally {
+      button.disabled = false;
+    }
   });
+}
+
+// --- sweeps ------------------------------------------------------------------------------------------------------
+
+/** A sweep member's grid values in words: {lr: 0.001, seed: 1} -> "lr=0.001, seed=1". */
+export function valuesLabel(values) {
+  return Object.entries(values || {}).map(([name, value]) => `${name}=${value}`).join(", ");
+}
+
+/** A sweep's grid in words: "lr: 0.0001, 0.0005 × seed: 0, 1". */
+export function gridLabel(grid) {
+  return Object.entries(grid || {}).map(([name, values]) => `${name}: ${values.join(", ")}`).join(" × ");
+}
+
+/** A sweep's ranking metric's value as the metric reads: an epoch, a fraction in %, a loss. */
+export function metricValue(metric, value) {
+  if (value == null) return "–";
+  if (metric === "memorised_epoch") return `epoch ${value}`;
+  if (metric === "best_pck" || metric === "best_mpck") return pct(value);
+  return num(value);
+}
+
+/** A sweep's members by status, the statuses it has: "2 succeeded · 1 running". */
+export function countsLabel(counts) {
+  const present = Object.entries(counts || {}).filter(([, n]) => n > 0);
+  return present.map(([status, n]) => `${n} ${status}`).join(" · ") || "no members";
+}
+
+/** A sweep's title: its name, else its id's start. */
+export function sweepTitle(sweep) {
+  return sweep.name || `sweep ${shortId(sweep.id)}`;
 }

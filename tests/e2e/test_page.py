@@ -29,27 +29,31 @@ import pytest
 
 from cape.data.catalog import MP100Catalog
 from service.models import TERMINAL
-from tests.helpers import sqlite_stack, uvicorn_server, wait_for
+from tests.helpers import (
+    SHOTS,
+    body_data,
+    browser_test,
+    chrome,
+    error_next_to,
+    fill,
+    grow_to_page,
+    js,
+    open_page,
+    screenshot,
+    severe_console_errors,
+    sqlite_stack,
+    trace_points,
+    uvicorn_server,
+    wait,
+    wait_for,
+)
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed (pip install -e '.[test]')")
-from selenium.common.exceptions import (  # noqa: E402
-    StaleElementReferenceException,
-    WebDriverException,
-)
-from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
-from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
+from selenium.webdriver.support.ui import Select  # noqa: E402
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-browser_test = pytest.mark.skipif(
-    not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()),
-    reason="chromium and chromedriver not installed (apt-get install chromium chromium-driver)",
-)
-
-SHOTS = Path("/tmp/page_shots")  # where the lead looks at them
 KEY = "page-test-key-7f3a"
 # Small, so that the module runs in a couple of minutes on a busy 2-core machine: a healthy model memorises one image
 # in a few hundred steps; what the page shows is the same with fewer.
@@ -138,23 +142,9 @@ def keyed_base(stack):
         yield base
 
 
-def _chrome(performance_log: bool = False):
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000"):
-        options.add_argument(argument)
-    options.set_capability(
-        "goog:loggingPrefs", {"browser": "ALL", **({"performance": "ALL"} if performance_log else {})}
-    )
-    try:
-        return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    except WebDriverException as exc:
-        pytest.skip(f"chromium does not start here: {exc.msg}")
-
-
 @pytest.fixture(scope="module")
 def browser():
-    driver = _chrome()
+    driver = chrome()
     yield driver
     driver.quit()
 
@@ -173,13 +163,6 @@ def made(stack, category) -> Jobs:
 # --- helpers ------------------------------------------------------------------------------------------------------
 
 
-def wait(driver, condition, timeout: float = 30, message: str = ""):
-    # The pages redraw what changed (the list every few seconds): an element can go stale between two looks.
-    return WebDriverWait(
-        driver, timeout, poll_frequency=0.2, ignored_exceptions=[StaleElementReferenceException]
-    ).until(condition, message)
-
-
 def click(driver, css: str) -> None:
     """Clicks the element, finding it again if the page redrew it meanwhile."""
     wait(driver, lambda d: d.find_element(By.CSS_SELECTOR, css).click() or True)
@@ -190,51 +173,9 @@ def listed(driver) -> list[str]:
     return js(driver, "return [...document.querySelectorAll('#jobs tbody tr[data-job-id]')].map(r => r.dataset.jobId)")
 
 
-def js(driver, script: str, *args):
-    return driver.execute_script(script, *args)
-
-
 def text(driver, css: str) -> str | None:
     """An element's text, read in one go (the run page redraws its summary on every status event)."""
     return js(driver, "return document.querySelector(arguments[0])?.innerText ?? null", css)
-
-
-def body_data(driver, name: str):
-    return js(driver, f"return document.body.dataset.{name} ?? null")
-
-
-def trace_points(driver, chart: str) -> list[int]:
-    return js(driver, f"return (document.getElementById('{chart}').data || []).map(t => t.x.length)")
-
-
-def fill(driver, field: str, value: str) -> None:
-    element = driver.find_element(By.ID, field)
-    element.clear()
-    element.send_keys(value)
-
-
-def error_next_to(driver, field: str) -> str:
-    return driver.find_element(By.CSS_SELECTOR, f'[data-field="{field}"] [data-error-for="{field}"]').text
-
-
-def grow_to_page(driver) -> None:
-    """The window as tall as the page (up to 4000 pixels), its own frame counted: a screenshot shows what the window
-    shows."""
-    height = js(driver, "return document.documentElement.scrollHeight + window.outerHeight - window.innerHeight")
-    driver.set_window_size(1400, min(max(height, 1000), 4000))
-
-
-def screenshot(driver, folder: Path, name: str) -> Path:
-    """The whole page (the window grown to its height), in the test's folder and in /tmp/page_shots/."""
-    grow_to_page(driver)
-    try:
-        path = folder / f"{name}.png"
-        driver.save_screenshot(str(path))
-        SHOTS.mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, SHOTS / path.name)
-        return path
-    finally:
-        driver.set_window_size(1400, 1000)
 
 
 def element_screenshot(element, folder: Path, name: str) -> None:
@@ -251,24 +192,9 @@ def element_screenshot(element, folder: Path, name: str) -> None:
         driver.set_window_size(1400, 1000)
 
 
-def severe_console_errors(driver) -> list[str]:
-    """Console errors other than the answers the page expects (a 422 it shows, a 401 before the key)."""
-    return [
-        entry["message"]
-        for entry in driver.get_log("browser")
-        if entry["level"] == "SEVERE"
-        and not any(f"status of {code}" in entry["message"] for code in (401, 404, 409, 422))
-    ]
-
-
 def authorization(request: dict) -> str | None:
     """The Authorization header of a request in Chrome's performance log."""
     return {name.lower(): value for name, value in request["headers"].items()}.get("authorization")
-
-
-def open_page(driver, url: str, ready: str) -> None:
-    driver.get(url)
-    wait(driver, lambda d: body_data(d, ready), message=f"{url} never got ready")
 
 
 def job_body(base: str, mode: str) -> dict:
@@ -1046,7 +972,7 @@ def test_with_api_keys_the_page_asks_for_a_key_once_and_sends_it_as_a_header(sta
         job_id = response.json()["id"]
         client.post(f"/jobs/{job_id}/cancel")
 
-    d = _chrome(performance_log=True)
+    d = chrome(performance_log=True)
     try:
         d.get(f"{keyed_base}/")
         wait(
