@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DATA_ROOT ?= data/synthetic
 SPLIT ?= 1
 
-.PHONY: run catalog test test-fast lint format data bench bench-generalisation bench-service bench-streams bench-predict bench-predict-load bench-faults bench-input bench-instruments bench-diagnosis bench-memorise-real gpu-check clean
+.PHONY: run catalog test test-fast lint format data bench bench-generalisation bench-service bench-streams bench-predict bench-predict-load bench-faults bench-input bench-instruments bench-diagnosis bench-memorise-real bench-lr-range gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 is required"'
@@ -75,6 +75,9 @@ bench-diagnosis: data  # healthy runs and one per fault, with the figures the di
 
 bench-memorise-real: data  # every real photo of shared/real-photos memorised with the guide's recipe (about 40 minutes)
 	$(PY) -m benchmarks.memorise_real
+
+bench-lr-range: data  # the range test's suggestion used for the single-image recipe, 5 categories (about 5 minutes)
+	$(PY) -m benchmarks.lr_range --dataset_root $(DATA_ROOT)
 
 gpu-check: data  # on a CUDA machine: step time, memory, input pipeline, memorisation, instruments (~3-6 minutes)
 	$(PY) -m benchmarks.gpu_check --dataset_root $(DATA_ROOT)

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cape.config import TrainConfig
+from benchmarks.common import single_image_recipe as recipe
 from cape.data.coco_import import ImportedCategory, ImportedInstance, ImportSummary, import_coco
 from cape.epoch_record import EpochRecord
 from cape.run_files import CHECKPOINT_FILES, never_correct
@@ -52,23 +52,6 @@ def photos(summary: ImportSummary) -> list[Photo]:
                 best[key] = instance
     by_id = {c.id: c for c in summary.categories}
     return [Photo(by_id[cid], instance) for (cid, _), instance in best.items()]
-
-
-def recipe(dataset: Path, category_id: int, image_index: int, epochs: int = EXPECTED_EPOCHS) -> TrainConfig:
-    """The single-image guide's settings."""
-    return TrainConfig(
-        mode="single_image",
-        category_id=category_id,
-        image_index=image_index,
-        dataset_root=str(dataset),
-        preset="small",
-        epochs=epochs,
-        batch_size=1,
-        num_queries_per_episode=1,
-        episodes_per_epoch=20,
-        device="cpu",
-        seed=0,
-    )
 
 
 class FirstMemorised(Callback):
