@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cape.data.synthetic import generate
-from tests.helpers import CLOSED_PORT_PROXY, KEY_A, KEY_B, reset_service_caches
+from tests.helpers import CLOSED_PORT_PROXY, KEY_A, KEY_B, catalog_of, chrome, reset_service_caches
 
 # Tests never download model weights: a test that would need ImageNet weights gets the offline error instead (the
 # worker and API processes the tests start inherit this).
@@ -45,6 +45,20 @@ def synthetic_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synthetic")
     generate(root, seed=0)
     return root
+
+
+@pytest.fixture(scope="session")
+def category(synthetic_root) -> int:
+    """The synthetic dataset's first train category: what a test trains when any category will do."""
+    return catalog_of(synthetic_root).category_ids("train")[0]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium for a module's page tests (skips, saying why, without chromium, chromedriver or selenium)."""
+    driver = chrome()
+    yield driver
+    driver.quit()
 
 
 @pytest.fixture

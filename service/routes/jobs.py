@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import uuid
 from typing import Annotated
 
@@ -24,6 +22,7 @@ from service.db import ReadsDep, SessionDep
 from service.dispatch import DispatchDep
 from service.epoch_rows import epoch_items, epochs_after
 from service.errors import responses
+from service.idempotency import body_hash, made_before
 from service.job_requests import requested_job
 from service.models import JOB_REQUEST_TAGS, TAG_MAX, Job, JobList, JobPublic, JobRequest, JobStatus, MetricList
 
@@ -73,13 +72,9 @@ def has_tag(session: Session, tag: str):
 
 def _replay(session: Session, owner: str, key: str, request_hash: str, response: Response) -> JobPublic | None:
     """The job an earlier request with this Idempotency-Key created: 200 with it, or 409 if the body differs."""
-    job = session.exec(select(Job).where(Job.owner == owner, Job.idempotency_key == key)).first()
+    job = made_before(session, Job, owner, key, request_hash)
     if job is None:
         return None
-    if job.request_hash != request_hash:
-        raise HTTPException(
-            status_code=409, detail=f"Idempotency-Key {key!r} was used with a different request body (job {job.id})"
-        )
     response.status_code = 200
     response.headers["Location"] = f"/jobs/{job.id}"
     return JobPublic.of(job)
@@ -106,7 +101,7 @@ def create_job(
 ) -> JobPublic:
     """A training job (mode single_image, category or full: JobCreate; full when the body names no mode), or an
     evaluate job (mode evaluate: EvaluateCreate) of a succeeded training job's checkpoint."""
-    request_hash = hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+    request_hash = body_hash(body)
     if idempotency_key and (earlier := _replay(session, owner, idempotency_key, request_hash, response)):
         return earlier
     job = requested_job(body, session, owner)

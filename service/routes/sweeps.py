@@ -6,8 +6,6 @@ A sweep's members are ordinary jobs (``GET /jobs/{id}``, their events, pictures 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import uuid
 from typing import Annotated
 
@@ -20,6 +18,7 @@ from service.auth import OwnerDep
 from service.db import SessionDep
 from service.dispatch import DispatchDep
 from service.errors import not_found, responses
+from service.idempotency import body_hash, made_before
 from service.models import TERMINAL, Job, Sweep, SweepCreate, SweepList, SweepPublic
 from service.routes.jobs import MAX_OFFSET
 from service.sweeps import requested_sweep, sweep_public
@@ -49,14 +48,9 @@ def callers_sweep(sweep_id: uuid.UUID, session: SessionDep, owner: OwnerDep) -> 
 
 def _replay(session: Session, owner: str, key: str, request_hash: str, response: Response) -> SweepPublic | None:
     """The sweep an earlier request with this Idempotency-Key created: 200 with it, or 409 if the body differs."""
-    sweep = session.exec(select(Sweep).where(Sweep.owner == owner, Sweep.idempotency_key == key)).first()
+    sweep = made_before(session, Sweep, owner, key, request_hash)
     if sweep is None:
         return None
-    if sweep.request_hash != request_hash:
-        raise HTTPException(
-            status_code=409,
-            detail=f"Idempotency-Key {key!r} was used with a different request body (sweep {sweep.id})",
-        )
     response.status_code = 200
     response.headers["Location"] = f"/sweeps/{sweep.id}"
     return _public(session, sweep)
@@ -83,7 +77,7 @@ def create_sweep(
 ) -> SweepPublic:
     """One training job per combination of the grid's values, all stored in one transaction, then queued. A 422 names
     the field, and for a combination the dataset cannot serve, the combination."""
-    request_hash = hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+    request_hash = body_hash(body)
     if idempotency_key and (earlier := _replay(session, owner, idempotency_key, request_hash, response)):
         return earlier
     sweep, members = requested_sweep(body, session, owner)

@@ -7,7 +7,6 @@ import re
 import httpx
 import pytest
 
-from cape.data.catalog import MP100Catalog
 from devtools.local_servers import stack_env
 from service.migrate import upgrade
 from service.models import TERMINAL
@@ -58,11 +57,6 @@ def stack(request, tmp_path, redis_url, synthetic_root, broken_dataset):
     upgrade(database)
     with celery_worker(env, tmp_path / "worker.log"), uvicorn_server(env, tmp_path / "api.log") as base:
         yield base, tmp_path
-
-
-@pytest.fixture(scope="module")
-def category(synthetic_root):
-    return MP100Catalog(synthetic_root).category_ids("train")[0]
 
 
 def test_single_image_job_memorises_its_image(stack, category):

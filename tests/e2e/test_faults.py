@@ -12,7 +12,6 @@ from contextlib import ExitStack, contextmanager
 import httpx
 import pytest
 
-from cape.data.catalog import MP100Catalog
 from cape.model import checkpoint
 from cape.model.checkpoint import LAST
 from service.migrate import upgrade
@@ -57,11 +56,6 @@ def env(tmp_path, synthetic_root):
     }
     yield environment, redis, tmp_path
     redis.stop()
-
-
-@pytest.fixture(scope="module")
-def category(synthetic_root):
-    return MP100Catalog(synthetic_root).category_ids("train")[0]
 
 
 @contextmanager

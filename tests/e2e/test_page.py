@@ -27,7 +27,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cape.data.catalog import MP100Catalog
 from service.models import TERMINAL
 from tests.helpers import (
     SHOTS,
@@ -140,18 +139,6 @@ def keyed_base(stack):
     """A second API process on the same database and broker, with CAPE_API_KEYS set."""
     with uvicorn_server({**stack.env, "CAPE_API_KEYS": KEY}, stack.tmp / "api-keys.log") as base:
         yield base
-
-
-@pytest.fixture(scope="module")
-def browser():
-    driver = chrome()
-    yield driver
-    driver.quit()
-
-
-@pytest.fixture(scope="module")
-def category(synthetic_root) -> int:
-    return MP100Catalog(synthetic_root).category_ids("train")[0]
 
 
 @pytest.fixture(scope="module")

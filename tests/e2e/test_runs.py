@@ -30,11 +30,6 @@ def stack(tmp_path_factory, synthetic_root):
         yield client
 
 
-@pytest.fixture(scope="module")
-def category(synthetic_root):
-    return MP100Catalog(synthetic_root).category_ids("train")[0]
-
-
 def test_a_memorised_run_says_so_and_shows_its_pictures_and_log(stack, category):
     client = stack
     job_id = client.post("/jobs", json=single_image(category, epochs=6, name="sanity", tags=["lr-sweep"])).json()["id"]

@@ -12,12 +12,10 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from cape.data.catalog import MP100Catalog
 from service.models import TERMINAL
 from tests.helpers import (
     body_data,
     browser_test,
-    chrome,
     error_next_to,
     fill,
     js,
@@ -48,18 +46,6 @@ def stack(tmp_path_factory, synthetic_root):
         tmp_path_factory.mktemp("sweep-page"), {"synthetic": synthetic_root}, heartbeat_interval_s="1"
     ) as stack:
         yield stack
-
-
-@pytest.fixture(scope="module")
-def browser():
-    driver = chrome()
-    yield driver
-    driver.quit()
-
-
-@pytest.fixture(scope="module")
-def category(synthetic_root) -> int:
-    return MP100Catalog(synthetic_root).category_ids("train")[0]
 
 
 @pytest.fixture

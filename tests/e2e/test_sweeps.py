@@ -20,7 +20,7 @@ from cape.lr_range import LRRangeConfig
 from cape.run_files import LR_RANGE
 from cape.verdict import is_memorised
 from devtools.local_servers import wait_until
-from tests.helpers import PNG, catalog_of, celery_worker, rows_of, single_image, sqlite_stack, wait_for
+from tests.helpers import PNG, celery_worker, rows_of, single_image, sqlite_stack, wait_for
 
 # The guide's quick hyperparameter test, cut to 6 epochs of 10 one-query episodes (a few seconds a member): on the
 # synthetic category, 1e-3 memorises its image by epoch 3, 5e-4 about epoch 5, 1e-4 never in 6 epochs.
@@ -28,11 +28,6 @@ LRS = [1e-4, 5e-4, 1e-3]
 QUICK = {"epochs": 6, "episodes_per_epoch": 10}
 # A range test of 30 steps on the same data: the loss falls from about 7.8 to below 1 and then blows up.
 RANGE_RUN = {"image_index": 0, "batch_size": 1, "num_queries_per_episode": 1, "episodes_per_epoch": 10, "seed": 0}
-
-
-@pytest.fixture(scope="module")
-def category(synthetic_root) -> int:
-    return catalog_of(synthetic_root).category_ids("train")[0]
 
 
 @pytest.fixture(scope="module")
