@@ -186,7 +186,8 @@ def test_training_bodies_keep_their_schema_and_their_error_locations(client):
     assert detail["loc"] == ["body"]
     schema = client.get("/openapi.json").json()
     body = schema["paths"]["/jobs"]["post"]["requestBody"]["content"]["application/json"]["schema"]
-    assert body["oneOf"] == [{"$ref": f"#/components/schemas/{name}"} for name in ("JobCreate", "EvaluateCreate")]
+    names = ("JobCreate", "EvaluateCreate", "LRRangeCreate")
+    assert body["oneOf"] == [{"$ref": f"#/components/schemas/{name}"} for name in names]
     evaluate_schema = schema["components"]["schemas"]["EvaluateCreate"]
     assert set(evaluate_schema["required"]) == {"mode", "from_job"} and evaluate_schema["additionalProperties"] is False
     assert "evaluate" not in schema["components"]["schemas"]["JobCreate"]["properties"]["mode"]["enum"]

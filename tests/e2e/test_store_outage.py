@@ -27,7 +27,8 @@ from tests.helpers import (
 )
 
 EPOCHS = 6
-OUTAGE_S = 60
+# Three times the heartbeat timeout: a reaper that took a worker waiting for the store for a dead one would have acted.
+OUTAGE_S = 30
 RELIABILITY = {"heartbeat_interval_s": "0.5", "heartbeat_timeout_s": "10", "reaper_interval_s": "0.5"}
 
 
