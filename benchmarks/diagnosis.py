@@ -26,8 +26,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.common import dataset_root
-from benchmarks.instruments import parsed_device, single_image_config
+from benchmarks.common import dataset_root, single_image_recipe
+from benchmarks.instruments import parsed_device
 from cape.config import TrainConfig
 from cape.data.catalog import MP100Catalog
 from cape.epoch_record import EpochRecord
@@ -45,7 +45,7 @@ class Run:
 
 def runs(root: Path, category: int, other: int, epochs: int, device: str) -> list[Run]:
     def single(cid: int = category, **overrides) -> TrainConfig:
-        return single_image_config(root, "small", device, cid, epochs=epochs, **overrides)
+        return single_image_recipe(root, cid, epochs=epochs, device=device, **overrides)
 
     return [
         Run("healthy", single()),

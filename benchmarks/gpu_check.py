@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import instruments as overhead
-from benchmarks.common import dataset_root
+from benchmarks.common import dataset_root, single_image_recipe
 from benchmarks.single_image import Watch
 from cape.backbone_weights import DOWNLOAD_ENV, imagenet_file
 from cape.config import IMAGENET, PRESETS, RANDOM_INIT, TrainConfig
@@ -196,8 +196,8 @@ def check_memorisation(
                 f"single-image memorisation: categories from {cid} on skipped (the section took over {budget_s:.0f} s)"
             )
             break
-        config = overhead.single_image_config(
-            machine.root, machine.preset, machine.device, cid, epochs=EXPECTED_EPOCHS, backbone_weights=machine.weights
+        config = single_image_recipe(
+            machine.root, cid, preset=machine.preset, device=machine.device, backbone_weights=machine.weights
         )
         watch = Watch(0.0, stop_when_reached=True)
         trainer = Trainer(config, callbacks=[watch], log=quiet)
@@ -227,8 +227,12 @@ def check_memorisation(
 
 
 def check_overhead(machine: Machine, steps: int = OVERHEAD_STEPS, warmup: int = OVERHEAD_WARMUP) -> None:
-    config = overhead.single_image_config(
-        machine.root, machine.preset, machine.device, MEMORISE_CATEGORIES[0], backbone_weights=machine.weights
+    config = single_image_recipe(
+        machine.root,
+        MEMORISE_CATEGORIES[0],
+        preset=machine.preset,
+        device=machine.device,
+        backbone_weights=machine.weights,
     )
     print(f"instruments' overhead, single-image recipe, preset {machine.preset}, {steps} steps each:")
     for line in overhead.measure(config, steps, warmup).lines():

@@ -21,13 +21,12 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from pydantic import ValidationError
 
-from benchmarks.common import dataset_root
+from benchmarks.common import dataset_root, single_image_recipe
 from cape.config import TrainConfig
 from cape.data.batch import EpisodeBatch, collate_episodes
 from cape.data.catalog import MP100Catalog
@@ -38,23 +37,6 @@ from cape.training.trainer import Trainer
 
 TARGET_RATIO = 1.05
 BOOTSTRAP_SAMPLES = 2000
-
-
-def single_image_config(root: Path, preset: str, device: str, category_id: int = 2, **overrides) -> TrainConfig:
-    """The single-image guide's recipe: one image, batch 1, 1 query, 20 episodes per epoch."""
-    fields = dict(
-        mode="single_image",
-        category_id=category_id,
-        dataset_root=str(root),
-        preset=preset,
-        epochs=20,
-        batch_size=1,
-        num_queries_per_episode=1,
-        episodes_per_epoch=20,
-        device=device,
-        seed=0,
-    )
-    return TrainConfig(**(fields | overrides))
 
 
 def synchroniser(device: torch.device) -> Callable[[], None]:
@@ -237,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.category not in train:
         p.error(f"--category {args.category} is not a train category; choose from {', '.join(map(str, train))}")
     device = parsed_device(p, args.device)
-    config = single_image_config(root, args.preset, args.device, args.category)
+    config = single_image_recipe(root, args.category, preset=args.preset, device=args.device)
     print(
         f"single-image recipe, category {args.category}, preset {args.preset}, batch 1, 1 query, on {device} "
         f"({torch.get_num_threads()} threads); {args.warmup} warm-up + {args.steps} timed steps per trainer, "

@@ -32,10 +32,13 @@ def add_field_flag(parser: argparse.ArgumentParser, name: str, field: FieldInfo,
     parser.add_argument(f"--{name}", **(flag | options))
 
 
-def validation_message(exc: ValidationError, prefix: tuple[str, ...] = ()) -> str:
-    """One line: each error at its flag (``prefix`` names the flag of a nested config), a whole-config one as is."""
+def validation_message(exc: ValidationError, prefix: tuple[str, ...] = (), flag_prefix: str = "") -> str:
+    """One line: each error at its flag (``prefix`` names the flag of a nested config, ``flag_prefix`` starts the flags
+    of a config whose fields are flags of their own: ``--lr_range_steps``), a whole-config one as is."""
     parts = []
     for err in exc.errors():
         where = ".".join(str(x) for x in (*prefix, *err["loc"])) or "config"
-        parts.append(f"--{where}: {err['msg']}" if err["loc"] else err["msg"].removeprefix("Value error, "))
+        parts.append(
+            f"--{flag_prefix}{where}: {err['msg']}" if err["loc"] else err["msg"].removeprefix("Value error, ")
+        )
     return "; ".join(parts)

@@ -86,13 +86,23 @@ class LRRangeResult(BaseModel):
     message: str
 
 
+class MovingAverage:
+    """The bias-corrected exponential moving average, one loss at a time (the test reads it after every step)."""
+
+    def __init__(self, beta: float = SMOOTHING):
+        self.beta, self.average, self.count = beta, 0.0, 0
+
+    def add(self, loss: float) -> float:
+        """The average with ``loss``, corrected for its start at 0."""
+        self.count += 1
+        self.average = self.beta * self.average + (1 - self.beta) * loss
+        return self.average / (1 - self.beta**self.count)
+
+
 def smoothed(losses: list[float], beta: float = SMOOTHING) -> list[float]:
     """The bias-corrected exponential moving average of ``losses``, point by point."""
-    average, out = 0.0, []
-    for i, loss in enumerate(losses, start=1):
-        average = beta * average + (1 - beta) * loss
-        out.append(average / (1 - beta**i))
-    return out
+    average = MovingAverage(beta)
+    return [average.add(loss) for loss in losses]
 
 
 def blew_up(smooth: list[float]) -> bool:
@@ -115,6 +125,19 @@ def suggest(lrs: list[float], smooth: list[float]) -> int | None:
     return best
 
 
+def _ending(stopped: Stopped, lrs: list[float], steps: int) -> str:
+    """How the test ended, for its message."""
+    if stopped == "cancelled":
+        return f"cancelled after {steps} steps"
+    if not lrs:
+        return "ran no step" if stopped == "completed" else ""
+    return {
+        "completed": f"ran all {steps} steps up to lr {lrs[-1]:.2g}",
+        "blew_up": f"stopped at step {steps}, lr {lrs[-1]:.2g}: the smoothed loss rose above {BLOW_UP:g} x its minimum",
+        "diverged": f"stopped at step {steps}, lr {lrs[-1]:.2g}: the loss or the gradient stopped being finite",
+    }[stopped]
+
+
 def result(lrs: list[float], losses: list[float], stopped: Stopped, beta: float = SMOOTHING) -> LRRangeResult:
     """The curve of the steps done (``losses[i]`` at ``lrs[i]``; a non-finite last loss is the step that diverged),
     smoothed with ``beta``, and its suggestion."""
@@ -130,17 +153,7 @@ def result(lrs: list[float], losses: list[float], stopped: Stopped, beta: float 
         for i, (lr, loss) in enumerate(zip(lrs, losses, strict=True))
     ]
     index = suggest(lrs[: len(smooth)], smooth)
-    ending = {
-        "completed": f"ran all {len(losses)} steps up to lr {lrs[-1]:.2g}" if lrs else "ran no step",
-        "blew_up": f"stopped at step {len(losses)}, lr {lrs[-1]:.2g}: the smoothed loss rose above {BLOW_UP:g} x its "
-        "minimum"
-        if lrs
-        else "",
-        "diverged": f"stopped at step {len(losses)}, lr {lrs[-1]:.2g}: the loss or the gradient stopped being finite"
-        if lrs
-        else "",
-        "cancelled": f"cancelled after {len(losses)} steps",
-    }[stopped]
+    ending = _ending(stopped, lrs, len(losses))
     if index is None:
         message = f"No suggestion: the smoothed loss never fell enough to read a slope ({ending})."
         return LRRangeResult(points=points, suggestion=None, suggestion_step=None, stopped=stopped, message=message)

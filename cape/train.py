@@ -34,8 +34,7 @@ from cape.data.catalog import MP100Catalog
 from cape.data.run_choices import check_run_choices
 from cape.errors import CapeError
 from cape.lr_range import LRRangeConfig
-from cape.run_files import CONFIG
-from cape.run_files import LR_RANGE as RANGE_FILE
+from cape.run_files import CONFIG, LR_RANGE
 
 # TrainConfig fields the debug flags and the architecture flags set; every other field is a flag of its own name.
 SET_BY_OTHER_FLAGS = {"mode", "category_id", "image_index", "model", "backbone_weights"}
@@ -74,7 +73,7 @@ def parser() -> argparse.ArgumentParser:
         "--lr_range_test",
         action="store_true",
         help="instead of training, run a learning-rate range test on this run's model and data: print the suggested "
-        f"--lr and write the curve to OUTPUT_DIR/{RANGE_FILE} (no checkpoint)",
+        f"--lr and write the curve to OUTPUT_DIR/{LR_RANGE} (no checkpoint)",
     )
     for name, field in LRRangeConfig.model_fields.items():
         add_field_flag(p, f"lr_range_{name}", field)
@@ -153,12 +152,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         base = resumed_config(args.resume) if args.resume else None
-        config = config_from_args(args, given_flags(argv), base)
+        given = given_flags(argv)
+        config = config_from_args(args, given, base)
         catalog = MP100Catalog(config.dataset_root, config.split, config.category_split_file)
         check_run_choices(config, catalog)
         check_backbone_weights(config.resolved_model)  # offline without the weights: say so before torch loads
         if args.lr_range_test:
-            return _range_test(args, argv, config, catalog)
+            return _range_test(args, given, config, catalog)
         from cape.training.trainer import Trainer  # torch loads here, after the arguments are known to be valid
 
         trainer = Trainer(
@@ -182,20 +182,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _range_test(args: argparse.Namespace, argv: list[str] | None, config: TrainConfig, catalog: MP100Catalog) -> int:
-    """``--lr_range_test``: the test instead of the run; the suggestion printed, the curve written."""
-    given = given_flags(argv)
+def _range_test(args: argparse.Namespace, given: set[str], config: TrainConfig, catalog: MP100Catalog) -> int:
+    """``--lr_range_test``: the test instead of the run; the suggestion printed, the curve written. ``given``: the
+    flags typed on the command line."""
     if "lr" in given or args.resume:
         raise CapeError("--lr_range_test finds the learning rate of a fresh run: leave out --lr and --resume")
     try:
         settings = LRRangeConfig(**{name: getattr(args, f"lr_range_{name}") for name in LRRangeConfig.model_fields})
     except ValidationError as exc:  # each error at its flag: --lr_range_steps, not --steps
-        raise CapeError(validation_message(exc).replace("--", "--lr_range_")) from None
+        raise CapeError(validation_message(exc, flag_prefix="lr_range_")) from None
     from cape.training.range_test import range_test  # torch loads here
 
     result = range_test(config, settings, args.output_dir, log=tqdm.write, progress=True, catalog=catalog)
     if args.output_dir:
-        print(f"curve: {Path(args.output_dir) / RANGE_FILE}")
+        print(f"curve: {Path(args.output_dir) / LR_RANGE}")
     if result.suggestion is None:
         print(f"no suggestion: {result.message}")
         return 1

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from cape.config import TrainConfig
 from cape.data.catalog import MP100Catalog
 from cape.errors import writing
-from cape.lr_range import LRRangeConfig, LRRangeResult, blew_up, result, smoothed
+from cape.lr_range import LRRangeConfig, LRRangeResult, MovingAverage, blew_up, result
 from cape.run_files import LR_RANGE
 from cape.training.trainer import Trainer
 
@@ -44,6 +44,7 @@ def range_test(
     )
     lrs: list[float] = []
     losses: list[float] = []
+    average, smooth = MovingAverage(settings.beta), []  # the smoothed loss so far, one step at a time
     stopped = "completed"
     for line in trainer.data.banner():
         log(line)
@@ -67,8 +68,9 @@ def range_test(
                     stopped = "diverged"
                     break
                 losses.append(values["loss"])
+                smooth.append(average.add(values["loss"]))
                 bar.set_postfix(lr=f"{lrs[-1]:.1e}", loss=f"{values['loss']:.3f}")
-                if blew_up(smoothed(losses, settings.beta)):
+                if blew_up(smooth):
                     stopped = "blew_up"
                     break
     except torch.cuda.OutOfMemoryError as exc:

@@ -3,6 +3,7 @@
 // message, and "Train with lr = X": the new-job form with the run's settings and the suggestion
 // (/new?clone=<id>&lr=<X>). Before that, what it is doing.
 
+import {isTerminal} from "/static/api.js";
 import {CONFIG, available, finite} from "/static/charts.js";
 import {h, num} from "/static/ui.js";
 
@@ -36,7 +37,7 @@ export class LrRangeCard {
     if (!result) {
       const range = job.config.lr_range || {};
       chart.hidden = true;
-      this.el.querySelector("#lr-range-message").textContent = ["succeeded", "failed", "cancelled"].includes(job.status)
+      this.el.querySelector("#lr-range-message").textContent = isTerminal(job.status)
         ? `No result: the test ${job.status}.`
         : `The test raises the learning rate from ${num(range.start_lr)} to ${num(range.end_lr)} in ${range.steps} `
           + "steps and watches the loss: the curve and a suggestion come when it ends.";
@@ -71,9 +72,9 @@ export class LrRangeCard {
     ];
     const marked = suggestion != null;
     if (marked) {
-      const at = points.findIndex((p) => p.step === step);
+      // steps count from 1, points are in step order
       traces.push({type: "scatter", mode: "markers", name: `suggested lr = ${num(suggestion)}`, x: [suggestion],
-                   y: [at < 0 ? null : smoothed[at]], marker: {color: SUGGESTION, size: 11, symbol: "diamond"}});
+                   y: [smoothed[step - 1] ?? null], marker: {color: SUGGESTION, size: 11, symbol: "diamond"}});
     }
     el.dataset.suggestion = marked ? String(suggestion) : "";
     // The loss's axis: ticks at each doubling (0.5, 1, 2, 4...) over a few decades, at powers of ten over more.
