@@ -160,8 +160,13 @@ def test_a_sweep_typed_into_the_form_is_ranked_live_on_its_page(browser, stack, 
 
     # A member's run page says which sweep it is of, with its values.
     open_page(d, f"{stack.base}/runs/{sweep['best']}", "status")
-    # read in one go: the summary is redrawn on every status event
-    href, term = js(d, "const a = document.getElementById('sweep-link'); return [a.href, a.parentElement.innerText]")
+    # The summary is drawn after the status is known (it awaits the category's name) and redrawn on every status
+    # event: wait for the link, and read it in one go.
+    href, term = wait(
+        d,
+        lambda d: js(d, "const a = document.getElementById('sweep-link'); return a && [a.href, a.parentElement.innerText]"),
+        message="the member's page never linked its sweep",
+    )
     assert href.endswith(f"/sweep/{sweep_id}") and f"lr={best['values']['lr']}" in term, term
     assert severe_console_errors(d) == []
 
