@@ -83,6 +83,7 @@ def main() -> int:
                 running["redis"] = stack.enter_context(redis_server)
             running["worker"] = stack.enter_context(celery_worker(name="embedded"))
             running["predict worker"] = stack.enter_context(celery_worker(name="predict", queues="predict"))
+            running["datasets worker"] = stack.enter_context(celery_worker(name="datasets", queues="datasets"))
             running["api"] = api = stack.enter_context(uvicorn_server(host=args.host, port=args.port))
             base = api.url
             keys = len(settings.api_key_list)
@@ -95,7 +96,7 @@ def main() -> int:
             print(
                 f"\nCAPE training service running at {base} (docs: {base}/docs), API access: {auth}\n"
                 f"page: {base}/\n"
-                f"dataset {settings.default_dataset!r} at {root}, a training and a predict worker, broker "
+                f"dataset {settings.default_dataset!r} at {root}, a training, a predict and a datasets worker, broker "
                 f"{settings.broker_url}\n\n"
                 f"  curl -s{header} '{base}/categories?split=1' | head -c 400\n"
                 f"  curl -s{header} -X POST {base}/jobs -H 'Content-Type: application/json' \\\n"
@@ -106,7 +107,8 @@ def main() -> int:
                 "       -F support_image=@support.jpg -F query_image=@query.jpg \\\n"
                 "       -F support_keypoints='[[120, 80], [160, 95], [140, 150]]'\n"
                 "       # add -H 'Accept: image/png' -o pred.png for the drawing\n"
-                f"  curl -s{header} -OJ {base}/jobs/<id>/checkpoints/best\n\n"
+                f"  curl -s{header} -OJ {base}/jobs/<id>/checkpoints/best\n"
+                f"  curl -s{header} {base}/datasets -F name=mine -F file=@my-coco-files-and-images.zip\n\n"
                 "Ctrl-C stops it all.\n",
                 flush=True,
             )

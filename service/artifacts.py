@@ -4,7 +4,8 @@ the workers and read by the API, through this one module.
 Backed by fsspec. The default is a local folder, CAPE_ARTIFACTS_DIR (``make run`` needs nothing else);
 ``CAPE_ARTIFACTS_URL=s3://bucket/prefix`` puts the files in S3-compatible object storage (s3fs; endpoint and keys:
 CAPE_S3_*), which workers on other machines and the API reach too. A job's files are named as in its run folder
-(cape/run_files.py's layout) under ``<job id>/``.
+(cape/run_files.py's layout) under ``<job id>/``; uploaded datasets under ``datasets/<digest>/`` and their
+archives, until a worker imports them, under ``uploads/<dataset id>/`` (service/dataset_files.py).
 
 A reader never sees half a file that matters: a put is atomic (S3: one object per PUT, a multipart upload appears
 whole when it completes; local: a temporary file, then ``os.replace``), and a file opened for reading stays the
@@ -43,6 +44,8 @@ from service.retry import Unavailable, persist
 from service.settings import get_settings
 
 T = TypeVar("T")
+# What the store's files are under: a job's id, or a folder of the store's own ("datasets/<digest>").
+Key = uuid.UUID | str
 LOG_CHUNK = 64 * 1024  # the most a log request returns at once
 # Bytes per ranged GET when a remote object is read in a stream: few requests per checkpoint, bounded memory.
 READ_BLOCK = 16 * 1024 * 1024
@@ -137,11 +140,19 @@ class ArtifactStore:
             unavailable=StoreUnavailable,
         )
 
-    def path(self, job_id: uuid.UUID, name: str = "") -> str:
+    def path(self, job_id: Key, name: str = "") -> str:
         return f"{self.root}/{job_id}/{name}" if name else f"{self.root}/{job_id}"
 
     @_reaching
-    def info(self, job_id: uuid.UUID, name: str) -> ObjectInfo | None:
+    def remove(self, key: Key) -> None:
+        """Every file under ``key``; nothing when there is none."""
+        try:
+            self.fs.rm(self.path(key), recursive=True)
+        except FileNotFoundError:
+            pass
+
+    @_reaching
+    def info(self, job_id: Key, name: str) -> ObjectInfo | None:
         """Size, ETag and time of the file now; None when there is none."""
         path = self.path(job_id, name)
         try:
@@ -152,11 +163,11 @@ class ArtifactStore:
             return None
         return _remote_info(details) if details["type"] == "file" else None
 
-    def exists(self, job_id: uuid.UUID, name: str) -> bool:
+    def exists(self, job_id: Key, name: str) -> bool:
         return self.info(job_id, name) is not None
 
     @_reaching
-    def read_range(self, job_id: uuid.UUID, name: str, offset: int, length: int) -> tuple[bytes, int]:
+    def read_range(self, job_id: Key, name: str, offset: int, length: int) -> tuple[bytes, int]:
         """Up to ``length`` bytes from ``offset``, and the file's size when read (0 and nothing when there is no
         file)."""
         info = self.info(job_id, name)
@@ -166,7 +177,7 @@ class ArtifactStore:
         return self.fs.cat_file(self.path(job_id, name), start=offset, end=end), info.size
 
     @_reaching
-    def read(self, job_id: uuid.UUID, name: str) -> bytes | None:
+    def read(self, job_id: Key, name: str) -> bytes | None:
         """The whole file (a picture, a JSON), or None when there is none."""
         try:
             return self.fs.cat_file(self.path(job_id, name))
@@ -174,7 +185,7 @@ class ArtifactStore:
             return None
 
     @_reaching
-    def names(self, job_id: uuid.UUID, under: str = "") -> list[str]:
+    def names(self, job_id: Key, under: str = "") -> list[str]:
         """The names of the job's files (only those under the sub-folder ``under``), sorted. A local folder's
         temporary files (a put or a checkpoint being written) are not files of the job yet."""
         base = self.path(job_id)
@@ -183,7 +194,7 @@ class ArtifactStore:
         return sorted(name for name in names if not name.endswith(".tmp"))
 
     @_reaching
-    def open(self, job_id: uuid.UUID, name: str) -> tuple[BinaryIO, ObjectInfo] | None:
+    def open(self, job_id: Key, name: str) -> tuple[BinaryIO, ObjectInfo] | None:
         """The file opened for reading, with the info of the version opened (every read of the handle is of that
         version; see the module's note); None when there is none. The caller closes it."""
         path = self.path(job_id, name)
@@ -197,7 +208,7 @@ class ArtifactStore:
         return handle, _remote_info(handle.details)
 
     @_reaching
-    def put_file(self, local: Path, job_id: uuid.UUID, name: str) -> None:
+    def put_file(self, local: Path, job_id: Key, name: str) -> None:
         """Store a local file under ``name``, atomically: a reader sees the old file or the new one, never part."""
         path = self.path(job_id, name)
         if not self.local:
@@ -207,7 +218,7 @@ class ArtifactStore:
             _write_whole(handle, Path(path))
 
     @_reaching
-    def get_file(self, job_id: uuid.UUID, name: str, local: Path) -> ObjectInfo | None:
+    def get_file(self, job_id: Key, name: str, local: Path) -> ObjectInfo | None:
         """Copy one version of the file to ``local`` (written whole, then renamed into place); None when there is
         none."""
         opened = self.open(job_id, name)
@@ -219,7 +230,7 @@ class ArtifactStore:
         return info
 
     @_reaching
-    def local_copy(self, job_id: uuid.UUID, name: str, cache_dir: Path) -> tuple[Path, ObjectInfo] | None:
+    def local_copy(self, job_id: Key, name: str, cache_dir: Path) -> tuple[Path, ObjectInfo] | None:
         """A file on this machine with the content of ``name`` (for torch.load), and the info of that version;
         None when there is none. The local store's own file; else a copy in ``cache_dir`` named by its ETag, so
         each version (a running job's new best) is fetched once, and the older copies of the name are removed."""

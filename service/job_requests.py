@@ -19,7 +19,8 @@ from cape.errors import CheckpointError, DatasetError
 from cape.run_files import CHECKPOINT_FILES
 from service.artifacts import get_store
 from service.callers_job import find_callers_job
-from service.catalogs import get_catalog
+from service.catalogs import catalog_of, get_catalog
+from service.datasets import job_dataset
 from service.errors import unprocessable
 from service.models import (
     CLIENT_FIELDS,
@@ -32,7 +33,6 @@ from service.models import (
     JobStatus,
     LRRangeCreate,
 )
-from service.settings import get_settings
 
 
 def requested_job(body: JobCreate | EvaluateCreate | LRRangeCreate, session: Session, owner: str) -> Job:
@@ -41,11 +41,11 @@ def requested_job(body: JobCreate | EvaluateCreate | LRRangeCreate, session: Ses
     if isinstance(body, EvaluateCreate):
         return _evaluate_job(body, session, owner)
     if isinstance(body, LRRangeCreate):
-        return _range_test_job(body)
-    return _training_job(body)
+        return _range_test_job(body, session, owner)
+    return _training_job(body, session, owner)
 
 
-def _range_test_job(body: LRRangeCreate) -> Job:
+def _range_test_job(body: LRRangeCreate, session: Session, owner: str) -> Job:
     """The training job the test prepares, checked as such (its lr the default: the test finds it), with the test's
     settings beside its config and no epochs. Its config is a training job's: cloned with the suggested lr, it is the
     run the suggestion is for."""
@@ -56,17 +56,17 @@ def _range_test_job(body: LRRangeCreate) -> Job:
         )
     fields = body.model_dump(exclude={"mode", "run_mode", "lr_range", "lr"}, exclude_unset=True)
     training = JobCreate.model_validate({**fields, "mode": body.run_mode})
-    job = _training_job(training, loc_names={"mode": "run_mode"})
+    job = _training_job(training, session, owner, loc_names={"mode": "run_mode"})
     job.mode, job.total_epochs = LR_RANGE_TEST, 0
     job.config = {**job.config, "lr_range": body.lr_range.model_dump(mode="json")}
     return job
 
 
-def _training_job(body: JobCreate, loc_names: dict[str, str] | None = None) -> Job:
-    """Its TrainConfig, its backbone's weights, then its choices (category, image, episode sizes) against its dataset,
-    whose catalog is loaded once and asked once; a single_image job keeps the instance it resolved to."""
-    dataset = body.dataset or get_settings().default_dataset
-    catalog = get_catalog(dataset, body.split, loc=("body", "dataset"))
+def _training_job(body: JobCreate, session: Session, owner: str, loc_names: dict[str, str] | None = None) -> Job:
+    """Its TrainConfig, its backbone's weights, then its choices (category, image, episode sizes) against its dataset
+    (the server's or one of the owner's uploads), whose catalog is loaded once and asked once; a single_image job
+    keeps the instance it resolved to."""
+    dataset, catalog = get_catalog(session, owner, body.dataset, body.split, loc=("body", "dataset"))
     config = _train_config(body, str(catalog.root), loc_names or {})
     try:
         instance = check_run_choices(config, catalog)
@@ -77,7 +77,8 @@ def _training_job(body: JobCreate, loc_names: dict[str, str] | None = None) -> J
         image = dict(image_index=config.image_index, image_file=instance.file_name, image_annotation_id=instance.id)
     return Job(
         mode=config.mode,
-        dataset=dataset,
+        dataset=dataset.name,
+        dataset_id=dataset.id,
         split=config.split,
         category_id=config.category_id,
         name=body.name,
@@ -149,7 +150,12 @@ def _evaluate_job(body: EvaluateCreate, session: Session, owner: str) -> Job:
             status_code=409,
             detail=f"job {source.id} has no {body.checkpoint} checkpoint; it has: {', '.join(others) or 'none'}",
         )
-    catalog = get_catalog(source.dataset, source.split, loc=("body", "from_job"))
+    dataset = job_dataset(session, source)
+    if dataset is None:
+        raise unprocessable(
+            ("body", "from_job"), f"job {source.id} was trained on dataset {source.dataset!r}, which was deleted"
+        )
+    catalog = catalog_of(dataset, source.split)
     try:
         check_episode_shape(catalog, catalog.category_ids("test"), "test", body.shots, PROTOCOL_QUERIES, "shots")
     except DatasetError as exc:
@@ -157,6 +163,7 @@ def _evaluate_job(body: EvaluateCreate, session: Session, owner: str) -> Job:
     return Job(
         mode="evaluate",
         dataset=source.dataset,
+        dataset_id=source.dataset_id,
         split=source.split,
         category_id=None,
         name=body.name,

@@ -14,8 +14,20 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from service.artifacts import StoreUnavailable
 from service.body_size_limit import BodySizeLimit
+from service.datasets import server_checks
 from service.db import dispose_loop_engines
-from service.routes import artifacts, categories, checkpoints, events, health, jobs, pages, predictions, sweeps
+from service.routes import (
+    artifacts,
+    categories,
+    checkpoints,
+    datasets,
+    events,
+    health,
+    jobs,
+    pages,
+    predictions,
+    sweeps,
+)
 from service.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -32,6 +44,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         gc.collect()
         gc.freeze()
     await events.start(app)  # the event streams' feeds and their one Redis subscription
+    server_checks.start()  # the server's datasets, checked in the background (GET /datasets/{name} shows it)
     yield
     await events.stop(app)
     if froze:
@@ -53,11 +66,14 @@ def create_app() -> FastAPI:
     app.include_router(predictions.router)
     app.include_router(checkpoints.router)
     app.include_router(categories.router)
+    app.include_router(datasets.router)
     app.include_router(health.router)
     app.include_router(pages.router)  # the page: /, /new, /runs/{id}, /compare, /sweep, /static (not in the schema)
     settings = get_settings()
     app.add_middleware(
-        BodySizeLimit, max_bytes=settings.max_body_bytes, larger={predictions.PREDICT_PATH: settings.max_upload_bytes}
+        BodySizeLimit,
+        max_bytes=settings.max_body_bytes,
+        larger={predictions.PREDICT_PATH: settings.max_upload_bytes, datasets.UPLOAD_PATH: settings.max_dataset_bytes},
     )
     app.add_exception_handler(PoolTimeout, _database_unavailable)
     app.add_exception_handler(OperationalError, _database_unavailable)

@@ -69,6 +69,11 @@ class Job(SQLModel, table=True):
     status: str = Field(default=JobStatus.queued, index=True, max_length=16)
     mode: str = Field(max_length=16)
     dataset: str = Field(max_length=128)
+    # An uploaded dataset (None: one of the server's, CAPE_DATASETS): the version the job was accepted on. Deleting
+    # the dataset leaves the finished job (its metrics, checkpoints) and sets this to NULL.
+    dataset_id: uuid.UUID | None = Field(
+        default=None, sa_column=Column(ForeignKey("dataset.id", ondelete="SET NULL"), nullable=True, index=True)
+    )
     split: int
     category_id: int | None = None
     # single_image: the instance the job trains on, resolved when the job was accepted
@@ -137,6 +142,35 @@ class Sweep(SQLModel, table=True):
     idempotency_key: str | None = Field(default=None, max_length=255)
     request_hash: str | None = Field(default=None, max_length=64)
     created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False, index=True))
+
+
+class DatasetStatus(StrEnum):
+    queued = "queued"  # the archive is in the artifact store, waiting for a worker of the datasets queue
+    checking = "checking"  # a worker extracts, imports and checks it
+    ready = "ready"  # usable: jobs may name it
+    rejected = "rejected"  # the import refused it or the check found errors: the report says why
+
+
+class Dataset(SQLModel, table=True):
+    """A dataset a user uploaded (the server's own, CAPE_DATASETS, are not rows). Its name is unique per owner; its
+    files, once imported, are in the artifact store under ``datasets/<digest>/``, named by their content."""
+
+    __table_args__ = (UniqueConstraint("owner", "name", name="uq_dataset_owner_name"),)
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    owner: str = Field(default="", max_length=64)
+    name: str = Field(max_length=64)
+    status: str = Field(default=DatasetStatus.queued, max_length=16)
+    options: dict = Field(sa_column=Column(JSON, nullable=False))  # the import's choices: splits, skeleton, skipping
+    archive_name: str = Field(max_length=255)
+    archive_bytes: int = Field(sa_column=Column(BigInteger, nullable=False))
+    digest: str | None = Field(default=None, max_length=64)  # sha256 of the imported files: their key in the store
+    report: dict | None = Field(default=None, sa_column=Column(JSON, nullable=True))  # the import's and the check's
+    summary: dict | None = Field(default=None, sa_column=Column(JSON, nullable=True))  # splits, counts, categories
+    error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    worker: str | None = Field(default=None, max_length=255)
+    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False))
+    updated_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False))
 
 
 class EpochMetricBase(SQLModel, EpochRecord):
@@ -409,6 +443,56 @@ class CategoryList(SQLModel):
     dataset: str
     split: int
     items: list[CategoryPublic]
+
+
+# --- datasets -----------------------------------------------------------------------------------------------------
+
+
+class ArchivePublic(SQLModel):
+    name: str
+    bytes: int
+
+
+class DatasetSummary(SQLModel):
+    categories: int
+    instances: int
+    errors: int
+    warnings: int
+
+
+class DatasetPublic(SQLModel):
+    name: str
+    kind: Literal["server", "uploaded"] = PydanticField(
+        description="server: configured by the operator (CAPE_DATASETS), read-only; uploaded: yours (POST /datasets)"
+    )
+    status: DatasetStatus
+    read_only: bool
+    created_at: datetime | None
+    updated_at: datetime | None
+    archive: ArchivePublic | None
+    splits: list[int] = PydanticField(description="the splits a job may name")
+    summary: DatasetSummary | None
+    error: str | None
+
+
+class DatasetDetail(DatasetPublic):
+    split: int = PydanticField(description="the split whose categories are listed")
+    report: dict | None = PydanticField(
+        description="the check's report (cape.data.check: usable, problems each with the place it names, counts per "
+        "split and subset) and, for an upload, the import's (categories, skipped items, notes); null until checked"
+    )
+    categories: list[CategoryPublic] | None
+
+
+class DatasetList(SQLModel):
+    items: list[DatasetPublic]
+
+
+class DatasetDeleted(SQLModel):
+    name: str
+    deleted: bool
+    jobs: int = PydanticField(description="jobs that were trained on it")
+    message: str
 
 
 # --- sweeps -------------------------------------------------------------------------------------------------------

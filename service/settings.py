@@ -11,6 +11,7 @@
     CAPE_DEVICE         the workers' device: auto (CUDA when there is one), cpu, cuda, cuda:N or mps
     CAPE_API_KEYS       comma-separated keys; when set, every endpoint but /healthz, /readyz and the docs needs one
     CAPE_MAX_UPLOAD_BYTES, CAPE_MAX_IMAGE_PIXELS, CAPE_PREDICT_TIMEOUT_S, CAPE_PREDICT_CACHE_SIZE: predictions
+    CAPE_MAX_DATASET_BYTES, CAPE_MAX_DATASET_EXPANDED_BYTES, CAPE_MAX_DATASET_ENTRIES: an uploaded dataset's archive
     CAPE_MAX_ATTEMPTS, CAPE_HEARTBEAT_TIMEOUT_S, CAPE_REDISPATCH_AFTER_S, CAPE_REAPER_INTERVAL_S: see the reaper
     CAPE_STORE_RETRY_S, CAPE_DATABASE_RETRY_S  seconds a worker waits out an artifact store or database it cannot
                         reach (a restart) before the job fails, or is left to the reaper (default 300 each)
@@ -77,6 +78,12 @@ class Settings(BaseSettings):
     # predict worker keeps loaded.
     predict_timeout_s: float = Field(default=30.0, gt=0)
     predict_cache_size: int = Field(default=4, ge=1)
+    # POST /datasets: the archive as sent (its own body limit), and what it may expand to, in bytes and in entries.
+    # The expanded bound is what stops a zip bomb: checked on the listing in the API, counted again while a worker
+    # extracts it.
+    max_dataset_bytes: int = Field(default=2 * 1024**3, gt=0)
+    max_dataset_expanded_bytes: int = Field(default=8 * 1024**3, gt=0)
+    max_dataset_entries: int = Field(default=200_000, gt=0)
     # The workers' device, for training, evaluation and prediction: checked as the settings load, so that a typo
     # stops the worker at its start rather than failing every job it takes.
     device: DeviceName = Field(default="auto", description=DEVICE_FORMS)

@@ -145,12 +145,13 @@ def service_stack(
     database: str | None = None,
     predict_worker: bool = False,
     api: bool = True,
+    datasets_worker: bool = False,
     **settings: str,
 ):
     """The whole service in ``tmp``: redis-server, the database migrated (``database``'s URL; by default a SQLite
-    file in ``tmp``), a training worker (and a predict worker), the API (unless ``api`` is False: a test that starts
-    its own); ``settings`` are CAPE_ settings (``heartbeat_interval_s="1"``). Yields base URL (None without the API),
-    environment, folder, and the training worker's process and log."""
+    file in ``tmp``), a training worker (and a predict worker, a datasets worker), the API (unless ``api`` is False:
+    a test that starts its own); ``settings`` are CAPE_ settings (``heartbeat_interval_s="1"``). Yields base URL
+    (None without the API), environment, folder, and the training worker's process and log."""
     with redis_server(tmp / "redis") as redis_url:
         database = database or f"sqlite:///{tmp / 'cape.sqlite3'}"
         env = stack_env(database, redis_url, datasets, tmp, **settings)
@@ -159,13 +160,22 @@ def service_stack(
             worker = servers.enter_context(celery_worker(env, tmp / "worker.log"))
             if predict_worker:
                 servers.enter_context(celery_worker(env, tmp / "predict.log", name="predict", queues="predict"))
+            if datasets_worker:
+                servers.enter_context(celery_worker(env, tmp / "datasets.log", name="datasets", queues="datasets"))
             base = servers.enter_context(uvicorn_server(env, tmp / "api.log")) if api else None
             yield SimpleNamespace(base=base, env=env, tmp=tmp, worker=worker, worker_log=tmp / "worker.log")
 
 
-def sqlite_stack(tmp: Path, datasets: dict[str, Path], predict_worker: bool = False, api: bool = True, **settings: str):
+def sqlite_stack(
+    tmp: Path,
+    datasets: dict[str, Path],
+    predict_worker: bool = False,
+    api: bool = True,
+    datasets_worker: bool = False,
+    **settings: str,
+):
     """service_stack on a SQLite file in ``tmp``."""
-    return service_stack(tmp, datasets, None, predict_worker, api, **settings)
+    return service_stack(tmp, datasets, None, predict_worker, api, datasets_worker, **settings)
 
 
 # --- the service in-process ------------------------------------------------------------------------------------------
@@ -490,6 +500,24 @@ def _real_annotations_dir() -> Path | None:
 # The real photos' COCO files (shared/real-photos: fifteen public datasets, read-only).
 REAL_PHOTOS = shared_folder("real-photos")
 REAL_PHOTO_FILES = sorted(REAL_PHOTOS.glob("*/*.json")) if REAL_PHOTOS else []
+
+
+def real_photo_archive(path: Path, sources: Iterable[str]) -> Path:
+    """A .zip (or, by ``path``'s name, a .tar.gz) of real-photo sources as a user packs their own: each source's
+    folder, its COCO file and its photos, at the archive's top level."""
+    import tarfile
+    import zipfile
+
+    files = [f for source in sources for f in sorted((REAL_PHOTOS / source).iterdir())]
+    if path.name.endswith(".tar.gz"):
+        with tarfile.open(path, "w:gz") as archive:
+            for f in files:
+                archive.add(f, arcname=f.relative_to(REAL_PHOTOS).as_posix())
+    else:
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+            for f in files:
+                archive.write(f, f.relative_to(REAL_PHOTOS).as_posix())
+    return path
 
 
 _REAL_DIR = _real_annotations_dir()

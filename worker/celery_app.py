@@ -2,6 +2,7 @@
 
     celery -A worker.celery_app worker -Q gpu -c 1 --loglevel INFO      (one per GPU, CUDA_VISIBLE_DEVICES=N)
     celery -A worker.celery_app worker -Q predict -c 1 -n predict@%h    (predictions: never behind a training job)
+    celery -A worker.celery_app worker -Q datasets -c 1 -n datasets@%h  (uploaded datasets: imported and checked)
 
 Delivery guarantees come from Celery's own settings: a message is acknowledged only after its task returns
 (late acks), a worker holds one message at a time (prefetch 1), a task whose worker process died is redelivered
@@ -14,18 +15,26 @@ from __future__ import annotations
 
 from celery import Celery
 
-from service.dispatch import GPU_QUEUE, RUN_JOB_TASK
+from service.dispatch import DATASETS_QUEUE, GPU_QUEUE, IMPORT_DATASET_TASK, RUN_JOB_TASK
 from service.predict_queue import PREDICT_QUEUE, PREDICT_TASK
 from service.settings import get_settings
 
 settings = get_settings()
-app = Celery("cape", broker=settings.broker_url, include=["worker.tasks", "worker.prediction_task", "worker.lifecycle"])
+app = Celery(
+    "cape",
+    broker=settings.broker_url,
+    include=["worker.tasks", "worker.prediction_task", "worker.dataset_task", "worker.lifecycle"],
+)
 app.conf.update(
     task_acks_late=True,
     task_reject_on_worker_lost=True,
     worker_prefetch_multiplier=1,
     task_default_queue=GPU_QUEUE,
-    task_routes={RUN_JOB_TASK: {"queue": GPU_QUEUE}, PREDICT_TASK: {"queue": PREDICT_QUEUE}},
+    task_routes={
+        RUN_JOB_TASK: {"queue": GPU_QUEUE},
+        PREDICT_TASK: {"queue": PREDICT_QUEUE},
+        IMPORT_DATASET_TASK: {"queue": DATASETS_QUEUE},
+    },
     task_ignore_result=True,
     broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
     broker_connection_retry_on_startup=True,

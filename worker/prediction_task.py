@@ -29,6 +29,7 @@ from celery.signals import celeryd_after_setup, worker_process_init, worker_proc
 from cape.errors import CheckpointError
 from cape.inference.inputs import InputError, PredictInputs
 from service.artifacts import StoreUnavailable, checkpoint_copy
+from service.dispatch import DATASETS_QUEUE
 from service.predict_admission import HEARTBEAT_S, heartbeat, leave, take
 from service.predict_queue import PREDICT_QUEUE, PREDICT_TASK, send_reply
 from service.settings import get_settings
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 
 
 _answers_predictions = False  # this worker consumes the predict queue (-Q): set in the main process, before any fork
+_runs_models = True  # it consumes a queue whose tasks load torch (not only the datasets queue's imports)
 _heartbeat_name: str | None = None  # this pool process's, when it answers predictions
 
 
@@ -46,15 +48,18 @@ def _note_queues(instance=None, **_):
     # Read here, in the main process before the pool forks and before its threads run, never in a pool process:
     # Celery's lazily computed attributes (app.amqp) take a lock that a thread of the main process (the reaper,
     # dispatching) may hold at the moment of a fork, and a pool process that waits for it waits for ever.
-    global _answers_predictions
-    _answers_predictions = PREDICT_QUEUE in instance.app.amqp.queues.consume_from
+    global _answers_predictions, _runs_models
+    queues = set(instance.app.amqp.queues.consume_from)
+    _answers_predictions = PREDICT_QUEUE in queues
+    _runs_models = bool(queues - {DATASETS_QUEUE})
 
 
 @worker_process_init.connect
 def _load_torch(**_):
     # In the pool process, after the fork (no CUDA state crosses it): a first request then costs the model's load,
-    # not torch's import too. Training tasks import the same modules anyway.
-    import cape.inference.keypoints  # noqa: F401
+    # not torch's import too. Training tasks import the same modules anyway; a dataset import never does.
+    if _runs_models:
+        import cape.inference.keypoints  # noqa: F401
 
     global _heartbeat_name
     if _answers_predictions:

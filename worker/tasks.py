@@ -31,13 +31,14 @@ from sqlmodel import Session
 
 from cape.diagnosis import Diagnosis
 from cape.epoch_record import EpochRecord
-from cape.errors import CapeError, TrainingDiverged
+from cape.errors import CapeError, DatasetError, TrainingDiverged
 from cape.run_files import LOG, RunFiles, json_safe, never_correct
 from service import job_state
 from service.artifacts import RunFolder, StoreUnavailable, checkpoint_copy, get_store
+from service.dataset_files import local_root
 from service.db import get_engine
 from service.dispatch import RUN_JOB_TASK, dispatch
-from service.models import LR_RANGE_TEST, EvaluateJobConfig, Job, JobStatus
+from service.models import LR_RANGE_TEST, Dataset, EvaluateJobConfig, Job, JobStatus
 from service.retry import DatabaseUnavailable, Unavailable, database_down, persist
 from service.settings import get_settings
 from worker.celery_app import app
@@ -154,6 +155,7 @@ class JobRun:
     mode: str
     config: dict  # the job's config fields, as submitted
     dataset: str
+    dataset_id: uuid.UUID | None  # an upload's row; None: the server's dataset of that name
     attempt: int
     folder: RunFolder
     # Once found taken from this run (the reaper gave it to another worker), the job stays lost to it, even should it
@@ -243,7 +245,7 @@ def _claim(job_id: uuid.UUID, worker: str) -> JobRun | None:
         return None
     settings = get_settings()
     folder = RunFolder(get_store(), job_id, settings.work_dir, settings.store_retry_s)
-    return JobRun(job_id, worker, job.mode, dict(job.config), job.dataset, job.attempts, folder)
+    return JobRun(job_id, worker, job.mode, dict(job.config), job.dataset, job.dataset_id, job.attempts, folder)
 
 
 def _run(run: JobRun) -> str:
@@ -288,11 +290,23 @@ def job_log(folder: Path) -> Iterator[None]:
         handler.close()
 
 
-def _dataset_root(dataset: str) -> str:
-    datasets = get_settings().datasets
-    if dataset not in datasets:
-        raise ValueError(f"dataset {dataset!r} is not configured on this worker (CAPE_DATASETS: {sorted(datasets)})")
-    return datasets[dataset]
+def _dataset_root(run: JobRun) -> str:
+    """The job's dataset on this machine: the server's folder, or an upload's files (fetched once per machine and
+    content: service/dataset_files.py)."""
+    if run.dataset_id is None:
+        datasets = get_settings().datasets
+        if run.dataset not in datasets:
+            raise DatasetError(
+                f"dataset {run.dataset!r} is not configured on this worker (CAPE_DATASETS: {sorted(datasets)})"
+            )
+        return datasets[run.dataset]
+    found = _db(f"reading dataset {run.dataset}", lambda session: session.get(Dataset, run.dataset_id))
+    if found is None or found.digest is None:
+        raise DatasetError(f"dataset {run.dataset!r} was deleted: this job cannot run without it")
+    store, digest = run.folder.store, found.digest
+    return str(
+        store.patiently(f"fetching dataset {run.dataset}", lambda: local_root(digest), get_settings().store_retry_s)
+    )
 
 
 def _train(run: JobRun) -> Outcome:
@@ -300,7 +314,7 @@ def _train(run: JobRun) -> Outcome:
     from cape.model.checkpoint import LAST
     from cape.training.trainer import Trainer
 
-    config = TrainConfig(**run.config, dataset_root=_dataset_root(run.dataset), device=get_settings().device)
+    config = TrainConfig(**run.config, dataset_root=_dataset_root(run), device=get_settings().device)
     output = run.folder.path
     resume = output / LAST if (output / LAST).is_file() else None  # a job that ran before continues where it was
     log.info(
@@ -324,7 +338,7 @@ def _range_test(run: JobRun) -> Outcome:
     from cape.training.range_test import range_test
 
     fields = {k: v for k, v in run.config.items() if k != "lr_range"}
-    config = TrainConfig(**fields, dataset_root=_dataset_root(run.dataset), device=get_settings().device)
+    config = TrainConfig(**fields, dataset_root=_dataset_root(run), device=get_settings().device)
     settings = LRRangeConfig.model_validate(run.config["lr_range"])
     log.info(
         "job %s: attempt %d, learning-rate range test of a %s run on %s",
@@ -365,7 +379,7 @@ def _evaluate(run: JobRun, request: EvaluateJobConfig) -> Outcome:
     config = EvaluateConfig(
         **request.model_dump(include=set(EvaluateConfig.model_fields)),
         subset="test",
-        dataset_root=_dataset_root(run.dataset),
+        dataset_root=_dataset_root(run),
         device=get_settings().device,
     )
     try:

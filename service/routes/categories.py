@@ -4,20 +4,23 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Path, Query
+from fastapi import APIRouter, Path, Query
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 
 from cape.data.catalog import Instance, MP100Catalog
 from cape.errors import DatasetError
-from service.auth import current_owner
+from service.auth import OwnerDep
 from service.catalogs import get_catalog
+from service.db import SessionDep
 from service.errors import responses, unprocessable
 from service.models import CategoryList
-from service.settings import get_settings
 
-router = APIRouter(prefix="/categories", tags=["categories"], dependencies=[Depends(current_owner)])
-DatasetQuery = Annotated[str | None, Query(description="dataset name; the server's default when unset")]
+router = APIRouter(prefix="/categories", tags=["categories"])
+DatasetQuery = Annotated[
+    str | None, Query(description="dataset name (the server's, or one you uploaded); the server's default when unset")
+]
+PAGE_MAX = 100
 SplitQuery = Annotated[int, Query(ge=1, le=5)]
 # Where a choice's error points: the catalog names TrainConfig's fields, this route calls them by its own.
 PATH_OF = {"category_id": "category_id", "image_index": "index"}
@@ -35,34 +38,34 @@ class InstancePublic(BaseModel):
     skeleton: list[list[int]] = Field(description="0-based keypoint pairs")
 
 
+class InstancePage(BaseModel):
+    total: int = Field(description="the category's instances in the subset")
+    offset: int
+    limit: int
+    items: list[InstancePublic]
+
+
+Subset = Literal["train", "val", "test"]
+
+
 @router.get("", response_model=CategoryList, responses=responses(401, 503))
-def list_categories(dataset: DatasetQuery = None, split: SplitQuery = 1) -> CategoryList:
-    name = dataset or get_settings().default_dataset
-    catalog = get_catalog(name, split, loc=("query", "dataset"))
-    return CategoryList(dataset=name, split=split, items=catalog.summary)
+def list_categories(session: SessionDep, owner: OwnerDep, dataset: DatasetQuery = None, split: SplitQuery = 1):
+    ref, catalog = get_catalog(session, owner, dataset, split, loc=("query", "dataset"))
+    return CategoryList(dataset=ref.name, split=split, items=catalog.summary)
 
 
-def _instance(
-    dataset: str | None, split: int, category_id: int, index: int, subset: str
-) -> tuple[MP100Catalog, Instance]:
-    catalog = get_catalog(dataset or get_settings().default_dataset, split, loc=("query", "dataset"))
+def _catalog(session, owner: str, dataset: str | None, split: int) -> MP100Catalog:
+    return get_catalog(session, owner, dataset, split, loc=("query", "dataset"))[1]
+
+
+def _instance(catalog: MP100Catalog, category_id: int, index: int, subset: str) -> Instance:
     try:
-        return catalog, catalog.instance(category_id, index, subset)
+        return catalog.instance(category_id, index, subset)
     except DatasetError as exc:
         raise unprocessable(("path", PATH_OF.get(exc.field, "category_id")), str(exc)) from None
 
 
-@router.get("/{category_id}/instances/{index}", response_model=InstancePublic, responses=responses(401, 503))
-def get_instance(
-    category_id: int,
-    index: Annotated[int, Path(ge=0, le=10**6)],
-    dataset: DatasetQuery = None,
-    split: SplitQuery = 1,
-    subset: Literal["train", "val", "test"] = "train",
-) -> InstancePublic:
-    """The ``index``-th instance of the category (by annotation id, as a job's ``image_index``): its box, keypoints
-    and skeleton, to show it before training on it."""
-    catalog, x = _instance(dataset, split, category_id, index, subset)
+def _public(catalog: MP100Catalog, category_id: int, index: int, x: Instance) -> InstancePublic:
     return InstancePublic(
         category_id=category_id,
         index=index,
@@ -76,6 +79,45 @@ def get_instance(
     )
 
 
+@router.get("/{category_id}/instances", response_model=InstancePage, responses=responses(401, 503))
+def list_instances(
+    session: SessionDep,
+    owner: OwnerDep,
+    category_id: int,
+    dataset: DatasetQuery = None,
+    split: SplitQuery = 1,
+    subset: Subset = "train",
+    offset: Annotated[int, Query(ge=0, le=10**6)] = 0,
+    limit: Annotated[int, Query(ge=1, le=PAGE_MAX)] = 24,
+) -> InstancePage:
+    """A page of the category's instances in ``subset``, in ``image_index`` order: a gallery of what it holds."""
+    catalog = _catalog(session, owner, dataset, split)
+    try:
+        # An empty subset is a page of nothing here, not an error: the gallery shows that there is nothing.
+        records = catalog.instances(category_id, subset) if catalog.subset_of(category_id) == subset else ()
+    except DatasetError as exc:
+        raise unprocessable(("path", "category_id"), str(exc)) from None
+    page = records[offset : offset + limit]
+    items = [_public(catalog, category_id, offset + i, x) for i, x in enumerate(page)]
+    return InstancePage(total=len(records), offset=offset, limit=limit, items=items)
+
+
+@router.get("/{category_id}/instances/{index}", response_model=InstancePublic, responses=responses(401, 503))
+def get_instance(
+    session: SessionDep,
+    owner: OwnerDep,
+    category_id: int,
+    index: Annotated[int, Path(ge=0, le=10**6)],
+    dataset: DatasetQuery = None,
+    split: SplitQuery = 1,
+    subset: Subset = "train",
+) -> InstancePublic:
+    """The ``index``-th instance of the category (by annotation id, as a job's ``image_index``): its box, keypoints
+    and skeleton, to show it before training on it."""
+    catalog = _catalog(session, owner, dataset, split)
+    return _public(catalog, category_id, index, _instance(catalog, category_id, index, subset))
+
+
 @router.get(
     "/{category_id}/instances/{index}/image",
     response_class=FileResponse,
@@ -85,14 +127,17 @@ def get_instance(
     },
 )
 def get_instance_image(
+    session: SessionDep,
+    owner: OwnerDep,
     category_id: int,
     index: Annotated[int, Path(ge=0, le=10**6)],
     dataset: DatasetQuery = None,
     split: SplitQuery = 1,
-    subset: Literal["train", "val", "test"] = "train",
+    subset: Subset = "train",
 ) -> FileResponse:
     """The instance's original image file."""
-    catalog, x = _instance(dataset, split, category_id, index, subset)
+    catalog = _catalog(session, owner, dataset, split)
+    x = _instance(catalog, category_id, index, subset)
     try:
         return FileResponse(catalog.image_path(x))
     except DatasetError as exc:

@@ -162,9 +162,10 @@ def test_a_sweep_typed_into_the_form_is_ranked_live_on_its_page(browser, stack, 
     open_page(d, f"{stack.base}/runs/{sweep['best']}", "status")
     # The summary is drawn after the status is known (it awaits the category's name) and redrawn on every status
     # event: wait for the link, and read it in one go.
+    link = "const a = document.getElementById('sweep-link'); return a && [a.href, a.parentNode.innerText]"
     href, term = wait(
         d,
-        lambda d: js(d, "const a = document.getElementById('sweep-link'); return a && [a.href, a.parentElement.innerText]"),
+        lambda d: js(d, link),
         message="the member's page never linked its sweep",
     )
     assert href.endswith(f"/sweep/{sweep_id}") and f"lr={best['values']['lr']}" in term, term
