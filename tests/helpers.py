@@ -166,6 +166,22 @@ def service_stack(
             yield SimpleNamespace(base=base, env=env, tmp=tmp, worker=worker, worker_log=tmp / "worker.log")
 
 
+def s3_service_env(stack: ExitStack, tmp: Path, datasets: dict[str, Path], prefix: str, **settings: str) -> dict:
+    """Redis, a migrated SQLite database and moto's S3 server (bucket "cape"), entered on ``stack``: the CAPE_
+    environment of a service whose files are all in S3 under ``prefix``. Its CAPE_ARTIFACTS_DIR names a folder that
+    must never be made."""
+    moto = stack.enter_context(moto_server())
+    moto.create_bucket("cape")
+    broker = stack.enter_context(redis_server(tmp / "redis"))
+    database = f"sqlite:///{tmp / 'cape.sqlite3'}"
+    upgrade(database)
+    return {
+        **stack_env(database, broker, datasets, tmp / "no-local-store"),
+        **moto.store_env("cape", prefix),
+        **settings,
+    }
+
+
 def sqlite_stack(
     tmp: Path,
     datasets: dict[str, Path],

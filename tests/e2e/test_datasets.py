@@ -13,17 +13,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from devtools.local_servers import stack_env
 from service.artifacts import get_store
 from service.dataset_files import content_key
-from service.migrate import upgrade
 from service.settings import get_settings
 from tests.helpers import (
     REAL_PHOTOS,
     celery_worker,
-    moto_server,
     real_photo_archive,
-    redis_server,
+    s3_service_env,
     single_image,
     uvicorn_server,
     wait_for,
@@ -37,16 +34,9 @@ MAX_ARCHIVE = 3_000_000
 @pytest.fixture
 def stack(tmp_path, synthetic_root, monkeypatch):
     with ExitStack() as stack:
-        moto = stack.enter_context(moto_server())
-        moto.create_bucket("cape")
-        broker = stack.enter_context(redis_server(tmp_path / "redis"))
-        database = f"sqlite:///{tmp_path / 'cape.sqlite3'}"
-        upgrade(database)
-        env = {
-            **stack_env(database, broker, {"synthetic": synthetic_root}, tmp_path / "no-local-store"),
-            **moto.store_env("cape", "store"),
-            "CAPE_MAX_DATASET_BYTES": str(MAX_ARCHIVE),
-        }
+        env = s3_service_env(
+            stack, tmp_path, {"synthetic": synthetic_root}, "store", CAPE_MAX_DATASET_BYTES=str(MAX_ARCHIVE)
+        )
         for key, value in env.items():
             monkeypatch.setenv(key, value)
         get_settings.cache_clear()

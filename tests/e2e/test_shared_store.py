@@ -22,16 +22,13 @@ import torch
 from cape.data.catalog import MP100Catalog
 from cape.epoch_record import EpochRecord
 from cape.run_files import CHECKPOINT_FILES, METRICS
-from devtools.local_servers import stack_env
 from service.artifacts import get_store, picture_epochs
-from service.migrate import upgrade
 from service.settings import get_settings
 from tests.helpers import (
     celery_worker,
-    moto_server,
     poll,
     pool_children,
-    redis_server,
+    s3_service_env,
     same_image_request,
     single_image,
     uvicorn_server,
@@ -49,17 +46,7 @@ def stack(tmp_path, synthetic_root, monkeypatch):
     """Two training workers ("first", "second") and a predict worker, each with its own folder, the API, a client;
     this test process reads the same store (``get_store()``)."""
     with ExitStack() as stack:
-        moto = stack.enter_context(moto_server())
-        moto.create_bucket("cape")
-        broker = stack.enter_context(redis_server(tmp_path / "redis"))
-        database = f"sqlite:///{tmp_path / 'cape.sqlite3'}"
-        upgrade(database)
-        # CAPE_ARTIFACTS_DIR names a folder that must never be made: every file goes to the S3 store.
-        env = {
-            **stack_env(database, broker, {"synthetic": synthetic_root}, tmp_path / "no-local-store"),
-            **moto.store_env("cape", "jobs"),
-            **RELIABILITY,
-        }
+        env = s3_service_env(stack, tmp_path, {"synthetic": synthetic_root}, "jobs", **RELIABILITY)
         for key, value in env.items():
             monkeypatch.setenv(key, value)
         get_settings.cache_clear()
