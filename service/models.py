@@ -169,6 +169,7 @@ class Dataset(SQLModel, table=True):
     summary: dict | None = Field(default=None, sa_column=Column(JSON, nullable=True))  # splits, counts, categories
     error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     worker: str | None = Field(default=None, max_length=255)
+    dispatched_at: datetime | None = _optional_timestamp()  # last time its import's message reached the broker
     created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False))
     updated_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False))
 

@@ -7,7 +7,8 @@ live worker, cannot do harm:
   (and resumes from its last checkpoint), or, once ``max_attempts`` tries have been lost, it fails with the reason;
 - a cancelling job that lost its worker is cancelled;
 - a queued job whose message never reached the broker (broker down at submit time), or was sent longer than
-  ``redispatch_after_s`` ago, is sent again. A duplicate message is harmless: claiming is atomic.
+  ``redispatch_after_s`` ago, is sent again. A duplicate message is harmless: claiming is atomic. The same for an
+  uploaded dataset's import (``dataset_dispatcher``).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from datetime import timedelta
 from sqlalchemy import or_, select
 from sqlmodel import Session
 
-from service import job_state
-from service.models import ACTIVE, Job, JobStatus, utcnow
+from service import dataset_state, job_state
+from service.models import ACTIVE, Dataset, DatasetStatus, Job, JobStatus, utcnow
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -32,9 +33,10 @@ class ReapReport:
     failed: list = field(default_factory=list)
     cancelled: list = field(default_factory=list)
     dispatched: list = field(default_factory=list)
+    datasets_dispatched: list = field(default_factory=list)
 
 
-def reap(session: Session, dispatcher, settings: Settings) -> ReapReport:
+def reap(session: Session, dispatcher, settings: Settings, dataset_dispatcher=None) -> ReapReport:
     report = ReapReport()
     now = utcnow()
     stale = now - timedelta(seconds=settings.heartbeat_timeout_s)
@@ -73,12 +75,23 @@ def reap(session: Session, dispatcher, settings: Settings) -> ReapReport:
     for job_id in waiting:
         if job_state.dispatch_job(session, job_id, dispatcher):
             report.dispatched.append(job_id)
-    if any((report.requeued, report.failed, report.cancelled, report.dispatched)):
+    if dataset_dispatcher is not None:
+        uploads = session.execute(
+            select(Dataset.id).where(
+                Dataset.status == DatasetStatus.queued,
+                or_(Dataset.dispatched_at.is_(None), Dataset.dispatched_at < resend_before),
+            )
+        )
+        for dataset_id in uploads.scalars().all():
+            if dataset_state.dispatch_dataset(session, dataset_id, dataset_dispatcher):
+                report.datasets_dispatched.append(dataset_id)
+    if any((report.requeued, report.failed, report.cancelled, report.dispatched, report.datasets_dispatched)):
         log.warning(
-            "reaper: requeued %s, failed %s, cancelled %s, dispatched %s",
+            "reaper: requeued %s, failed %s, cancelled %s, dispatched %s, dataset imports dispatched %s",
             report.requeued,
             report.failed,
             report.cancelled,
             report.dispatched,
+            report.datasets_dispatched,
         )
     return report

@@ -15,19 +15,17 @@ import shutil
 import uuid
 from pathlib import Path
 
-from sqlalchemy import update
-from sqlmodel import Session
-
 from cape.data.catalog import MP100Catalog
 from cape.data.check import check_dataset
-from cape.data.coco_import import SplitChoice, import_coco
+from cape.data.coco_import import ImportRefused, Skipped, SplitChoice, import_coco
 from cape.errors import CapeError
+from service import dataset_state
 from service.archives import ArchiveRefused, extract_archive
 from service.artifacts import get_store
 from service.dataset_files import archive_limits, folder_digest, publish, upload_key
 from service.datasets import summary_of
 from service.dispatch import IMPORT_DATASET_TASK
-from service.models import Dataset, DatasetStatus, utcnow
+from service.models import Dataset, DatasetStatus
 from service.settings import get_settings
 from worker.celery_app import app
 from worker.tasks import _db
@@ -48,7 +46,7 @@ class Rejected(Exception):
 def import_dataset(dataset_id: str) -> str:
     key = uuid.UUID(dataset_id)
     worker = import_dataset.request.hostname or "worker"
-    row = _db(f"claiming dataset {key}", lambda session: _claim(session, key, worker))
+    row = _db(f"claiming dataset {key}", lambda session: dataset_state.claim(session, key, worker))
     if row is None:
         log.info("dataset %s not claimed: nothing to do", key)
         return "not claimed"
@@ -61,34 +59,14 @@ def import_dataset(dataset_id: str) -> str:
     except Exception as exc:
         # A bug or an outage: the dataset says so rather than staying "checking" for ever; the task fails loudly.
         failed = {"error": f"the import failed: {type(exc).__name__}: {exc}"}
-        _db(f"ending dataset {key}", lambda session: _end(session, key, DatasetStatus.rejected, failed))
+        _db(f"ending dataset {key}", lambda session: dataset_state.end(session, key, DatasetStatus.rejected, failed))
         raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    _db(f"ending dataset {key}", lambda session: _end(session, key, status, fields))
+    _db(f"ending dataset {key}", lambda session: dataset_state.end(session, key, status, fields))
     get_store().remove(upload_key(key))
     log.info("dataset %s (%s): %s", row.name, key, status)
     return str(status)
-
-
-def _claim(session: Session, key: uuid.UUID, worker: str) -> Dataset | None:
-    # Checking again is allowed: a redelivered message (its worker died) finds the dataset "checking" and redoes it.
-    result = session.exec(
-        update(Dataset)
-        .where(Dataset.id == key, Dataset.status.in_([DatasetStatus.queued, DatasetStatus.checking]))
-        .values(status=DatasetStatus.checking, worker=worker, updated_at=utcnow())
-    )
-    session.commit()
-    return session.get(Dataset, key) if result.rowcount else None
-
-
-def _end(session: Session, key: uuid.UUID, status: DatasetStatus, fields: dict) -> None:
-    session.exec(
-        update(Dataset)
-        .where(Dataset.id == key, Dataset.status == DatasetStatus.checking)
-        .values(status=status, updated_at=utcnow(), **fields)
-    )
-    session.commit()
 
 
 def _import(row: Dataset, scratch: Path) -> dict:
@@ -129,6 +107,11 @@ def _import(row: Dataset, scratch: Path) -> dict:
             zero_based_skeleton=options["zero_based_skeleton"],
             skip_invalid=options["skip_invalid"],
         )
+    except ImportRefused as exc:
+        report = _refusal("import_refused", str(exc))
+        report["problems"] = [_problem(p, files_dir) for p in exc.problems]
+        report["errors"] = len(report["problems"])
+        raise Rejected(_without(report, files_dir)) from None
     except CapeError as exc:
         raise Rejected(_without(_refusal("import_refused", str(exc)), files_dir)) from None
     report = check_dataset(out, images="full")
@@ -158,6 +141,21 @@ def coco_files(folder: Path) -> list[Path]:
         if isinstance(data, dict) and all(isinstance(data.get(key), list) for key in COCO_KEYS):
             found.append(path)
     return found
+
+
+def _problem(skipped: Skipped, files_dir: Path) -> dict:
+    """One problem the import refused, in the check's terms (cape.data.check.Problem's fields): its place apart."""
+    found = skipped.to_json(relative_to=files_dir)
+    ids = {f"{skipped.kind}_id": skipped.ids[0]} if len(skipped.ids) == 1 else {}
+    return {
+        "code": "import_refused",
+        "severity": "error",
+        "message": skipped.problem(),
+        "file": found["file"],
+        "field": skipped.field,
+        "count": len(skipped.ids),
+        **ids,
+    }
 
 
 def _refusal(code: str, message: str) -> dict:

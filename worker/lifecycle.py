@@ -20,7 +20,7 @@ from sqlmodel import Session
 from service import job_state
 from service.artifacts import get_store
 from service.db import get_engine
-from service.dispatch import dispatch
+from service.dispatch import dispatch, dispatch_dataset
 from service.reaper import reap
 from service.retry import database_down
 from service.settings import get_settings
@@ -40,7 +40,7 @@ def _reap_periodically() -> None:
     while True:
         try:
             with Session(get_engine()) as session:
-                reap(session, dispatch, get_settings())
+                reap(session, dispatch, get_settings(), dispatch_dataset)
         except SQLAlchemyError as exc:
             # The database is unreachable for a moment: the next round tries again; the error is in the log (a line
             # for an outage, the traceback for anything else).

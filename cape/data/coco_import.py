@@ -254,6 +254,14 @@ def _automatic(choice: SplitChoice, ids: list[int]) -> list[dict[int, str]]:
 # --- what was imported, and what was left out ---------------------------------------------------------------------
 
 
+class ImportRefused(DatasetError):
+    """The import stopped on what is wrong in the files: ``problems``, each naming its file, ids and field."""
+
+    def __init__(self, message: str, problems: list[Skipped]):
+        super().__init__(message)
+        self.problems = problems
+
+
 @dataclass(frozen=True)
 class Skipped:
     """Source items left out for one reason: ``kind`` is "annotation" or "category", ``ids`` their source ids.
@@ -498,9 +506,10 @@ def _refuse(found: list[_FileImport], skip_invalid: bool) -> None:
         advice.append(
             "fix the files, or set skip_invalid (--skip_invalid) to leave those annotations and categories out"
         )
-    raise DatasetError(
+    raise ImportRefused(
         f"import refused, nothing written: {len(problems)} problem(s) in the COCO file(s) "
-        f"({'; '.join(advice)}):\n" + "\n".join(listed)
+        f"({'; '.join(advice)}):\n" + "\n".join(listed),
+        problems,
     )
 
 

@@ -36,6 +36,7 @@ def upgrade() -> None:
         sa.Column('summary', sa.JSON(), nullable=True),
         sa.Column('error', sa.Text(), nullable=True),
         sa.Column('worker', sqlmodel.sql.sqltypes.AutoString(length=255), nullable=True),
+        sa.Column('dispatched_at', service.models.UTCDateTime(timezone=True), nullable=True),
         sa.Column('created_at', service.models.UTCDateTime(timezone=True), nullable=False),
         sa.Column('updated_at', service.models.UTCDateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint('id'),

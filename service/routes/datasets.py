@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 import uuid
 from pathlib import Path, PurePath
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import APIRouter, File, Form, HTTPException, Query, Response, UploadFile
 from sqlalchemy.exc import IntegrityError
@@ -15,6 +15,7 @@ from sqlmodel import Session, func, select
 from cape.data.check import CheckReport
 from cape.data.coco_import import SplitChoice
 from cape.errors import DatasetError
+from service import dataset_state
 from service.archives import ArchiveRefused, inspect_archive
 from service.artifacts import get_store
 from service.auth import OwnerDep
@@ -135,7 +136,7 @@ def upload_dataset(
     response: Response,
     file: Annotated[UploadFile, File(description="a .zip or .tar.gz of COCO keypoint JSON files and their images")],
     name: Annotated[str, Form(pattern=NAME_PATTERN, description="what jobs will call it (yours alone)")],
-    num_splits: Annotated[Literal[1, 5], Form(description="benchmark splits to write: 1, or 5 as MP-100")] = 1,
+    num_splits: Annotated[int, Form(description="benchmark splits to write: 1, or 5 as MP-100")] = 1,
     proportions: Annotated[
         str | None, Form(max_length=100, description="train,val,test shares of the categories, e.g. 0.6,0.2,0.2")
     ] = None,
@@ -187,7 +188,7 @@ def upload_dataset(
         session.rollback()
         get_store().remove(upload_key(dataset.id))
         raise HTTPException(409, f"you have a dataset named {name!r} already") from None
-    dispatch(dataset.id)
+    dataset_state.dispatch_dataset(session, dataset.id, dispatch)  # a broker that is down: the reaper resends it
     session.refresh(dataset)
     response.headers["Location"] = f"/datasets/{name}"
     return _listed(_uploaded_dataset(dataset))

@@ -134,8 +134,9 @@ def test_an_upload_the_import_refuses_is_rejected_with_a_report_naming_the_file(
     import_now(sent)
     rejected = client.get("/datasets/people").json()
     assert rejected["status"] == "rejected", rejected
-    message = rejected["report"]["problems"][0]["message"]
-    assert "people/people.json" in message and "skeleton" in message and str(tmp_path) not in json.dumps(rejected)
+    problem = rejected["report"]["problems"][0]
+    assert problem["file"] == "people/people.json" and problem["field"] == "skeleton" and problem["category_id"] == 1
+    assert "people/people.json" in problem["message"] and str(tmp_path) not in json.dumps(rejected)
     job = client.post("/jobs", json={**single_image(1), "dataset": "people"})
     assert job.status_code == 422 and "rejected" in job.json()["detail"][0]["msg"]
 
@@ -143,6 +144,26 @@ def test_an_upload_the_import_refuses_is_rejected_with_a_report_naming_the_file(
     assert upload(client, archive, "people", zero_based_skeleton="true").status_code == 201
     import_now(sent)
     assert client.get("/datasets/people").json()["status"] == "ready"
+
+
+@requires_real_photos
+def test_five_splits_drawn_by_proportions_and_a_seed(api, tmp_path):
+    client, sent = api
+    archive = real_photo_archive(tmp_path / "faces.zip", ["300w", "aflw", "cofw", "wflw", "fld"])
+    response = upload(client, archive, "five", num_splits=5, proportions="0.6,0.2,0.2", seed=3)
+    assert response.status_code == 201, response.text
+    import_now(sent)
+    detail = client.get("/datasets/five", params={"split": 2}).json()
+    assert detail["status"] == "ready" and detail["splits"] == [1, 2, 3, 4, 5], detail
+    subsets = [
+        {c["name"]: c["subset"] for c in client.get("/datasets/five", params={"split": s}).json()["categories"]}
+        for s in range(1, 6)
+    ]
+    assert all(len(split) == 5 and "train" in split.values() and "test" in split.values() for split in subsets)
+    tests = [next(name for name, subset in split.items() if subset == "test") for split in subsets]
+    assert len(set(tests)) == 5, f"MP-100's five test sets are disjoint: {tests}"
+    categories = client.get("/categories", params={"dataset": "five", "split": 2}).json()["items"]
+    assert {c["subset"] for c in categories} == set(subsets[1].values())
 
 
 def test_a_server_dataset_shows_its_check(api):

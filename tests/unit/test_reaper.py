@@ -13,7 +13,7 @@ from cape.epoch_record import EpochRecord
 from cape.errors import TrainingDiverged
 from service import job_state, notify
 from service.db import get_engine
-from service.models import Job, JobStatus, utcnow
+from service.models import Dataset, DatasetStatus, Job, JobStatus, utcnow
 from service.reaper import reap
 from service.settings import get_settings
 from worker import tasks
@@ -149,6 +149,23 @@ def test_broker_down_leaves_the_job_for_the_next_round(session):
     job_id = new_job(session)
     assert reap(session, lambda _: False, get_settings()).dispatched == []
     assert session.get(Job, job_id).dispatched_at is None
+
+
+def test_an_upload_whose_import_never_reached_the_broker_is_sent_again(session):
+    def upload(name, **fields) -> uuid.UUID:
+        dataset = Dataset(name=name, options={}, archive_name="a.zip", archive_bytes=1, **fields)
+        session.add(dataset)
+        session.commit()
+        return dataset.id
+
+    never_sent, sent_now = upload("never"), upload("now", dispatched_at=utcnow())
+    imported = upload("done", status=DatasetStatus.ready)
+    sent = Recorder()
+    assert reap(session, Recorder(), get_settings()).datasets_dispatched == []  # no dataset dispatcher: jobs only
+    report = reap(session, Recorder(), get_settings(), sent)
+    assert report.datasets_dispatched == [never_sent] and sent_now not in sent and imported not in sent
+    assert session.get(Dataset, never_sent).dispatched_at is not None
+    assert reap(session, Recorder(), get_settings(), sent).datasets_dispatched == []
 
 
 def test_a_worker_that_lost_the_job_can_neither_finish_nor_advance_it(session):
