@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Depends, Path, Query
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 
@@ -54,8 +54,12 @@ def list_categories(session: SessionDep, owner: OwnerDep, dataset: DatasetQuery 
     return CategoryList(dataset=ref.name, split=split, items=catalog.summary)
 
 
-def _catalog(session, owner: str, dataset: str | None, split: int) -> MP100Catalog:
+def _catalog(session: SessionDep, owner: OwnerDep, dataset: DatasetQuery = None, split: SplitQuery = 1) -> MP100Catalog:
+    """The catalog of the dataset and split the query names, as the caller sees them."""
     return get_catalog(session, owner, dataset, split, loc=("query", "dataset"))[1]
+
+
+CatalogDep = Annotated[MP100Catalog, Depends(_catalog)]
 
 
 def _instance(catalog: MP100Catalog, category_id: int, index: int, subset: str) -> Instance:
@@ -81,17 +85,13 @@ def _public(catalog: MP100Catalog, category_id: int, index: int, x: Instance) ->
 
 @router.get("/{category_id}/instances", response_model=InstancePage, responses=responses(401, 503))
 def list_instances(
-    session: SessionDep,
-    owner: OwnerDep,
+    catalog: CatalogDep,
     category_id: int,
-    dataset: DatasetQuery = None,
-    split: SplitQuery = 1,
     subset: Subset = "train",
     offset: Annotated[int, Query(ge=0, le=10**6)] = 0,
     limit: Annotated[int, Query(ge=1, le=PAGE_MAX)] = 24,
 ) -> InstancePage:
     """A page of the category's instances in ``subset``, in ``image_index`` order: a gallery of what it holds."""
-    catalog = _catalog(session, owner, dataset, split)
     try:
         # An empty subset is a page of nothing here, not an error: the gallery shows that there is nothing.
         records = catalog.instances(category_id, subset) if catalog.subset_of(category_id) == subset else ()
@@ -104,17 +104,10 @@ def list_instances(
 
 @router.get("/{category_id}/instances/{index}", response_model=InstancePublic, responses=responses(401, 503))
 def get_instance(
-    session: SessionDep,
-    owner: OwnerDep,
-    category_id: int,
-    index: Annotated[int, Path(ge=0, le=10**6)],
-    dataset: DatasetQuery = None,
-    split: SplitQuery = 1,
-    subset: Subset = "train",
+    catalog: CatalogDep, category_id: int, index: Annotated[int, Path(ge=0, le=10**6)], subset: Subset = "train"
 ) -> InstancePublic:
     """The ``index``-th instance of the category (by annotation id, as a job's ``image_index``): its box, keypoints
     and skeleton, to show it before training on it."""
-    catalog = _catalog(session, owner, dataset, split)
     return _public(catalog, category_id, index, _instance(catalog, category_id, index, subset))
 
 
@@ -127,16 +120,9 @@ def get_instance(
     },
 )
 def get_instance_image(
-    session: SessionDep,
-    owner: OwnerDep,
-    category_id: int,
-    index: Annotated[int, Path(ge=0, le=10**6)],
-    dataset: DatasetQuery = None,
-    split: SplitQuery = 1,
-    subset: Subset = "train",
+    catalog: CatalogDep, category_id: int, index: Annotated[int, Path(ge=0, le=10**6)], subset: Subset = "train"
 ) -> FileResponse:
     """The instance's original image file."""
-    catalog = _catalog(session, owner, dataset, split)
     x = _instance(catalog, category_id, index, subset)
     try:
         return FileResponse(catalog.image_path(x))
