@@ -3,6 +3,8 @@
 ``/`` the jobs, ``/new`` the new-job form, ``/runs/{job_id}`` one run (a learning-rate range test's curve too),
 ``/compare`` several runs' curves overlaid, ``/sweep`` the sweeps, ``/sweep/{sweep_id}`` one sweep (its members
 ranked, their curves overlaid): as a run's page is not the API's /jobs/{id}, a sweep's is not the API's /sweeps/{id}.
+``/data`` the datasets (the list, an upload with its progress), ``/data/{name}`` one dataset (its report, categories
+and a gallery of their instances), beside the API's /datasets and /datasets/{name}.
 The pages are static and need no API key; the data they show comes from the public API, called from the browser
 with the key the user gives (see static/api.js). Plotly comes from the installed ``plotly`` wheel (it ships
 ``package_data/plotly.min.js``), served at ``/static/vendor/plotly.min.js``: never copied into the repository.
@@ -83,6 +85,16 @@ def sweeps_page() -> HTMLResponse:
 @router.get("/sweep/{sweep_id}")
 def sweep_page(sweep_id: str) -> HTMLResponse:
     return _page("sweep")
+
+
+@router.get("/data")
+def datasets_page() -> HTMLResponse:
+    return _page("data")
+
+
+@router.get("/data/{name}")
+def dataset_page(name: str) -> HTMLResponse:
+    return _page("dataset")
 
 
 @lru_cache

@@ -1,13 +1,15 @@
 // GET /new: the new-job form; /new?clone=<job id> fills it with a job's settings (&lr=<value> then sets the learning
-// rate: a range test's suggestion), /new?sweep=<sweep id> with a sweep's. Every choice is checked by the API: a 422
-// answer's message appears next to the field it names.
+// rate: a range test's suggestion), /new?sweep=<sweep id> with a sweep's; /new?dataset=<name> (&split, &mode,
+// &category_id, &image_index) preselects a dataset and an instance (a dataset page's "Train on it"). The dataset
+// select offers the server's datasets and the caller's ready uploads (GET /datasets). Every choice is checked by the
+// API: a 422 answer's message appears next to the field it names.
 //
 // The fields a sweep's grid may vary (the learning rate, the seed, ...) take several values separated by commas: the
 // form then submits a sweep (POST /sweeps), one job per combination. "Find a learning rate" starts a learning-rate
 // range test (POST /jobs, mode lr_range_test) on the form's settings.
 
 import {ApiError, blobURL, getJSON, postJSON} from "/static/api.js";
-import {drawKeypoints} from "/static/keypoints.js";
+import {drawInstance} from "/static/instance.js";
 import {jobBody, sweepBody} from "/static/schema.js";
 import {$, h, header, jobTitle, sweepTitle} from "/static/ui.js";
 
@@ -36,6 +38,8 @@ const state = {
   sweep: {grid: new Set(), metric: null}, // POST /sweeps: the fields a grid may vary, the ranking metric's property
   rangeTest: null, // the range-test job's body properties (POST /jobs, mode lr_range_test); null: the API has none
   categories: [], // the split's train categories with train images (GET /categories)
+  datasets: new Map(), // name -> the ready datasets the select offers (GET /datasets)
+  splitChoices: [1, 2, 3, 4, 5], // the split select's choices when the dataset does not say (the schema's)
   preview: {timer: null, seq: 0}, // the image index's preview: a short wait after typing, and the latest request
 };
 
@@ -59,7 +63,10 @@ function applyBounds() {
   if (split) {
     const choices = split.choices ?? (split.min != null && split.max != null
       ? Array.from({length: split.max - split.min + 1}, (_, i) => split.min + i) : null);
-    if (choices) $("#split").replaceChildren(...choices.map((n) => h("option", {value: n}, n)));
+    if (choices) {
+      state.splitChoices = choices;
+      $("#split").replaceChildren(...choices.map((n) => h("option", {value: n}, n)));
+    }
     if (split.default != null) $("#split").value = String(split.default);
   }
   if (index?.min != null) $("#image_index").min = index.min;
@@ -134,6 +141,38 @@ function modeChanged() {
 }
 $("#mode").addEventListener("change", modeChanged);
 
+/** The select's choices: the server's default, then every ready dataset (the server's, then the caller's uploads). */
+async function loadDatasets() {
+  try {
+    const list = await getJSON("/datasets");
+    const ready = list.items.filter((d) => d.status === "ready");
+    state.datasets = new Map(ready.map((d) => [d.name, d]));
+    $("#dataset").append(...ready.map((d) => h("option", {value: d.name}, `${d.name} (${d.kind})`)));
+  } catch (error) {
+    console.warn(`no dataset list: ${error.message}`); // the server's default still works
+  }
+}
+
+/** Chooses a dataset, listed or not (a clone's may be gone: the API then says so). */
+function setDataset(name) {
+  const select = $("#dataset");
+  if (name && ![...select.options].some((o) => o.value === name)) {
+    select.append(h("option", {value: name}, `${name} (not listed)`));
+  }
+  select.value = name || "";
+  datasetChanged();
+}
+
+/** The split select offers the chosen dataset's splits (an upload has 1 or 5). */
+function datasetChanged() {
+  const known = state.datasets.get($("#dataset").value)?.splits;
+  const choices = known?.length ? known : state.splitChoices;
+  const split = $("#split");
+  const keep = split.value;
+  split.replaceChildren(...choices.map((n) => h("option", {value: n}, n)));
+  if (choices.some((n) => String(n) === keep)) split.value = keep;
+}
+
 function clearError(name) {
   const slot = form.querySelector(`[data-error-for="${name}"]`);
   if (slot) slot.textContent = "";
@@ -152,12 +191,12 @@ async function loadCategories(selectId = null) {
   clearError("dataset");
   clearError("split");
   const query = new URLSearchParams({split: $("#split").value});
-  if ($("#dataset").value.trim()) query.set("dataset", $("#dataset").value.trim());
+  if ($("#dataset").value) query.set("dataset", $("#dataset").value);
   const select = $("#category_id");
   const keep = selectId ?? (select.value ? Number(select.value) : null);
   try {
     const list = await getJSON(`/categories?${query}`);
-    $("#dataset").placeholder = `server default (${list.dataset})`;
+    if (!$("#dataset").value) $("#dataset").options[0].textContent = `server default (${list.dataset})`;
     state.categories = list.items.filter((c) => c.subset === "train" && c.instances.train > 0);
   } catch (error) {
     state.categories = [];
@@ -192,7 +231,10 @@ function categoryChanged() {
 $("#category_id").addEventListener("change", categoryChanged);
 $("#category-filter").addEventListener("input", () => renderCategories(Number($("#category_id").value) || null));
 $("#split").addEventListener("change", () => loadCategories());
-$("#dataset").addEventListener("change", () => loadCategories());
+$("#dataset").addEventListener("change", () => {
+  datasetChanged();
+  loadCategories();
+});
 
 // --- the chosen instance's preview --------------------------------------------------------------------------------
 
@@ -211,7 +253,7 @@ async function preview() {
   const index = $("#image_index").value;
   if ($("#mode").value !== "single_image" || cid === "" || index === "") return;
   const query = new URLSearchParams({split: $("#split").value, subset: "train"});
-  if ($("#dataset").value.trim()) query.set("dataset", $("#dataset").value.trim());
+  if ($("#dataset").value) query.set("dataset", $("#dataset").value);
   const base = `/categories/${cid}/instances/${encodeURIComponent(index)}`;
   try {
     const instance = await getJSON(`${base}?${query}`);
@@ -223,7 +265,7 @@ async function preview() {
     image.src = url;
     await image.decode();
     if (!current()) return;
-    draw(canvas, image, instance);
+    drawInstance(canvas, image, instance);
     URL.revokeObjectURL(url);
     canvas.hidden = false;
     canvas.classList.remove("stale");
@@ -242,24 +284,6 @@ async function preview() {
       caption.textContent = `No preview: ${error.message}`;
     }
   }
-}
-
-function draw(canvas, image, instance) {
-  // The crop the model sees: the bbox's square enlarged x1.25 around its centre.
-  const [bx, by, bw, bh] = instance.bbox;
-  const side = 1.25 * Math.max(bw, bh);
-  const sx = bx + bw / 2 - side / 2, sy = by + bh / 2 - side / 2;
-  const size = 280;
-  canvas.width = size;
-  canvas.height = size;
-  const ctx = canvas.getContext("2d");
-  ctx.fillStyle = "#ddd";
-  ctx.fillRect(0, 0, size, size);
-  ctx.drawImage(image, sx, sy, side, side, 0, 0, size, size);
-  const at = ([x, y]) => [(x - sx) / side * size, (y - sy) / side * size];
-  // the labelled keypoints (v > 0), with the dataset's numbers, and the skeleton between them
-  const points = instance.keypoints.map(([x, y, v]) => (v > 0 ? [x, y] : null));
-  drawKeypoints(ctx, points, {at, edges: instance.skeleton || [], radius: 4.5});
 }
 
 // --- clone, submit ------------------------------------------------------------------------------------------------
@@ -303,7 +327,7 @@ function sweepChanged() {
 function body() {
   const mode = $("#mode").value;
   const out = {mode, split: Number($("#split").value)};
-  const dataset = $("#dataset").value.trim();
+  const dataset = $("#dataset").value;
   if (dataset) out.dataset = dataset;
   if (mode !== "full") out.category_id = $("#category_id").value === "" ? null : Number($("#category_id").value);
   if (mode === "single_image") {
@@ -389,7 +413,7 @@ $("#find-lr").addEventListener("click", async () => {
  * name and tags. */
 function fill({mode, dataset, split, config, imageIndex, name, tags}) {
   $("#mode").value = mode;
-  $("#dataset").value = dataset;
+  setDataset(dataset);
   $("#split").value = String(split);
   for (const [field, {input, kind}] of state.fields) {
     if (!(field in config)) continue;
@@ -430,7 +454,18 @@ async function fillFromSweep(id) {
   return sweep.category_id;
 }
 
+/** /new?dataset=..&split=..&mode=..&category_id=..&image_index=..: a dataset's instance to train on; returns the
+ * category to choose once the split's categories are listed. */
+function fillFromQuery() {
+  if (params.has("dataset")) setDataset(params.get("dataset"));
+  if (params.has("split")) $("#split").value = params.get("split");
+  if (params.has("mode")) $("#mode").value = params.get("mode");
+  if (params.has("image_index")) $("#image_index").value = params.get("image_index");
+  return params.has("category_id") ? Number(params.get("category_id")) : null;
+}
+
 const params = new URLSearchParams(location.search);
+await loadDatasets();
 $("#mode").value = "single_image";
 const [source, fillFrom] = params.has("sweep") ? ["sweep", fillFromSweep] : ["job", fillFromClone];
 const sourceId = params.get(source === "sweep" ? "sweep" : "clone");
@@ -440,7 +475,8 @@ const cloneCategory = !sourceId ? null : await fillFrom(sourceId).catch((error) 
   return null;
 });
 if (params.has("lr") && state.fields.has("lr")) state.fields.get("lr").input.value = params.get("lr");
+const queryCategory = fillFromQuery();
 sweepChanged();
 modeChanged();
-await loadCategories(cloneCategory);
+await loadCategories(queryCategory ?? cloneCategory);
 document.body.dataset.ready = "true";

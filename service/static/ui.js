@@ -24,7 +24,7 @@ export const $ = (selector, root = document) => root.querySelector(selector);
 
 export function header(active) {
   const links = [["/", "Jobs", "jobs"], ["/sweep", "Sweeps", "sweeps"], ["/new", "New job", "new"],
-                 ["/compare", "Compare", "compare"]];
+                 ["/compare", "Compare", "compare"], ["/data", "Datasets", "data"]];
   const key = h("span", {class: "key", id: "key-status"});
   const renderKey = () => {
     key.replaceChildren();
