@@ -4,8 +4,10 @@ ones the caller uploaded (POST /datasets, service.models.Dataset: theirs alone; 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import threading
 import uuid
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,8 +68,9 @@ def resolve(session: Session, owner: str, name: str | None, loc: tuple[str, ...]
 
 
 class ServerChecks:
-    """The check (cape.data.check, images read by their headers) of each server dataset, run in a thread at the API's
-    start: a dataset that fails it is shown as such by GET /datasets/{name}, rather than failing the first job."""
+    """The check (cape.data.check, images read by their headers) of each server dataset, started with the API: a
+    dataset that fails it is shown as such by GET /datasets/{name}, rather than failing the first job. Each runs in a
+    process of its own (spawned, then gone), so that its minutes of reading never hold the API's event loop."""
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -85,10 +88,8 @@ class ServerChecks:
             threading.Thread(target=self._check, args=entry, name=f"check {entry[0]}", daemon=True).start()
 
     def _check(self, name: str, root: str) -> None:
-        try:
-            report: CheckReport | str = check_dataset(root, images="header")
-        except CapeError as exc:  # not a dataset at all (no such folder): said as the dataset's error
-            report = str(exc)
+        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            report = pool.submit(checked, root).result()
         log.info("server dataset %s checked: %s", name, "usable" if _usable(report) else "not usable")
         with self._lock:
             self._reports[name, root] = report
@@ -98,6 +99,14 @@ class ServerChecks:
         self.start()
         with self._lock:
             return self._reports.get((name, get_settings().datasets[name]))
+
+
+def checked(root: str) -> CheckReport | str:
+    """A server dataset's check: its report, or why there is none (not a dataset folder at all)."""
+    try:
+        return check_dataset(root, images="header")
+    except CapeError as exc:
+        return str(exc)
 
 
 def _usable(report: CheckReport | str | None) -> bool:

@@ -9,6 +9,7 @@ No torch here: a CPU worker of the datasets queue runs this.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -38,7 +39,9 @@ class Rejected(Exception):
     """The upload cannot be a dataset: ``report`` says why."""
 
     def __init__(self, report: dict):
-        super().__init__(report["problems"][0]["message"] if report.get("problems") else "rejected")
+        errors = [p["message"] for p in report.get("problems", []) if p["severity"] == "error"]
+        more = f" (and {len(errors) - 1} more error(s): see the report)" if len(errors) > 1 else ""
+        super().__init__((errors[0] if errors else "rejected") + more)
         self.report = report
 
 
@@ -73,7 +76,9 @@ def _import(row: Dataset, scratch: Path) -> dict:
     """The dataset's fields once ready; Rejected with the report otherwise."""
     options = row.options
     archive = scratch / f"archive.{options['format']}"
-    if get_store().get_file(upload_key(row.id), archive.name, archive) is None:
+    store, patience = get_store(), get_settings().store_retry_s
+    fetch = functools.partial(store.get_file, upload_key(row.id), archive.name, archive)
+    if store.patiently(f"fetching the archive of dataset {row.name}", fetch, patience) is None:
         raise Rejected(
             _refusal("archive_missing", "the uploaded archive is not in the artifact store: upload it again")
         )
@@ -120,7 +125,7 @@ def _import(row: Dataset, scratch: Path) -> dict:
     if not report.usable:
         raise Rejected(data)
     digest = folder_digest(out)
-    publish(out, digest)
+    store.patiently(f"storing dataset {row.name}", functools.partial(publish, out, digest, store), patience)
     by_split = {str(split): MP100Catalog(out, split).summary for split in report.splits}
     return {
         "report": data,
