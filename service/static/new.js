@@ -38,7 +38,7 @@ const state = {
   sweep: {grid: new Set(), metric: null}, // POST /sweeps: the fields a grid may vary, the ranking metric's property
   rangeTest: null, // the range-test job's body properties (POST /jobs, mode lr_range_test); null: the API has none
   categories: [], // the split's train categories with train images (GET /categories)
-  datasets: new Map(), // name -> the ready datasets the select offers (GET /datasets)
+  datasets: new Map(), // name -> the datasets the select offers (GET /datasets)
   splitChoices: [1, 2, 3, 4, 5], // the split select's choices when the dataset does not say (the schema's)
   preview: {timer: null, seq: 0}, // the image index's preview: a short wait after typing, and the latest request
 };
@@ -141,11 +141,12 @@ function modeChanged() {
 }
 $("#mode").addEventListener("change", modeChanged);
 
-/** The select's choices: the server's default, then every ready dataset (the server's, then the caller's uploads). */
+/** The select's choices: the server's default, then the server's datasets (the API takes jobs on them whatever their
+ * check says, which may still be running) and the caller's ready uploads. */
 async function loadDatasets() {
   try {
     const list = await getJSON("/datasets");
-    const ready = list.items.filter((d) => d.status === "ready");
+    const ready = list.items.filter((d) => d.kind === "server" || d.status === "ready");
     state.datasets = new Map(ready.map((d) => [d.name, d]));
     $("#dataset").append(...ready.map((d) => h("option", {value: d.name}, `${d.name} (${d.kind})`)));
   } catch (error) {
