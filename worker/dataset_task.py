@@ -1,8 +1,8 @@
 """``import_dataset(dataset_id)``: an uploaded archive becomes a dataset, on a worker of the ``datasets`` queue (never
 in the API process): extracted within bounds (service/archives.py), its COCO keypoint files imported with the
-uploader's choices (cape/data/coco_import.py), the result checked (cape/data/check.py, every image decoded). A usable
-result goes into the artifact store under its content's digest (service/dataset_files.py) and the dataset is ready;
-anything else rejects it, and the report says why. Either way the report is kept, and the archive removed.
+uploader's choices (cape/data/coco_import.py, every image decoded), the result checked (cape/data/check.py). A
+usable result goes into the artifact store under its content's digest (service/dataset_files.py) and the dataset is
+ready; anything else rejects it, and the report says why. Either way the report is kept, and the archive removed.
 
 No torch here: a CPU worker of the datasets queue runs this.
 """
@@ -119,7 +119,9 @@ def _import(row: Dataset, scratch: Path) -> dict:
         raise Rejected(_without(report, files_dir)) from None
     except CapeError as exc:
         raise Rejected(_without(_refusal("import_refused", str(exc)), files_dir)) from None
-    report = check_dataset(out, images="full")
+    # The import decoded every photo it kept (a truncated one is refused or left out): the check reads their headers
+    # rather than decoding them all a second time.
+    report = check_dataset(out, images="header")
     data = _without({**report.to_json(), "root": row.name, "import": summary.to_json(relative_to=files_dir)}, out)
     data = _without(data, files_dir)
     if not report.usable:
